@@ -1,0 +1,445 @@
+"""Cost table: profiled step latency by batch size and verify width (JSON, schema version 1).
+
+The table is EVICT's only source of cost: ``T(bs, m) = fixed_ms(bs) + latency_ms.median(bs, m)``.
+A table measured on another model, device, dtype or parallel layout silently gives wrong widths,
+so loading validates everything and :meth:`CostTable.check_compatible` compares the metadata with
+the running model.  Every error names the file, the field and the fix.
+
+Schema (``schema_version`` 1)::
+
+    {
+      "schema_version": 1,
+      "metadata": {"model_id": str, "model_config_hash": str, "device": str, "dtype": str,
+                   "tp_size": int, "ep_size": int, "backend": str,
+                   "versions": {"torch": str, "transformers": str, "sglang": str, "evict": str},
+                   "date": str, "context_len": int, "repeats": int, "notes": str},
+      "batch_sizes": [ascending ints >= 1],
+      "widths": [ascending ints >= 1],
+      "latency_ms": {"median": [[...]], "p10": [[...]], "p90": [[...]]},   # [len(bs)][len(widths)]
+      "fixed_ms": [...],            # optional [len(bs)]: draft + overhead per step
+      "expert_union": [[...]]       # optional [len(bs)][len(widths)]: mean experts per MoE layer
+    }
+
+Required metadata: ``model_id``, ``device``, ``dtype``, ``tp_size``; the rest is optional but kept,
+as are unknown top-level fields (a newer writer's additions survive a load/save round trip).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["SCHEMA_VERSION", "CostTable", "CostTableError", "model_config_hash", "REGENERATE_HINT"]
+
+logger = logging.getLogger("evict")
+
+SCHEMA_VERSION = 1
+REGENERATE_HINT = "regenerate it with `evict-profile --model PATH --out FILE`"
+REQUIRED_METADATA = ("model_id", "device", "dtype", "tp_size")
+_KNOWN_FIELDS = frozenset(
+    ("schema_version", "metadata", "batch_sizes", "widths", "latency_ms", "fixed_ms", "expert_union")
+)
+
+# Config fields that change the verify cost of a model (architecture, not tokenizer or dtype).
+_ARCH_FIELDS = (
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_experts_per_tok",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "first_k_dense_replace",
+    "moe_layer_freq",
+    "norm_topk_prob",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "sliding_window",
+    "tie_word_embeddings",
+)
+
+
+class CostTableError(ValueError):
+    """A cost table is missing, malformed or does not match the running model."""
+
+
+def model_config_hash(config: Mapping[str, Any] | Any) -> str:
+    """First 16 hex chars of sha256 over the canonical JSON of the architecture fields.
+
+    Accepts a dict or an HF config object (anything with ``to_dict()``).  Only fields that change
+    the cost of a forward pass are hashed, so a renamed checkpoint keeps its table; if none of the
+    known fields is present the whole dict is hashed.
+    """
+    if not isinstance(config, Mapping):
+        to_dict = getattr(config, "to_dict", None)
+        if to_dict is None:
+            raise TypeError(f"config must be a dict or have to_dict(), got {type(config).__name__}")
+        config = to_dict()
+    picked = {k: config[k] for k in _ARCH_FIELDS if k in config}
+    if not picked:
+        picked = dict(config)
+    text = json.dumps(picked, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _norm_str(v: Any) -> str:
+    s = str(v).strip().lower()
+    return s[len("torch.") :] if s.startswith("torch.") else s
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class CostTable:
+    """Validated cost table; build with :meth:`load` or :meth:`from_dict`."""
+
+    batch_sizes: list[int]
+    widths: list[int]
+    median: list[list[float]]
+    p10: list[list[float]]
+    p90: list[list[float]]
+    metadata: dict[str, Any]
+    fixed_ms: list[float] | None = None
+    expert_union: list[list[float]] | None = None
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown top-level fields, kept on save
+    source: str = field(default="<dict>", compare=False)
+    _warned: bool = field(default=False, init=False, repr=False, compare=False)
+    _grid: Any = field(default=None, init=False, repr=False, compare=False)
+
+    # -- construction and validation --------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "<dict>") -> CostTable:
+        """Validate ``d`` (the parsed JSON) and build a table; ``source`` names it in errors."""
+
+        def err(fld: str, problem: str, fix: str = REGENERATE_HINT) -> CostTableError:
+            return CostTableError(f"cost table {source}: field '{fld}': {problem}; {fix}")
+
+        if not isinstance(d, Mapping):
+            raise err("<top level>", f"expected a JSON object, got {type(d).__name__}")
+        for key in ("schema_version", "metadata", "batch_sizes", "widths", "latency_ms"):
+            if key not in d:
+                raise err(key, "missing required field")
+        if d["schema_version"] != SCHEMA_VERSION:
+            raise err(
+                "schema_version",
+                f"version {d['schema_version']!r} is not supported (this EVICT reads version {SCHEMA_VERSION})",
+            )
+
+        meta = d["metadata"]
+        if not isinstance(meta, Mapping):
+            raise err("metadata", "must be an object")
+        for key in REQUIRED_METADATA:
+            if key not in meta:
+                raise err(f"metadata.{key}", "missing required field")
+        for key in ("model_id", "device", "dtype"):
+            if not isinstance(meta[key], str) or not meta[key]:
+                raise err(f"metadata.{key}", f"must be a non-empty string, got {meta[key]!r}")
+        for key, low in (("tp_size", 1), ("ep_size", 1), ("context_len", 0), ("repeats", 0)):
+            if key in meta and not (_is_int(meta[key]) and meta[key] >= low):
+                raise err(f"metadata.{key}", f"must be an integer >= {low}, got {meta[key]!r}")
+        if "versions" in meta and not isinstance(meta["versions"], Mapping):
+            raise err("metadata.versions", "must be an object of library versions")
+
+        def axis(name: str) -> list[int]:
+            vals = d[name]
+            if not isinstance(vals, list) or not vals:
+                raise err(name, "must be a non-empty list of integers >= 1 (empty grid)")
+            if not all(_is_int(v) and v >= 1 for v in vals):
+                raise err(name, f"must hold integers >= 1, got {vals!r}")
+            if any(b <= a for a, b in zip(vals, vals[1:])):
+                raise err(name, f"must be strictly ascending without duplicates, got {vals!r}")
+            return list(vals)
+
+        batch_sizes = axis("batch_sizes")
+        widths = axis("widths")
+        nb, nw = len(batch_sizes), len(widths)
+
+        def grid(name: str, rows: Any, positive: bool = True) -> list[list[float]]:
+            if not isinstance(rows, list) or len(rows) != nb:
+                got = len(rows) if isinstance(rows, list) else type(rows).__name__
+                raise err(name, f"must have one row per batch size ({nb} rows), got {got}")
+            out = []
+            for i, row in enumerate(rows):
+                if not isinstance(row, list) or len(row) != nw:
+                    got = len(row) if isinstance(row, list) else type(row).__name__
+                    raise err(
+                        f"{name}[{i}]", f"must have one value per width ({nw}), got {got} (ragged grid)"
+                    )
+                for j, v in enumerate(row):
+                    if not _is_num(v) or not math.isfinite(v) or (v <= 0 if positive else v < 0):
+                        kind = "positive" if positive else "non-negative"
+                        raise err(f"{name}[{i}][{j}]", f"must be a {kind} finite number, got {v!r}")
+                out.append([float(v) for v in row])
+            return out
+
+        lat = d["latency_ms"]
+        if not isinstance(lat, Mapping):
+            raise err("latency_ms", "must be an object with median, p10 and p90 grids")
+        for key in ("median", "p10", "p90"):
+            if key not in lat:
+                raise err(f"latency_ms.{key}", "missing required field")
+        median = grid("latency_ms.median", lat["median"])
+        p10 = grid("latency_ms.p10", lat["p10"])
+        p90 = grid("latency_ms.p90", lat["p90"])
+        for i in range(nb):
+            for j in range(nw):
+                if not p10[i][j] <= median[i][j] <= p90[i][j]:
+                    raise err(
+                        f"latency_ms[{i}][{j}]",
+                        f"needs p10 <= median <= p90, got {p10[i][j]} / {median[i][j]} / {p90[i][j]}",
+                    )
+
+        fixed = None
+        if d.get("fixed_ms") is not None:
+            vals = d["fixed_ms"]
+            if not isinstance(vals, list) or len(vals) != nb:
+                raise err("fixed_ms", f"must have one value per batch size ({nb})")
+            for i, v in enumerate(vals):
+                if not _is_num(v) or not math.isfinite(v) or v < 0:
+                    raise err(f"fixed_ms[{i}]", f"must be a non-negative finite number, got {v!r}")
+            fixed = [float(v) for v in vals]
+        union = None
+        if d.get("expert_union") is not None:
+            union = grid("expert_union", d["expert_union"], positive=False)
+
+        return cls(
+            batch_sizes=batch_sizes,
+            widths=widths,
+            median=median,
+            p10=p10,
+            p90=p90,
+            metadata=copy.deepcopy(dict(meta)),
+            fixed_ms=fixed,
+            expert_union=union,
+            schema_version=SCHEMA_VERSION,
+            extra={k: copy.deepcopy(v) for k, v in d.items() if k not in _KNOWN_FIELDS},
+            source=source,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CostTable:
+        """Read and validate a JSON cost table."""
+        p = Path(path)
+        if not p.is_file():
+            raise CostTableError(
+                f"cost table {p}: file not found; give the path of an existing table or {REGENERATE_HINT}"
+            )
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise CostTableError(
+                f"cost table {p}: field '<file>': invalid JSON at line {exc.lineno} column {exc.colno} "
+                f"({exc.msg}); fix the file or {REGENERATE_HINT}"
+            ) from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CostTableError(f"cost table {p}: cannot read the file ({exc}); {REGENERATE_HINT}") from exc
+        return cls.from_dict(d, source=str(p))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict (what :meth:`save` writes and :meth:`from_dict` reads)."""
+        d: dict[str, Any] = {
+            "schema_version": self.schema_version,
+            "metadata": copy.deepcopy(self.metadata),
+            "batch_sizes": list(self.batch_sizes),
+            "widths": list(self.widths),
+            "latency_ms": {
+                "median": [list(r) for r in self.median],
+                "p10": [list(r) for r in self.p10],
+                "p90": [list(r) for r in self.p90],
+            },
+        }
+        if self.fixed_ms is not None:
+            d["fixed_ms"] = list(self.fixed_ms)
+        if self.expert_union is not None:
+            d["expert_union"] = [list(r) for r in self.expert_union]
+        for k, v in self.extra.items():
+            d.setdefault(k, copy.deepcopy(v))
+        return d
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write pretty JSON atomically (temp file in the same folder, then rename)."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    # -- costs --------------------------------------------------------------------------------
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._grid is None:
+            bs = torch.tensor(self.batch_sizes, dtype=torch.float64)
+            w = torch.tensor(self.widths, dtype=torch.float64)
+            total = torch.tensor(self.median, dtype=torch.float64)
+            if self.fixed_ms is not None:
+                total = total + torch.tensor(self.fixed_ms, dtype=torch.float64).unsqueeze(-1)
+            self._grid = (bs, w, total)
+        return self._grid
+
+    @staticmethod
+    def _interp_weights(
+        x: torch.Tensor, grid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Indices lo, hi and weight t so that value = (1-t) * v[lo] + t * v[hi] (x pre-clamped)."""
+        n = grid.numel()
+        hi = torch.searchsorted(grid, x).clamp(max=n - 1)
+        lo = (hi - 1).clamp(min=0)
+        span = grid[hi] - grid[lo]
+        t = torch.where(span > 0, (x - grid[lo]) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
+        return lo, hi, t
+
+    def step_cost(self, batch_size: int, widths: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Full step time ``T(bs, m)`` in ms, float32 ``[W]``: fixed + verify latency.
+
+        Linear interpolation in width and in batch size; outside the profiled grid the value is
+        clamped to the edge and one warning per table is logged (extrapolating a staircase is
+        worse than admitting the table does not cover the request).
+        """
+        bs_grid, w_grid, total = self._tensors()
+        w = torch.as_tensor(widths, dtype=torch.float64).detach().cpu().reshape(-1)
+        b = torch.tensor([float(batch_size)], dtype=torch.float64)
+        outside = bool(b[0] < bs_grid[0] or b[0] > bs_grid[-1]) or bool(
+            (w < w_grid[0]).any() or (w > w_grid[-1]).any()
+        )
+        if outside and not self._warned:
+            self._warned = True
+            logger.warning(
+                "evict: cost table %s covers batch sizes %s..%s and widths %s..%s; batch size %s / widths %s "
+                "are clamped to the edge (profile a wider grid to remove this warning)",
+                self.source,
+                self.batch_sizes[0],
+                self.batch_sizes[-1],
+                self.widths[0],
+                self.widths[-1],
+                batch_size,
+                [int(v) for v in w.tolist()],
+            )
+        b = b.clamp(bs_grid[0], bs_grid[-1])
+        w = w.clamp(w_grid[0], w_grid[-1])
+        blo, bhi, bt = self._interp_weights(b, bs_grid)
+        row = (1 - bt) * total[blo[0]] + bt * total[bhi[0]]  # [len(widths)]
+        wlo, whi, wt = self._interp_weights(w, w_grid)
+        return ((1 - wt) * row[wlo] + wt * row[whi]).to(torch.float32)
+
+    # -- compatibility --------------------------------------------------------------------------
+    def check_compatible(
+        self,
+        model_id: str | None = None,
+        config_hash: str | None = None,
+        device: str | None = None,
+        tp_size: int | None = None,
+        dtype: str | None = None,
+        allow_mismatch: bool = False,
+    ) -> list[str]:
+        """Compare the table's metadata with the running setup; ``None`` arguments are not checked.
+
+        A mismatch raises :class:`CostTableError` naming each differing field and how to
+        re-profile, or, with ``allow_mismatch``, logs a warning.  Returns the mismatch messages.
+        """
+        meta = self.metadata
+        wanted = {
+            "model_id": model_id,
+            "model_config_hash": config_hash,
+            "device": device,
+            "tp_size": tp_size,
+            "dtype": dtype,
+        }
+        problems = []
+        for key, want in wanted.items():
+            if want is None:
+                continue
+            have = meta.get(key)
+            if key == "tp_size":
+                same = want == have
+            else:  # strings: case- and space-insensitive; dtypes with or without "torch."
+                same = _norm_str(want) == _norm_str(have)
+            if not same:
+                problems.append(f"metadata.{key} is {have!r} in the table but {want!r} here")
+        if problems:
+            msg = (
+                f"cost table {self.source} was profiled for another setup: "
+                + "; ".join(problems)
+                + f". Re-profile on this setup ({REGENERATE_HINT}), or pass allow_mismatch=True "
+                "to use it anyway (costs, hence widths, may then be wrong)"
+            )
+            if not allow_mismatch:
+                raise CostTableError(msg)
+            logger.warning("evict: %s", msg)
+        return problems
+
+    # -- ablation helpers ---------------------------------------------------------------------
+    def _derived(self, median, p10, p90, fixed, note: str) -> CostTable:
+        meta = copy.deepcopy(self.metadata)
+        meta["notes"] = (str(meta.get("notes", "")) + " " + note).strip()
+        d = self.to_dict()
+        d["metadata"] = meta
+        d["latency_ms"] = {"median": median, "p10": p10, "p90": p90}
+        if fixed is not None:
+            d["fixed_ms"] = fixed
+        return CostTable.from_dict(d, source=f"{self.source} ({note})")
+
+    def scaled(self, factor: float) -> CostTable:
+        """A new table with every latency (and fixed_ms) multiplied by ``factor`` > 0."""
+        if not (_is_num(factor) and math.isfinite(factor) and factor > 0):
+            raise ValueError(f"scale factor must be a positive finite number, got {factor!r}")
+
+        def sc(g):
+            return [[v * factor for v in r] for r in g]
+
+        fixed = [v * factor for v in self.fixed_ms] if self.fixed_ms is not None else None
+        return self._derived(sc(self.median), sc(self.p10), sc(self.p90), fixed, f"[scaled x{factor}]")
+
+    def shifted(self, ms: float) -> CostTable:
+        """A new table with ``ms`` added to every verify latency (may be negative if all stay > 0)."""
+        if not (_is_num(ms) and math.isfinite(ms)):
+            raise ValueError(f"shift must be a finite number of ms, got {ms!r}")
+
+        def sh(g):
+            return [[v + ms for v in r] for r in g]
+
+        try:
+            return self._derived(
+                sh(self.median), sh(self.p10), sh(self.p90), self.fixed_ms, f"[shifted {ms:+g} ms]"
+            )
+        except CostTableError as exc:
+            raise ValueError(f"shift by {ms} ms makes a latency non-positive: {exc}") from exc

@@ -1,0 +1,36 @@
+"""Cost-aware draft-tree truncation (pure torch, no sglang import).
+
+Public API, shared by the SGLang plugin, the reference engine and the benchmark (see
+``docs/ARCHITECTURE.md``).
+"""
+
+from .policy import BACKENDS, MODES, TruncationPolicy
+from .rule import (
+    WidthDecision,
+    choose_width,
+    choose_widths_per_request,
+    expected_accepted_lengths,
+    keep_top,
+    sanitize_scores,
+    sort_candidates,
+    validate_step_cost,
+    validate_widths,
+)
+from .tree import is_ancestor_closed, validate_parents
+
+__all__ = [
+    "BACKENDS",
+    "MODES",
+    "TruncationPolicy",
+    "WidthDecision",
+    "choose_width",
+    "choose_widths_per_request",
+    "expected_accepted_lengths",
+    "is_ancestor_closed",
+    "keep_top",
+    "sanitize_scores",
+    "sort_candidates",
+    "validate_parents",
+    "validate_step_cost",
+    "validate_widths",
+]

@@ -1,0 +1,218 @@
+"""``TruncationPolicy``: the one object the SGLang plugin, the reference engine and the benchmark hold.
+
+It owns the allowed widths, the step-cost source (a cost table, a callable or a fixed array), the
+mode and the counters, so that every caller truncates the draft tree the same way and reports the
+same statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .rule import (
+    WidthDecision,
+    _decide_from_index,
+    _Ranked,
+    _WidthPlan,
+    validate_step_cost,
+    validate_widths,
+)
+
+__all__ = ["TruncationPolicy", "MODES", "BACKENDS"]
+
+logger = logging.getLogger("evict")
+
+MODES = ("immediate", "lagged", "off")
+BACKENDS = ("torch", "triton")
+
+CostSource = Any  # CostTable | Callable[[int, Tensor], Tensor] | Sequence[float] | Tensor
+
+
+class TruncationPolicy:
+    """Chooses the verify width each decode step and keeps calibration counters.
+
+    Args:
+        cost: a ``CostTable`` (anything with ``step_cost(batch_size, widths)``), a callable
+            ``(batch_size, widths LongTensor [W]) -> [W]`` step times, or a fixed ``[W]`` array of
+            step times (independent of batch size).
+        widths: allowed (captured) widths, strictly ascending; defaults to the table's widths.
+        mode: ``"immediate"`` (width from this step's scores; needs one host sync of the chosen
+            index), ``"lagged"`` (width from the previous call's scores, so the host never waits for
+            this step's drafter; kept nodes are still the top-(m-1) of this step's scores) or
+            ``"off"`` (kill switch: always the largest width = full tree, for A/B runs).
+        backend: ``"torch"`` or ``"triton"`` (``evict.kernels.choose_width_triton`` in every mode,
+            which itself runs the torch rule on devices where Triton cannot run; if the module or
+            triton is missing, the torch rule is used and the log says so once).
+    """
+
+    def __init__(
+        self,
+        cost: CostSource,
+        widths: torch.Tensor | Sequence[int] | None = None,
+        mode: str = "immediate",
+        backend: str = "torch",
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if widths is None:
+            table_widths = getattr(cost, "widths", None)
+            if table_widths is None:
+                raise ValueError("widths is required unless cost is a CostTable (which carries its widths)")
+            widths = table_widths
+        self.widths = validate_widths(widths).cpu()
+        self.mode = mode
+        self._cost_fn: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+        self._fixed_cost: torch.Tensor | None = None
+        if hasattr(cost, "step_cost"):
+            self._cost_fn = cost.step_cost
+        elif callable(cost):
+            self._cost_fn = cost
+        else:
+            self._fixed_cost = validate_step_cost(cost, self.widths.numel()).cpu()
+        self._cost_cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._widths_on: dict[str, torch.Tensor] = {}
+        self._plans: dict[tuple[int, str], _WidthPlan] = {}
+        self._triton = None
+        self.backend = "torch"
+        if backend == "triton":
+            try:
+                from evict.kernels import (  # noqa: PLC0415 (optional, imports triton lazily)
+                    choose_width_triton,
+                    triton_available,
+                )
+
+                if not triton_available():
+                    raise ImportError("the triton package is not installed")
+                self._triton = choose_width_triton
+                self.backend = "triton"
+            except Exception as exc:  # ImportError or a broken triton install
+                logger.warning("evict: Triton width kernel unavailable (%s); using the torch rule", exc)
+        self._prev_index: torch.Tensor | None = None
+        self.reset_stats()
+
+    # -- costs ------------------------------------------------------------------------------
+    def step_cost(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Validated float32 ``[W]`` step times for ``batch_size``, cached per (batch size, device)."""
+        key = (int(batch_size), str(device))
+        c = self._cost_cache.get(key)
+        if c is None:
+            if self._fixed_cost is not None:
+                c = self._fixed_cost
+            else:
+                c = validate_step_cost(self._cost_fn(int(batch_size), self.widths), self.widths.numel())
+            c = c.to(device)
+            self._cost_cache[key] = c
+        return c
+
+    def _widths_for(self, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        w = self._widths_on.get(key)
+        if w is None:
+            w = self._widths_on[key] = self.widths.to(device)
+        return w
+
+    def _plan(self, widths: torch.Tensor, k: int) -> _WidthPlan:
+        key = (k, str(widths.device))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _WidthPlan(widths, k, widths.device)
+        return plan
+
+    # -- the decision -----------------------------------------------------------------------
+    def decide(self, scores: torch.Tensor) -> WidthDecision:
+        """Choose the width and kept nodes for one step of ``scores [bs, K]``."""
+        if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+            raise ValueError("scores must be a 2-D tensor [bs, K] of cumulative draft probabilities")
+        device = scores.device
+        cost = self.step_cost(scores.shape[0], device)
+        widths = self._widths_for(device)
+        if self._triton is not None:
+            if self.mode == "off":
+                index = widths.numel() - 1
+            elif self.mode == "lagged":
+                index = self._prev_index
+            else:
+                index = None
+            dev_decision = self._triton(scores, cost, widths, index=index, check=False, backend="auto")
+            if self.mode == "lagged":
+                self._prev_index = dev_decision.best_index
+            decision = dev_decision.to_width_decision()
+        else:
+            plan = self._plan(widths, scores.shape[1])
+            ranked = _Ranked(scores, widths, plan)
+            objective = ranked.benefit.sum(dim=0) / cost
+            best = objective.argmax()
+            if self.mode == "immediate":
+                index = best
+            elif self.mode == "off":
+                index = plan.last
+            else:  # lagged
+                index = best if self._prev_index is None else self._prev_index.to(device)
+                self._prev_index = best  # stays on device: read at the next call, no sync now
+            decision = _decide_from_index(ranked, objective, index)
+        self._record(decision)
+        return decision
+
+    # -- counters ---------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        """Zero the counters (the lagged state is kept)."""
+        self.steps = 0
+        self.requests = 0
+        self.width_sum = 0
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._fallbacks = 0
+        self._predicted_sum = 0.0
+        self.realized_sum = 0.0
+        self.realized_count = 0
+
+    _FLUSH_EVERY = 256
+
+    def _record(self, d: WidthDecision) -> None:
+        # Keep this step's tensors and reduce them in bulk later: no device op, no sync per step.
+        self.steps += 1
+        self.requests += int(d.fallback.shape[0])
+        self.width_sum += d.width
+        self._pending.append((d.fallback, d.expected_accepted))
+        if len(self._pending) >= self._FLUSH_EVERY:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        one_device = len({f.device for f, _ in pending}) == 1
+        move = (lambda t: t) if one_device else (lambda t: t.cpu())
+        fallback = torch.cat([move(f.reshape(-1)) for f, _ in pending])
+        expected = torch.cat([move(e.reshape(-1)) for _, e in pending])
+        self._fallbacks += int(fallback.sum())
+        self._predicted_sum += float(expected.sum(dtype=torch.float64))
+
+    def record_accepted(self, accepted_lengths: torch.Tensor | Sequence[int]) -> None:
+        """Accumulate realized accepted lengths ``[bs]`` (tokens emitted per request this step)."""
+        a = torch.as_tensor(accepted_lengths, dtype=torch.float64).detach().cpu().reshape(-1)
+        self.realized_sum += float(a.sum())
+        self.realized_count += int(a.numel())
+
+    def stats(self) -> dict[str, float | int | str]:
+        """Mean width, mean predicted vs realized accepted length per request-step, fallbacks."""
+        self._flush()
+        fallbacks, predicted = self._fallbacks, self._predicted_sum
+        return {
+            "mode": self.mode,
+            "backend": self.backend,
+            "steps": self.steps,
+            "requests": self.requests,
+            "mean_width": self.width_sum / self.steps if self.steps else float("nan"),
+            "mean_predicted_accepted": predicted / self.requests if self.requests else float("nan"),
+            "mean_realized_accepted": (
+                self.realized_sum / self.realized_count if self.realized_count else float("nan")
+            ),
+            "realized_count": self.realized_count,
+            "fallbacks": fallbacks,
+        }

@@ -1,0 +1,373 @@
+"""EVICT's truncation rule: choose how much of the draft tree to verify.
+
+Every function here is batched and vectorized (no Python loop over requests or nodes) so the
+same code runs inside SGLang's decode step on GPU, in the reference engine on CPU, and in the
+benchmark.  Layout follows ``docs/ARCHITECTURE.md``: ``scores`` is ``[bs, K]`` cumulative drafter
+probabilities of the K candidate nodes (root excluded), parents always have a lower flat index
+than their children, and a *width* ``m`` counts the root, so width ``m`` keeps ``m - 1``
+candidates.
+
+Why top-(m-1) is the right subtree: scores are non-increasing from parent to child, so the m-1
+highest-scored nodes -- with ties broken toward the lower flat index, i.e. toward the parent --
+are ancestor-closed, and no other ancestor-closed subtree of that size has a larger score sum.
+The expected number of tokens emitted per step is then ``B(m) = 1 + sum of the m-1 largest
+scores`` and the rule maximizes the batch throughput ``sum_r B_r(m) / T(bs, m)`` over the allowed
+(captured) widths.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "WidthDecision",
+    "sanitize_scores",
+    "sort_candidates",
+    "expected_accepted_lengths",
+    "choose_width",
+    "choose_widths_per_request",
+    "keep_top",
+    "validate_widths",
+    "validate_step_cost",
+]
+
+
+@dataclass
+class WidthDecision:
+    """Result of :func:`choose_width` for one decode step.
+
+    ``width`` is the effective width (root included): ``kept.shape[1] == width - 1`` always.  It
+    equals ``widths[width_index]`` unless that allowed width exceeds ``K + 1``, in which case it is
+    clamped to ``K + 1`` (the whole draft tree).
+    """
+
+    width: int  # m*, the chosen width (root included)
+    width_index: int  # index of m* in the widths tensor
+    kept: torch.Tensor  # LongTensor [bs, m*-1], kept candidate flat indices, ascending
+    objective: torch.Tensor  # [W] sum_r B_r(m) / T(bs, m) for each allowed width
+    expected_accepted: torch.Tensor  # [bs] B_r(m*) predicted tokens per step per request
+    fallback: torch.Tensor  # [bs] bool, requests whose scores were NaN/inf/negative
+
+
+# ---------------------------------------------------------------------------------------------
+# Input validation (configuration errors raise; per-step data problems never do)
+# ---------------------------------------------------------------------------------------------
+
+
+def validate_widths(widths: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """Return ``widths`` as a 1-D LongTensor, raising ``ValueError`` on a bad configuration.
+
+    Widths must be non-empty, integers >= 1 and strictly ascending (so that ``argmax``'s
+    first-occurrence rule breaks objective ties toward the smaller width).
+    """
+    try:
+        w = widths if isinstance(widths, torch.Tensor) else torch.as_tensor(widths)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"widths must be a 1-D sequence of ints, got {widths!r}") from exc
+    if w.dtype == torch.bool or w.is_complex():
+        raise ValueError(f"widths must be integers, got dtype {w.dtype}")
+    if w.dim() != 1:
+        raise ValueError(f"widths must be 1-D [W], got shape {tuple(w.shape)}")
+    vals = w.tolist()  # a handful of numbers: checking them in Python is cheaper than torch ops
+    if not vals:
+        raise ValueError(
+            "widths is empty: give at least one allowed (captured) width, e.g. [1, 2, 4, 8, 16, 32, 64]"
+        )
+    if any(v != int(v) for v in vals):
+        raise ValueError(f"widths must be integers, got {vals}")
+    if any(v < 1 for v in vals):
+        raise ValueError(f"widths must be >= 1 (width counts the root; 1 = plain decoding), got {vals}")
+    if any(b <= a for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"widths must be strictly ascending without duplicates, got {vals}")
+    return w if w.dtype == torch.long else w.long()
+
+
+def validate_step_cost(step_cost: torch.Tensor | Sequence[float], num_widths: int) -> torch.Tensor:
+    """Return ``step_cost`` as a 1-D float32 tensor of length ``num_widths``; raise on bad config."""
+    c = step_cost if isinstance(step_cost, torch.Tensor) else torch.as_tensor(step_cost)
+    if c.dim() != 1:
+        raise ValueError(f"step_cost must be 1-D [W] (one step time per width), got shape {tuple(c.shape)}")
+    if c.numel() != num_widths:
+        raise ValueError(
+            f"step_cost has {c.numel()} entries but there are {num_widths} widths; "
+            "give one step time per allowed width (CostTable.step_cost(bs, widths) does this)"
+        )
+    vals = c.tolist()
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in vals):
+        raise ValueError(
+            f"step_cost must be positive and finite, got {vals}; "
+            "check the cost table (regenerate it with `evict-profile --model PATH --out FILE`)"
+        )
+    return c if c.dtype == torch.float32 else c.to(torch.float32)
+
+
+def _check_scores(scores: torch.Tensor) -> None:
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(f"scores must be a torch.Tensor [bs, K], got {type(scores).__name__}")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D [bs, K], got shape {tuple(scores.shape)}")
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be floating point probabilities, got dtype {scores.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def sanitize_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make scores safe to rank, without ever raising on the values.
+
+    Returns ``(clean [bs, K] float32, bad [bs] bool)``.  A request is *bad* when any of its scores
+    is NaN, +-inf or negative: its row is replaced by a strictly decreasing ramp over flat index
+    (so its top-j set is the first j nodes, which is ancestor-closed because parents precede
+    children) and callers fall back to the full tree.  Scores above 1 (numerical noise in a
+    product of probabilities) are clamped to 1, which keeps parent >= child.
+    """
+    _check_scores(scores)
+    clean, good = _sanitize(scores)
+    return clean, ~good
+
+
+_RAMPS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _ramp(k: int, device: torch.device) -> torch.Tensor:
+    """Strictly decreasing scores in (0, 1) over flat index, cached per (K, device)."""
+    key = (k, str(device))
+    r = _RAMPS.get(key)
+    if r is None:
+        r = _RAMPS[key] = torch.arange(k, 0, -1, device=device, dtype=torch.float32) / (k + 1)
+    return r
+
+
+def _sanitize(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(clean, good [bs])``; few ops because it runs every decode step.
+
+    ``sqrt`` maps negatives, -inf and NaN to NaN and keeps +inf, so the row sum of the square roots
+    is finite exactly when every score is finite and >= 0 (square roots of finite float32 values
+    are below 2e19, so the sum cannot overflow).
+    """
+    s = scores if scores.dtype == torch.float32 else scores.to(torch.float32)
+    good = s.sqrt().sum(dim=-1) < math.inf  # False for NaN and +inf (cheaper than isfinite)
+    clean = torch.where(good.unsqueeze(-1), s.clamp(max=1.0), _ramp(s.shape[-1], s.device))
+    return clean, good
+
+
+def sort_candidates(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable descending sort of each request's candidates: ``(sorted_scores, order)``.
+
+    Stability sends ties to the lower flat index -- the parent in SGLang's layout -- so every
+    prefix of ``order`` is ancestor-closed even when a parent and child share a score (e.g. 1.0).
+    Expects sanitized scores.
+    """
+    return torch.sort(scores, dim=-1, descending=True, stable=True)
+
+
+class _WidthPlan:
+    """Constants for one (widths, K, device): built once per configuration, not per step."""
+
+    __slots__ = ("widths", "eff_widths", "sel", "k", "last", "prefix", "ones", "_eff_list", "_arange")
+
+    def __init__(self, widths: torch.Tensor, k: int, device: torch.device) -> None:
+        self.widths = widths
+        self.k = k
+        self.eff_widths = widths.to(device=device, dtype=torch.long).clamp(max=k + 1)
+        self.sel = self.eff_widths - 1  # column of the prefix-sum table for each width
+        self.last = torch.tensor(widths.numel() - 1, device=device)  # index of the largest width
+        # prefix[i, j] = 1 if sorted position i is among the m_j - 1 kept: B = 1 + sorted @ prefix
+        # (one small matmul instead of pad + cumsum + gather, the hot path of every step)
+        pos = torch.arange(k, device=device).unsqueeze(1)
+        self.prefix = (pos < self.sel.unsqueeze(0)).to(torch.float32)  # [K, W]
+        self.ones = torch.ones(widths.numel(), device=device)
+        self._eff_list: list[int] | None = None
+        self._arange: torch.Tensor | None = None
+
+    @property
+    def eff_list(self) -> list[int]:
+        if self._eff_list is None:
+            self._eff_list = [int(v) for v in self.eff_widths.tolist()]
+        return self._eff_list
+
+    def arange(self) -> torch.Tensor:
+        if self._arange is None:
+            self._arange = torch.arange(self.k, device=self.eff_widths.device)
+        return self._arange
+
+
+_PLANS: dict[tuple[tuple[int, ...], int, str], _WidthPlan] = {}
+_MAX_PLANS = 256
+
+
+def _get_plan(widths: torch.Tensor, k: int, device: torch.device) -> _WidthPlan:
+    """Cached :class:`_WidthPlan` per (widths, K, device): standalone calls skip the set-up ops."""
+    key = (tuple(int(v) for v in widths.tolist()), k, str(device))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _WidthPlan(widths.to(device), k, device)
+    return plan
+
+
+def _kept_indices(order: torch.Tensor, n: int, plan: _WidthPlan | None = None) -> torch.Tensor:
+    """First ``n`` entries of each row of ``order``, sorted ascending (SGLang's kept order)."""
+    bs, k = order.shape
+    if n <= 0:
+        return order[:, :0]
+    if n >= k:  # the whole tree: no sort needed
+        ar = plan.arange() if plan is not None else torch.arange(k, device=order.device)
+        return ar.expand(bs, k).contiguous()
+    return order[:, :n].sort(dim=-1).values
+
+
+def _benefit_cumsum(sorted_scores: torch.Tensor, plan: _WidthPlan) -> torch.Tensor:
+    """``B[r, j] = 1 + sum of the m_j - 1 largest scores``: running sum, read at each width."""
+    csum = torch.nn.functional.pad(sorted_scores, (1, 0), value=1.0).cumsum(dim=-1)
+    return csum.index_select(1, plan.sel)
+
+
+def _benefit(sorted_scores: torch.Tensor, plan: _WidthPlan) -> torch.Tensor:
+    """``B_r(m)`` for every request and width.
+
+    On CPU one small ``addmm`` against the cached 0/1 ``prefix`` matrix replaces pad + cumsum +
+    gather (op overhead dominates there).  Elsewhere the running sum is used: a GPU matmul may run
+    in TF32 (SGLang can enable it), which would round the benefits.
+    """
+    if sorted_scores.device.type == "cpu":
+        return torch.addmm(plan.ones, sorted_scores, plan.prefix)
+    return _benefit_cumsum(sorted_scores, plan)
+
+
+class _Ranked:
+    """Shared intermediate results of one step: sanitized and sorted scores, ``B_r(m)`` per width."""
+
+    __slots__ = ("good", "order", "benefit", "plan", "k", "_bad")
+
+    def __init__(self, scores: torch.Tensor, widths: torch.Tensor, plan: _WidthPlan | None = None) -> None:
+        clean, self.good = _sanitize(scores)
+        sorted_scores, self.order = sort_candidates(clean)
+        self.k = clean.shape[-1]
+        self.plan = plan if plan is not None else _get_plan(widths, self.k, clean.device)
+        self.benefit = _benefit(sorted_scores, self.plan)  # [bs, W]
+        self._bad: torch.Tensor | None = None
+
+    @property
+    def bad(self) -> torch.Tensor:
+        if self._bad is None:
+            self._bad = ~self.good
+        return self._bad
+
+    @property
+    def eff_widths(self) -> torch.Tensor:
+        return self.plan.eff_widths
+
+
+def expected_accepted_lengths(
+    scores: torch.Tensor, widths: torch.Tensor | Sequence[int], *, check: bool = True
+) -> torch.Tensor:
+    """``B_r(m) = 1 + sum of the m-1 largest scores`` for every request and allowed width.
+
+    Returns float32 ``[bs, W]``.  Widths above ``K + 1`` are clamped to ``K + 1``.  Bad rows (see
+    :func:`sanitize_scores`) are computed on their replacement ramp.
+    """
+    _check_scores(scores)
+    w = validate_widths(widths) if check else torch.as_tensor(widths, dtype=torch.long)
+    return _Ranked(scores, w).benefit
+
+
+def keep_top(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """Kept candidate flat indices for width ``m``: ``LongTensor [bs, min(m, K+1) - 1]``, ascending."""
+    if isinstance(m, bool) or int(m) != m or m < 1:
+        raise ValueError(f"width m must be an int >= 1 (it counts the root), got {m!r}")
+    _check_scores(scores)
+    clean, _ = _sanitize(scores)
+    _, order = sort_candidates(clean)
+    return _kept_indices(order, min(int(m), clean.shape[-1] + 1) - 1)
+
+
+def _prepare(
+    scores: torch.Tensor,
+    step_cost: torch.Tensor | Sequence[float],
+    widths: torch.Tensor | Sequence[int],
+    check: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_scores(scores)
+    if check:
+        w = validate_widths(widths)
+        c = validate_step_cost(step_cost, w.numel())
+    else:
+        w = torch.as_tensor(widths, dtype=torch.long)
+        c = torch.as_tensor(step_cost, dtype=torch.float32)
+    return w.to(scores.device), c.to(scores.device)
+
+
+def _decide_from_index(ranked: _Ranked, objective: torch.Tensor, index: torch.Tensor | int) -> WidthDecision:
+    """Build a :class:`WidthDecision` for width index ``index`` (0-d LongTensor, may be on device).
+
+    Bad requests force the largest allowed width.  Reading the index is the one host sync of a
+    step: the kept tensor's shape depends on the chosen width.
+    """
+    last = ranked.plan.last
+    if not isinstance(index, torch.Tensor):
+        index = torch.tensor(int(index), device=last.device)
+    idx = int(torch.where(ranked.good.all(), index, last))
+    width = ranked.plan.eff_list[idx]
+    return WidthDecision(
+        width=width,
+        width_index=idx,
+        kept=_kept_indices(ranked.order, width - 1, ranked.plan),
+        objective=objective,
+        expected_accepted=ranked.benefit[:, idx],
+        fallback=ranked.bad,
+    )
+
+
+def choose_width(
+    scores: torch.Tensor,
+    step_cost: torch.Tensor | Sequence[float],
+    widths: torch.Tensor | Sequence[int],
+    *,
+    check: bool = True,
+) -> WidthDecision:
+    """EVICT's rule: one width for the whole batch, the global argmax of throughput.
+
+    ``m* = argmax_m sum_r B_r(m) / T(m)`` over all allowed widths (a global argmax, not the first
+    local maximum: real cost curves are staircases).  Exact ties go to the smaller width.  If any
+    request has NaN/inf/negative scores the step falls back to the largest allowed width (the full
+    tree) and ``fallback`` flags those requests.  ``check=False`` skips the configuration checks
+    on ``step_cost``/``widths`` (callers that validated them once, e.g. ``TruncationPolicy``).
+    """
+    w, c = _prepare(scores, step_cost, widths, check)
+    ranked = _Ranked(scores, w)
+    objective = ranked.benefit.sum(dim=0) / c
+    return _decide_from_index(ranked, objective, objective.argmax())
+
+
+def choose_widths_per_request(
+    scores: torch.Tensor,
+    step_cost: torch.Tensor | Sequence[float],
+    widths: torch.Tensor | Sequence[int],
+    *,
+    check: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-request refinement: each request r gets ``m_r = argmax_m B_r(m) / T(m)``.
+
+    Returns ``(widths_r LongTensor [bs], kept_mask BoolTensor [bs, K])``; ``kept_mask[r]`` marks the
+    top ``m_r - 1`` candidates (ancestor-closed).  Ties go to the smaller width; bad requests get the
+    largest allowed width.  No host sync.
+    """
+    w, c = _prepare(scores, step_cost, widths, check)
+    ranked = _Ranked(scores, w)
+    ratio = ranked.benefit / c  # [bs, W]
+    idx = torch.where(ranked.good, ratio.argmax(dim=-1), ranked.plan.last)
+    widths_r = ranked.eff_widths[idx]
+    bs, k = ranked.order.shape
+    rank = torch.empty_like(ranked.order)
+    rank.scatter_(1, ranked.order, ranked.plan.arange().expand(bs, k))
+    kept_mask = rank < (widths_r - 1).unsqueeze(-1)
+    return widths_r, kept_mask
