@@ -1,0 +1,381 @@
+"""On-device width decision: ``choose_width_triton`` and ``keep_top_triton``.
+
+Why: at high batch sizes and short steps the width decision must cost a few microseconds of GPU
+time and must not copy the ``[bs, K]`` scores to the host in the step's critical path. The Triton
+path makes the whole decision on device (two launches, static shapes, no host sync, so it can sit
+inside a CUDA graph); only the caller decides when to read the chosen width back (one int, through
+:meth:`DeviceWidthDecision.to_width_decision`), or never (lagged mode keeps the index on device).
+
+The rule itself lives in :mod:`evict.truncation.rule`; the kernels reproduce it exactly (same
+sanitizing, same stable tie-breaking, same clamping, same fallback) and the torch fallback used on
+CPU, when Triton is absent, or for shapes the kernel does not take, *calls* that rule.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from evict.truncation.rule import (
+    WidthDecision,
+    _decide_from_index,
+    _Ranked,
+    choose_width,
+    keep_top,
+    sanitize_scores,
+    sort_candidates,
+    validate_step_cost,
+    validate_widths,
+)
+
+__all__ = [
+    "DeviceWidthDecision",
+    "choose_width_triton",
+    "keep_top_triton",
+    "triton_available",
+    "triton_usable",
+]
+
+BACKENDS = ("auto", "triton", "torch")
+MAX_K = 1024  # the pairwise ranking is O(K^2) per request; SGLang trees have K <= a few hundred
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (it is an optional dependency)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def triton_usable(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can run on tensors on ``device``.
+
+    CUDA tensors need a compiled Triton; CPU tensors need Triton's interpreter
+    (``TRITON_INTERPRET=1``, set before the first kernel use) -- slow, but exact: the CI path.
+    """
+    if not triton_available():
+        return False
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return True
+    return dev.type == "cpu" and _interpret_requested()
+
+
+@dataclass
+class DeviceWidthDecision:
+    """A width decision that lives on the scores' device (nothing here forced a host sync).
+
+    ``kept`` has a static shape ``[bs, K]``: row r holds the ``width - 1`` kept flat indices in
+    ascending order (SGLang's ``organize_draft_results`` order), then ``-1`` padding.
+    """
+
+    width: torch.Tensor  # 0-d long: effective width m* (root included, clamped to K + 1)
+    width_index: torch.Tensor  # 0-d long: index of m* in widths (after fallback / forced index)
+    best_index: torch.Tensor  # 0-d long: argmax of this step's objective (what lagged mode stores)
+    kept: torch.Tensor  # long [bs, K], -1 padded
+    objective: torch.Tensor  # float32 [W]: sum_r B_r(m) / T(bs, m)
+    expected_accepted: torch.Tensor  # float32 [bs]: B_r(m*)
+    fallback: torch.Tensor  # bool [bs]: rows with NaN/inf/negative scores
+
+    def to_width_decision(self) -> WidthDecision:
+        """Convert to the host-facing :class:`evict.truncation.WidthDecision`.
+
+        This reads two ints (index and width) back in one copy: the only sync, and the caller
+        chooses where it happens (e.g. after queuing the rest of the step).
+        """
+        idx, width = (int(v) for v in torch.stack([self.width_index, self.width]).tolist())
+        return WidthDecision(
+            width=width,
+            width_index=idx,
+            kept=self.kept[:, : width - 1],
+            objective=self.objective,
+            expected_accepted=self.expected_accepted,
+            fallback=self.fallback,
+        )
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_scores(scores: torch.Tensor) -> None:
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        raise ValueError("scores must be a 2-D tensor [bs, K] of cumulative draft probabilities")
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be floating point probabilities, got dtype {scores.dtype}")
+
+
+def _use_triton(scores: torch.Tensor, backend: str) -> bool:
+    """Pick the implementation; ``backend="triton"`` raises with the fix when it cannot run."""
+    from_kernel_limits = 0 < scores.shape[0] and 0 < scores.shape[1] <= MAX_K
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return from_kernel_limits and triton_usable(scores.device)
+    if not triton_available():
+        raise ValueError("backend='triton' needs the triton package: pip install 'evict[triton]'")
+    if not triton_usable(scores.device):
+        raise ValueError(
+            f"backend='triton' cannot run on {scores.device} tensors: use CUDA tensors, or set "
+            "TRITON_INTERPRET=1 (before the first call) to run the kernels on CPU in Triton's interpreter"
+        )
+    if not from_kernel_limits:
+        raise ValueError(
+            f"backend='triton' takes 1 <= bs and 1 <= K <= {MAX_K}, got scores of shape "
+            f"{tuple(scores.shape)}; use backend='auto' to fall back to the torch rule"
+        )
+    return True
+
+
+def _kernels():  # noqa: ANN202 (the module is optional: no annotation that imports triton)
+    from . import _triton_width as tw  # noqa: PLC0415 (triton is optional; import on first use)
+
+    if tw.INTERPRETED != tw.interpreting():
+        raise RuntimeError(
+            "TRITON_INTERPRET changed after the EVICT kernels were first used in this process; "
+            "set it once, before the first call (tests: at the top of the module)"
+        )
+    return tw
+
+
+# No multiply-add contraction: the arithmetic must round exactly as the torch rule's (there is no
+# a*b+c in the kernels today; this keeps it so and states it instead of relying on the default).
+_LAUNCH = {"enable_fp_fusion": False}
+
+
+def _pow2(n: int, floor: int = 1) -> int:
+    return max(floor, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _tiles(bs: int, k: int) -> dict[str, int]:
+    """Tile sizes: K (row), J (ranking column tile), R (rows per program).
+
+    On a GPU one program per request (R=1) spreads the batch over the SMs. Triton's CPU
+    interpreter pays per operation, not per element, so there a program takes as many rows as fit
+    a 64k-element [R, K, J] comparison tile.
+    """
+    block_k = _pow2(k, 16)
+    block_j = max(1, min(block_k, 4096 // block_k))  # whole row up to K=64, then 4k-element tiles
+    block_r = 1
+    if _kernels().INTERPRETED:
+        block_r = min(_pow2(bs), max(1, 65536 // (block_k * block_j)))
+    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "BLOCK_J": block_j}
+
+
+def _pad_kept(kept: torch.Tensor, k: int) -> torch.Tensor:
+    out = torch.full((kept.shape[0], k), -1, dtype=torch.long, device=kept.device)
+    out[:, : kept.shape[1]] = kept
+    return out
+
+
+def _index_tensor(index: int | torch.Tensor, num_widths: int, device: torch.device) -> torch.Tensor:
+    if isinstance(index, torch.Tensor):
+        if index.numel() != 1:
+            raise ValueError(f"index must be a 0-d tensor or an int, got shape {tuple(index.shape)}")
+        return index.reshape(()).to(device=device, dtype=torch.long)
+    if isinstance(index, bool) or int(index) != index or not 0 <= int(index) < num_widths:
+        raise ValueError(f"index must be an int in [0, {num_widths}) (a position in widths), got {index!r}")
+    return torch.full((), int(index), dtype=torch.long, device=device)
+
+
+def _torch_decision(
+    scores: torch.Tensor, cost: torch.Tensor, widths: torch.Tensor, index: torch.Tensor | None
+) -> DeviceWidthDecision:
+    """The fallback: the torch rule itself (``evict.truncation.rule``), repackaged.
+
+    ``choose_width`` for this step's argmax; a forced index goes through the rule's own
+    ``_decide_from_index``, as ``TruncationPolicy``'s torch path does.
+    """
+    if index is None:
+        d = choose_width(scores, cost, widths, check=False)
+        best = d.objective.argmax()
+    else:
+        ranked = _Ranked(scores, widths)
+        objective = ranked.benefit.sum(dim=0) / cost
+        best = objective.argmax()
+        d = _decide_from_index(ranked, objective, index.clamp(0, widths.numel() - 1))
+    dev = scores.device
+    return DeviceWidthDecision(
+        width=torch.tensor(d.width, dtype=torch.long, device=dev),
+        width_index=torch.tensor(d.width_index, dtype=torch.long, device=dev),
+        best_index=best,
+        kept=_pad_kept(d.kept, scores.shape[1]),
+        objective=d.objective,
+        expected_accepted=d.expected_accepted,
+        fallback=d.fallback,
+    )
+
+
+def choose_width_triton(
+    scores: torch.Tensor,
+    step_cost: torch.Tensor | Sequence[float],
+    widths: torch.Tensor | Sequence[int],
+    *,
+    index: int | torch.Tensor | None = None,
+    check: bool = True,
+    backend: str = "auto",
+) -> DeviceWidthDecision:
+    """EVICT's width decision for one step, on the scores' device, without a host sync.
+
+    Same rule and results as :func:`evict.truncation.choose_width` (global argmax over widths of
+    ``sum_r B_r(m) / T(m)``, ties to the smaller width, widths above K+1 clamped, any NaN/inf/
+    negative row -> largest allowed width), returned as a :class:`DeviceWidthDecision`.
+
+    Args:
+        scores: ``[bs, K]`` cumulative drafter probabilities (any float dtype; read as float32).
+        step_cost: ``[W]`` step times ``T(bs, m)`` for this batch size (``CostTable.step_cost``).
+        widths: ``[W]`` allowed widths, strictly ascending.
+        index: use this width index instead of this step's argmax (lagged mode: the previous
+            step's ``best_index``, kept on device; ``"off"`` mode: ``W - 1``). The fallback still
+            overrides it, and ``best_index`` still reports this step's argmax.
+        check: validate ``widths``/``step_cost`` (reads them on the host: pass ``False`` in the
+            step loop once they were validated, as ``TruncationPolicy`` does).
+        backend: ``"auto"`` (Triton when usable on this device, else the torch rule),
+            ``"triton"`` (raise if it cannot run) or ``"torch"``.
+    """
+    _check_backend(backend)
+    _check_scores(scores)
+    dev = scores.device
+    if check:
+        w = validate_widths(widths)
+        c = validate_step_cost(step_cost, w.numel())
+    else:
+        w = torch.as_tensor(widths, dtype=torch.long)
+        c = torch.as_tensor(step_cost, dtype=torch.float32)
+    w = w.to(device=dev, dtype=torch.long).contiguous()
+    c = c.to(device=dev, dtype=torch.float32).contiguous()
+    num_w = w.numel()
+    idx_t = None if index is None else _index_tensor(index, num_w, dev)
+    if not _use_triton(scores, backend):
+        return _torch_decision(scores, c, w, idx_t)
+
+    tw = _kernels()
+    bs, k = scores.shape
+    if scores.stride(1) != 1:
+        scores = scores.contiguous()
+    t = _tiles(bs, k)
+    grid = (-(-bs // t["BLOCK_R"]),)
+    block_w = _pow2(num_w, 16)
+    benefit = torch.empty((bs, num_w), dtype=torch.float32, device=dev)
+    rank = torch.empty((bs, k), dtype=torch.int32, device=dev)
+    bad = torch.empty((bs,), dtype=torch.int8, device=dev)
+    tw.rank_kernel[grid](
+        scores,
+        scores.stride(0),
+        w,
+        w,
+        benefit,
+        rank,
+        bad,
+        rank,
+        bs,
+        k,
+        num_w,
+        KEEP_ONLY=False,
+        BLOCK_W=block_w,
+        **t,
+        **_LAUNCH,
+    )
+    objective = torch.empty((num_w,), dtype=torch.float32, device=dev)
+    best = torch.empty((), dtype=torch.long, device=dev)
+    chosen = torch.empty((), dtype=torch.long, device=dev)
+    width = torch.empty((), dtype=torch.long, device=dev)
+    expected = torch.empty((bs,), dtype=torch.float32, device=dev)
+    kept = torch.empty((bs, k), dtype=torch.long, device=dev)
+    tw.decide_kernel[grid](
+        benefit,
+        bad,
+        c,
+        w,
+        rank,
+        chosen if idx_t is None else idx_t,
+        objective,
+        best,
+        chosen,
+        width,
+        expected,
+        kept,
+        bs,
+        k,
+        num_w,
+        HAS_INDEX=idx_t is not None,
+        BLOCK_R=t["BLOCK_R"],
+        BLOCK_K=t["BLOCK_K"],
+        BLOCK_W=block_w,
+        BLOCK_B=min(64, _pow2(bs)),
+        **_LAUNCH,
+    )
+    return DeviceWidthDecision(
+        width=width,
+        width_index=chosen,
+        best_index=best,
+        kept=kept,
+        objective=objective,
+        expected_accepted=expected,
+        fallback=bad.bool(),
+    )
+
+
+def keep_top_triton(
+    scores: torch.Tensor, width: int | torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Kept flat indices for a width that is already known (lagged mode), on device.
+
+    Same result as :func:`evict.truncation.keep_top`. With an int ``width`` the shape is
+    ``[bs, min(width, K+1) - 1]`` (exactly ``keep_top``'s); with a 0-d device tensor (e.g. the
+    previous step's chosen width, never read on the host) it is ``[bs, K]`` with -1 padding.
+    """
+    _check_backend(backend)
+    _check_scores(scores)
+    bs, k = scores.shape
+    if isinstance(width, torch.Tensor):
+        if width.numel() != 1:
+            raise ValueError(f"width must be an int or a 0-d tensor, got shape {tuple(width.shape)}")
+        width_t = width.reshape(()).to(device=scores.device, dtype=torch.long)
+        n = None
+    else:
+        if isinstance(width, bool) or int(width) != width or width < 1:
+            raise ValueError(f"width m must be an int >= 1 (it counts the root), got {width!r}")
+        width_t = torch.full((), int(width), dtype=torch.long, device=scores.device)
+        n = min(int(width), k + 1) - 1
+    if not _use_triton(scores, backend):
+        if n is not None:
+            return keep_top(scores, n + 1)
+        # device width on the torch path: keep_top needs an int, so cut the rule's order on device
+        order = sort_candidates(sanitize_scores(scores)[0])[1]
+        pos = torch.arange(k, device=scores.device)
+        n_t = width_t.clamp(1, k + 1) - 1
+        vals = torch.where(pos < n_t, order, torch.full_like(order, k)).sort(dim=-1).values
+        return torch.where(vals < k, vals, torch.full_like(vals, -1))
+    if scores.stride(1) != 1:
+        scores = scores.contiguous()
+    kept = torch.empty((bs, k), dtype=torch.long, device=scores.device)
+    tw = _kernels()
+    t = _tiles(bs, k)
+    tw.rank_kernel[(-(-bs // t["BLOCK_R"]),)](
+        scores,
+        scores.stride(0),
+        width_t,
+        width_t,
+        kept,
+        kept,
+        kept,
+        kept,
+        bs,
+        k,
+        1,
+        KEEP_ONLY=True,
+        BLOCK_W=16,
+        **t,
+        **_LAUNCH,
+    )
+    return kept if n is None else kept[:, :n]
