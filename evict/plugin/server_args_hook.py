@@ -1,0 +1,113 @@
+"""Server-argument resolution for ``--speculative-algorithm EVICT``: EAGLE-3's, then EVICT's checks.
+
+SGLang resolves speculative arguments in the ``handle_speculative_decoding`` pipeline step, which
+hands a plugin algorithm's ``handle_server_args`` a write-recording stand-in (EAGLE's handler
+cannot declare on it) and compares the algorithm *name* with ``"EAGLE3"`` in several places
+(rejection sampling, block verification, draft window size, DP prefill coordination).  To get
+exactly EAGLE-3's defaults and validation, the hook below declares ``EAGLE3`` for the duration of
+the built-in step and ``EVICT`` again afterwards, then applies EVICT's own checks and loads the
+cost table, so a bad configuration stops ``launch_server`` before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sglang.srt.arg_groups.overrides import declare_resolution, resolved_view, resolving_view
+
+from evict.plugin.config import (
+    EvictConfig,
+    EvictConfigError,
+    load_cost_table,
+    parse_env,
+    resolve_widths,
+    target_config_hash,
+)
+from evict.plugin.spec_algo import EVICT_ALGORITHM_NAME
+
+__all__ = ["handle_speculative_decoding_evict", "validate_evict_server_args", "is_evict"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = "evict.handle_speculative_decoding"
+
+
+def is_evict(name: str | None) -> bool:
+    """Whether a ``--speculative-algorithm`` value names EVICT (any case)."""
+    return name is not None and name.upper() == EVICT_ALGORITHM_NAME
+
+
+def handle_speculative_decoding_evict(server_args: Any, previous: Callable[[Any], None]) -> None:
+    """Resolution hook: run the built-in step as EAGLE3 for EVICT, then validate EVICT's settings."""
+    if not is_evict(resolving_view(server_args).speculative_algorithm):
+        previous(server_args)
+        return
+    config = parse_env()  # an EVICT_* typo stops the launch before anything heavy happens
+    declare_resolution(server_args, _SOURCE, speculative_algorithm="EAGLE3")
+    try:
+        previous(server_args)
+    except Exception as exc:
+        if hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note("(raised while resolving --speculative-algorithm EVICT with EAGLE3's rules)")
+        raise
+    declare_resolution(server_args, _SOURCE, speculative_algorithm=EVICT_ALGORITHM_NAME)
+    validate_evict_server_args(server_args, config)
+
+
+def validate_evict_server_args(server_args: Any, config: EvictConfig | None = None) -> tuple[int, ...]:
+    """EVICT's own checks on resolved arguments; returns the widths that will be captured.
+
+    Raises ``EvictConfigError`` (a ``ValueError``) naming the argument and the fix.
+    """
+    config = parse_env() if config is None else config
+    view = resolved_view(server_args)
+    topk = view.speculative_eagle_topk
+    n = view.speculative_num_draft_tokens
+    if topk is None or topk < 2:
+        raise EvictConfigError(
+            f"--speculative-eagle-topk={topk}: EVICT cuts a draft *tree* ranked by the drafter's cumulative "
+            "scores, and with topk 1 SGLang drafts a chain without scores. Pass e.g. --speculative-num-steps 5 "
+            "--speculative-eagle-topk 8 --speculative-num-draft-tokens 32 (or use --speculative-algorithm EAGLE3)"
+        )
+    if view.speculative_adaptive:
+        raise EvictConfigError(
+            "--speculative-adaptive changes the draft steps at run time; EVICT chooses the verify width "
+            "itself. Drop --speculative-adaptive"
+        )
+    if view.enable_multi_layer_eagle:
+        raise EvictConfigError("--enable-multi-layer-eagle is not supported by EVICT; drop it or use EAGLE3")
+    if view.pp_size > 1:
+        raise EvictConfigError(f"--pp-size={view.pp_size}: EVICT supports pipeline parallel size 1 only")
+    if view.enable_dp_attention:
+        raise EvictConfigError(
+            "--enable-dp-attention: DP ranks would choose different verify widths while SGLang pads them to "
+            "one uniform width; EVICT does not support DP attention yet (TP and EP are supported)"
+        )
+    table_widths = None
+    if not config.disable:
+        table = load_cost_table(
+            config,
+            config_hash=_config_hash(server_args),
+            tp_size=view.tp_size,
+        )
+        table_widths = table.widths
+    widths = resolve_widths(config.widths, n, table_widths)
+    logger.info(
+        "EVICT: widths %s of N=%d (topk=%d, steps=%d), decision=%s, backend=%s%s",
+        list(widths),
+        n,
+        topk,
+        view.speculative_num_steps,
+        config.decision,
+        config.backend,
+        ", DISABLED (full tree every step)" if config.disable else f", table={config.cost_table}",
+    )
+    return widths
+
+
+def _config_hash(server_args: Any) -> str | None:
+    """Architecture hash of the target's raw config.json (the table's ``model_config_hash``)."""
+    cfg = resolving_view(server_args)
+    return target_config_hash(cfg.model_path, revision=cfg.revision)

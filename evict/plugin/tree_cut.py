@@ -1,0 +1,126 @@
+"""Cutting SGLang's EAGLE draft tree to width m (pure torch; no sglang import).
+
+SGLang's ``organize_draft_results(score_list, token_list, parents_list, N)`` keeps the ``N-1``
+candidates with the highest cumulative draft probability and returns their flat indices sorted
+ascending (``top_scores_index [bs, N-1]``) with their tokens (``draft_tokens [bs, N-1]``); the
+scores themselves are dropped.  EVICT needs those scores, so the worker taps them
+(:func:`gather_candidate_scores`, written into a :class:`ScoreSink` that CUDA-graph replay also
+fills), lets ``TruncationPolicy.decide`` pick the width ``m`` and the ``m-1`` kept positions among
+the ``N-1`` (ascending), and :func:`cut_draft_tree` selects them.  Because the kept positions are
+the top ``m-1`` scores and ascending, the result is exactly what ``organize_draft_results(..., m)``
+would have returned, and it is ancestor-closed (a child's cumulative score never exceeds its
+parent's); ``tests/plugin`` checks both on SGLang's own function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "ACTIVE_SCORE_SINK",
+    "ScoreSink",
+    "cut_draft_tree",
+    "gather_candidate_scores",
+    "verify_spec_steps",
+]
+
+
+def gather_candidate_scores(
+    score_list: Sequence[torch.Tensor], top_scores_index: torch.Tensor
+) -> torch.Tensor:
+    """Cumulative scores ``[bs, N-1]`` of the candidates ``organize_draft_results`` kept.
+
+    ``score_list`` is the draft loop's list (``[bs, 1, topk]`` then ``[bs, topk, topk]`` per
+    step), flattened exactly as ``organize_draft_results`` flattens it.
+    """
+    flat = torch.cat(list(score_list), dim=1).flatten(1)
+    return torch.gather(flat, 1, top_scores_index)
+
+
+def cut_draft_tree(
+    top_scores_index: torch.Tensor, draft_tokens: torch.Tensor, kept: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep columns ``kept [bs, m-1]`` (ascending positions among the ``N-1``) of both tensors.
+
+    ``parent_list`` needs no change: it is indexed by flat candidate index, which is preserved.
+    """
+    kept = kept.to(device=top_scores_index.device, dtype=torch.long)
+    return torch.gather(top_scores_index, 1, kept), torch.gather(draft_tokens, 1, kept)
+
+
+def verify_spec_steps(num_steps: int, width: int) -> int:
+    """Depth bound for a width-``width`` verify tree: ``min(num_steps, width - 1)``.
+
+    SGLang sizes ``accept_index`` as ``spec_steps + 1`` columns and compacts it into each request's
+    ``width`` slots, so a tree narrower than ``num_steps + 1`` must declare its smaller depth bound
+    (a tree of ``width`` nodes is at most ``width - 1`` deep).
+    """
+    return max(0, min(int(num_steps), int(width) - 1))
+
+
+class ScoreSink:
+    """Persistent ``[rows, cols]`` buffer that receives the kept candidates' scores each draft.
+
+    The draft CUDA graph captures the copy into this buffer, so replay refreshes it without any
+    change to the graph's outputs (the draft graph runner unpacks a fixed 4-tuple).  It must be
+    allocated before graph capture; eager batches larger than ``rows`` grow it (never during a
+    capture, where the batch is bounded by the captured sizes).
+    """
+
+    def __init__(self, rows: int, cols: int, device: torch.device | str) -> None:
+        if rows < 1 or cols < 1:
+            raise ValueError(f"ScoreSink needs rows >= 1 and cols >= 1, got {rows} x {cols}")
+        self.cols = int(cols)
+        # Never reallocated: captured graphs hold its address.
+        self.buffer = torch.zeros((int(rows), self.cols), dtype=torch.float32, device=device)
+        self._overflow: torch.Tensor | None = None  # eager batches larger than ``rows``
+
+    @property
+    def rows(self) -> int:
+        return self.buffer.shape[0]
+
+    def write(self, scores: torch.Tensor) -> bool:
+        """Copy ``scores [bs, cols]`` in; returns False (and ignores them) for another width."""
+        if scores.dim() != 2 or scores.shape[1] != self.cols:
+            return False  # e.g. a draft graph captured for a narrower state: not the one served
+        bs = scores.shape[0]
+        if bs <= self.rows:
+            self.buffer[:bs].copy_(scores)
+        else:
+            if _is_capturing(self.buffer.device):
+                raise RuntimeError(
+                    f"EVICT ScoreSink: batch {bs} > {self.rows} rows during CUDA graph capture; "
+                    "allocate it for the largest captured batch before capture"
+                )
+            self._overflow = scores.detach().to(torch.float32).clone()
+        return True
+
+    def read(self, bs: int) -> torch.Tensor:
+        """Scores of the last draft of batch size ``bs`` (a view, valid until the next draft)."""
+        if bs <= self.rows:
+            return self.buffer[:bs]
+        if self._overflow is None or self._overflow.shape[0] != bs:
+            raise RuntimeError(f"EVICT ScoreSink: no scores recorded for an eager batch of {bs} requests")
+        return self._overflow
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[ScoreSink]:
+        """Make this sink the target of the ``organize_draft_results`` tap while drafting."""
+        token = ACTIVE_SCORE_SINK.set(self)
+        try:
+            yield self
+        finally:
+            ACTIVE_SCORE_SINK.reset(token)
+
+
+ACTIVE_SCORE_SINK: contextvars.ContextVar[ScoreSink | None] = contextvars.ContextVar(
+    "evict_active_score_sink", default=None
+)
+
+
+def _is_capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -1,0 +1,261 @@
+"""EVICT's worker classes against the real sglang==0.5.23 worker code (CPU; skipped without sglang).
+
+The worker needs a GPU to run end to end; here its step logic runs with SGLang's real draft-tree
+functions and stand-ins for the GPU parts (attention backends, graph runners, the target model).
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("sglang")
+
+import torch  # noqa: E402
+from sglang.srt.speculative import eagle_worker_v2, spec_utils  # noqa: E402
+
+import evict.plugin  # noqa: E402
+from evict.plugin import worker as evict_worker  # noqa: E402
+from evict.plugin.tree_cut import ScoreSink, gather_candidate_scores  # noqa: E402
+from evict.truncation import TruncationPolicy  # noqa: E402
+
+pytestmark = pytest.mark.sglang
+
+_original = evict_worker._original_organize_draft_results
+_select_later = getattr(spec_utils._select_top_k_tokens_later, "_torchdynamo_orig_callable", None)
+
+
+def draft_lists(bs=2, topk=4, steps=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def step(rows):
+        return torch.softmax(torch.randn(rows, 50, generator=g) * 2.5, dim=-1).topk(topk, dim=-1)
+
+    p, idx = step(bs)
+    hidden, scores, out = torch.zeros(bs, 2), None, ([], [], [])
+    for i in range(steps):
+        if i == 0:
+            _, hidden, scores, info = spec_utils._select_top_k_tokens_first(p, idx, hidden, topk)
+        else:
+            _, hidden, scores, info = _select_later(i, p, idx, hidden, scores, topk)
+        for lst, t in zip(out, info):
+            lst.append(t)
+        if i < steps - 1:
+            p, idx = step(bs * topk)
+    return out
+
+
+def test_classes_extend_sglangs_eagle_workers():
+    assert issubclass(evict_worker.EvictWorkerV2, eagle_worker_v2.EAGLEWorkerV2)
+    assert issubclass(evict_worker.EvictDraftWorker, eagle_worker_v2.EagleDraftWorker)
+    assert evict.plugin.create_evict_worker(None) is evict_worker.EvictWorkerV2
+
+
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [
+        ("EvictDraftWorker", "__init__"),
+        ("EvictDraftWorker", "draft"),
+        ("EvictDraftWorker", "draft_forward"),
+        ("EvictDraftWorker", "_draft_extend_for_decode"),
+        ("EvictWorkerV2", "__init__"),
+        ("EvictWorkerV2", "init_cuda_graphs"),
+        ("EvictWorkerV2", "forward_batch_generation"),
+        ("EvictWorkerV2", "verify"),
+        ("EvictWorkerV2", "on_verify_complete_cpu"),
+    ],
+)
+def test_overrides_keep_sglangs_signatures(cls, name):
+    """An SGLang upgrade that changes a hooked method's parameters must fail here, not at serve time."""
+    ours = getattr(getattr(evict_worker, cls), name)
+    theirs = getattr(
+        evict_worker.EvictWorkerV2.__mro__[1] if cls == "EvictWorkerV2" else eagle_worker_v2.EagleDraftWorker,
+        name,
+    )
+    assert list(inspect.signature(ours).parameters) == list(inspect.signature(theirs).parameters)
+
+
+def test_draft_worker_name_swap_is_scoped():
+    with evict_worker._eagle_draft_worker_cls(evict_worker.EvictDraftWorker):
+        assert eagle_worker_v2.EagleDraftWorker is evict_worker.EvictDraftWorker
+    assert eagle_worker_v2.EagleDraftWorker is not evict_worker.EvictDraftWorker
+
+
+def test_score_tap_is_a_pass_through_for_eagle_and_fills_evicts_sink():
+    assert eagle_worker_v2.organize_draft_results is evict_worker._organize_draft_results_with_score_tap
+    lists = draft_lists()
+    ref = _original(*lists, 8)
+    got = eagle_worker_v2.organize_draft_results(*lists, 8)  # no sink active: EAGLE3's behaviour
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    sink = ScoreSink(rows=4, cols=7, device="cpu")
+    with sink.active():
+        eagle_worker_v2.organize_draft_results(*lists, 8)
+    assert torch.equal(sink.read(2), gather_candidate_scores(lists[0], ref[1]))
+
+
+class _Recorder:
+    def __init__(self):
+        self.events = []
+        self.build_kwargs = None
+
+
+def make_draft_worker(monkeypatch, rec, policy, n=8, topk=4, steps=3):
+    """An EvictDraftWorker with stand-ins for its GPU parts; draft_forward runs SGLang's tree code."""
+    dw = object.__new__(evict_worker.EvictDraftWorker)
+    dw.full_num_draft_tokens, dw.speculative_num_draft_tokens = n, 3  # stale width from a previous step
+    dw.topk, dw.speculative_num_steps = topk, steps
+    dw.score_sink = ScoreSink(rows=8, cols=n - 1, device="cpu")
+    dw.req_to_token_pool = dw.cuda_graph_runner = None
+    dw.draft_runner = SimpleNamespace(canary_manager=None)
+    dw.target_worker = SimpleNamespace(model_runner=SimpleNamespace(kv_index_translator=None))
+    dw.seed_dsa_topk_from_draft_extend = False
+    dw.draft_attn_backend = SimpleNamespace(init_forward_metadata=lambda fb: None)
+    dw.tree_mask_mode, dw.device = 0, "cpu"
+    dw.truncation_policy = policy
+    dw.activate_width = lambda m: rec.events.append(("activate", m))
+    dw.lists = draft_lists(topk=topk, steps=steps)
+
+    def fake_draft_forward(forward_batch):
+        with dw.score_sink.active():
+            out = eagle_worker_v2.organize_draft_results(*dw.lists, dw.speculative_num_draft_tokens)
+        return (*out, None)
+
+    dw.draft_forward = fake_draft_forward
+
+    def fake_prepare(draft_input, pool, batch, runner, draft_runner, topk, steps, **kw):
+        fb = SimpleNamespace(forward_mode=batch.forward_mode, mark_forward_metadata_ready=lambda: None)
+        return fb, False, None
+
+    def fake_build(batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kw):
+        rec.events.append(("build", kw["num_draft_tokens"]))
+        rec.build_kwargs = dict(kw, top_scores_index=top_scores_index, draft_tokens=draft_tokens)
+        return SimpleNamespace()
+
+    monkeypatch.setattr(evict_worker, "prepare_for_draft", fake_prepare)
+    monkeypatch.setattr(evict_worker, "build_eagle_verify_input", fake_build)
+    return dw
+
+
+def make_batch(bs=2, idle=False):
+    return SimpleNamespace(
+        spec_info=SimpleNamespace(),
+        forward_mode=SimpleNamespace(is_idle=lambda: idle),
+        seq_lens=torch.zeros(bs, dtype=torch.long),
+    )
+
+
+def test_draft_cuts_the_tree_and_switches_width_before_building_the_verify_input(monkeypatch):
+    rec = _Recorder()
+    widths = [2, 4, 8]
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=widths, mode="immediate")  # steep: narrow wins
+    dw = make_draft_worker(monkeypatch, rec, policy)
+    dw.draft(make_batch())
+    m = dw.last_decision.width
+    assert m in widths and m < 8
+    assert rec.events == [("activate", m), ("build", m)]
+    kw = rec.build_kwargs
+    assert kw["num_steps"] == min(3, m - 1)
+    ref_parents, ref_idx, ref_tok = _original(*dw.lists, m)
+    assert torch.equal(kw["top_scores_index"], ref_idx)
+    assert torch.equal(kw["draft_tokens"], ref_tok)
+    assert dw.speculative_num_draft_tokens == 8  # the draft itself always organizes the full tree
+
+
+def test_flat_cost_and_kill_switch_verify_the_full_tree(monkeypatch):
+    for policy in (
+        TruncationPolicy([1.0, 1.0, 1.0], widths=[2, 4, 8], mode="immediate"),
+        TruncationPolicy([1.0], widths=[8], mode="off"),
+    ):
+        rec = _Recorder()
+        dw = make_draft_worker(monkeypatch, rec, policy)
+        dw.draft(make_batch())
+        assert rec.events == [("activate", 8), ("build", 8)]
+        assert rec.build_kwargs["num_steps"] == 3
+        assert torch.equal(rec.build_kwargs["top_scores_index"], _original(*dw.lists, 8)[1])
+
+
+def test_idle_batch_takes_no_decision(monkeypatch):
+    rec = _Recorder()
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], mode="immediate")
+    dw = make_draft_worker(monkeypatch, rec, policy)
+    dw.draft_forward = lambda fb: (None, None, None, None)
+    dw.last_decision = None
+    dw.draft(make_batch(idle=True))
+    assert dw.last_decision is None and policy.steps == 0
+    assert rec.events == [("activate", 8), ("build", 8)]
+
+
+def _fake_evict_worker(n=8):
+    from evict.plugin.width_states import WidthStateSet
+
+    w = object.__new__(evict_worker.EvictWorkerV2)
+    w.full_num_draft_tokens = w.speculative_num_draft_tokens = n
+    w._draft_worker = SimpleNamespace(
+        speculative_num_draft_tokens=n,
+        draft_extend_attn_backend="extend-backend-N",
+        draft_runner=SimpleNamespace(attn_backend="extend-backend-N"),
+        cuda_graph_runner_for_draft_extend="extend-graph-N",
+        draft_attn_backend="draft-decode",
+        cuda_graph_runner="draft-decode-graph",
+    )
+    w._target_worker = SimpleNamespace(
+        model_runner=SimpleNamespace(
+            attn_backend="verify-backend-N", decode_cuda_graph_runner="verify-graph-N"
+        )
+    )
+    w.width_states = WidthStateSet(w._apply_width_state)
+    for m in (4, n):
+        w.width_states.register(
+            m,
+            evict_worker.SpecRuntimeState(
+                speculative_num_steps=3,
+                speculative_num_draft_tokens=m,
+                draft_attn_backend=f"draft-decode-{m}",
+                cuda_graph_runner=f"draft-decode-graph-{m}",
+                target_attn_backend=f"verify-backend-{m}",
+                target_graph_runner=f"verify-graph-{m}",
+                draft_extend_attn_backend=f"extend-backend-{m}",
+                cuda_graph_runner_for_draft_extend=f"extend-graph-{m}",
+            ),
+        )
+    w.width_states.active_width = n
+    return w
+
+
+def test_width_switch_repoints_verify_and_draft_extend_but_not_drafting():
+    w = _fake_evict_worker()
+    assert w.width_states.activate(4)
+    dw, tr = w._draft_worker, w._target_worker.model_runner
+    assert (w.speculative_num_draft_tokens, dw.speculative_num_draft_tokens) == (4, 4)
+    assert (tr.attn_backend, tr.decode_cuda_graph_runner) == ("verify-backend-4", "verify-graph-4")
+    assert dw.draft_extend_attn_backend == dw.draft_runner.attn_backend == "extend-backend-4"
+    assert dw.cuda_graph_runner_for_draft_extend == "extend-graph-4"
+    # the draft tree is built the same way at every width: draft decode is never switched
+    assert (dw.draft_attn_backend, dw.cuda_graph_runner) == ("draft-decode", "draft-decode-graph")
+
+
+def test_prefill_batches_run_on_the_full_width_state(monkeypatch):
+    w = _fake_evict_worker()
+    w.width_states.activate(4)
+    seen = []
+    monkeypatch.setattr(
+        eagle_worker_v2.EAGLEWorkerV2,
+        "forward_batch_generation",
+        lambda self, batch, **kw: seen.append(self._target_worker.model_runner.decode_cuda_graph_runner),
+    )
+    extend = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: True), is_extend_in_batch=False)
+    decode = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: False), is_extend_in_batch=False)
+    w.forward_batch_generation(decode)
+    w.forward_batch_generation(extend)
+    assert seen == ["verify-graph-4", "verify-graph-8"]
+
+
+def test_realized_accept_lengths_reach_the_policy_counters():
+    w = _fake_evict_worker()
+    policy = TruncationPolicy([1.0], widths=[8], mode="off")
+    w.adaptive_controller = None
+    w.evict_metrics = evict_worker.EvictMetrics(policy, log_interval=0)
+    w.on_verify_complete_cpu([0, 2, 5], batch_size=3)
+    assert policy.stats()["mean_realized_accepted"] == pytest.approx((1 + 3 + 6) / 3)
