@@ -1,0 +1,417 @@
+"""``SpecEngine``: batched EAGLE-3 tree speculative decoding with AR / static / EVICT verification.
+
+One decode step (all requests of the batch together, as SGLang's ``EAGLEWorkerV2``):
+
+1. draft: an SGLang-layout tree of K candidates per request (``drafting.draft_tree``);
+2. choose the verified subtree: ``static`` keeps the top N-1 by score (``organize_draft_results``);
+   ``evict`` calls ``policy.decide(scores)`` once and keeps its m-1 nodes (one width for the
+   batch); ``ar`` verifies the root only and never runs the drafter;
+3. verify: one target forward over the tree with a prefix + ancestor mask (``verify``);
+4. accept: greedy or SGLang's target-only sampling rule (``acceptance``), commit the accepted K/V;
+5. draft extend: the drafter runs over the emitted tokens with the target's aux hidden states,
+   which yields the next root distribution.
+
+Finished requests (max_new_tokens or eos) leave the batch at the end of the step (their rows are
+dropped from both KV caches), as in a serving system: the batch size that the width decision and
+the cost table see is the number of requests still generating.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from evict.truncation import keep_top
+
+from .acceptance import AcceptResult, greedy_accept, sampling_accept
+from .drafting import draft_tree
+from .masks import causal_window, window_mask
+from .sampling import sample_from_probs, target_probs, validate_sampling
+from .tree_layout import num_candidates, select_verify_tree
+from .verify import commit_path, verify_forward
+
+__all__ = ["MODES", "SpecEngine", "StepStats", "GenerationResult"]
+
+MODES = ("ar", "static", "evict")
+
+
+@dataclass
+class StepStats:
+    """Measurements of one decode step (one verify forward) of the batch."""
+
+    width: int  # verified width m, root included (1 for ar)
+    active: list[int]  # indices of the requests still generating at the start of the step
+    accepted: list[int]  # tokens the verify produced per active request (accepted + bonus)
+    emitted: list[int]  # tokens actually appended per active request (after eos / max cut)
+    draft_s: float = 0.0
+    decision_s: float = 0.0
+    verify_s: float = 0.0  # verify forward + acceptance + commit
+    extend_s: float = 0.0  # draft extend (drafter forward over the emitted tokens)
+    predicted_accepted: list[float] | None = None  # EVICT: B_r(m*) per active request
+    predicted_step_ms: float | None = None  # EVICT: T(bs, m*) from the policy's cost
+    fallback: int = 0  # EVICT: requests whose scores were not finite (full tree used)
+
+
+@dataclass
+class GenerationResult:
+    """Output of :meth:`SpecEngine.generate`: new tokens per request and per-step statistics."""
+
+    mode: str
+    tokens: list[list[int]]  # new tokens per request (prompt excluded)
+    steps: list[StepStats] = field(default_factory=list)
+    prefill_s: float = 0.0
+    wall_s: float = 0.0
+    finish_reasons: list[str] = field(default_factory=list)  # "length" or "eos"
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else float("nan")
+
+    @property
+    def request_steps(self) -> int:
+        return sum(len(s.active) for s in self.steps)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens produced per request per step, bonus included (1.0 for ar)."""
+        n = self.request_steps
+        return sum(sum(s.accepted) for s in self.steps) / n if n else float("nan")
+
+    @property
+    def mean_width(self) -> float:
+        return sum(s.width for s in self.steps) / len(self.steps) if self.steps else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record: the fields, the per-step stats and the derived means."""
+        d = asdict(self)
+        d.update(
+            new_tokens=self.new_tokens,
+            tokens_per_s=self.tokens_per_s,
+            mean_accepted_length=self.mean_accepted_length,
+            mean_width=self.mean_width,
+        )
+        return d
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class SpecEngine:
+    """Reference speculative decoding engine over a ``Qwen3MoeTarget`` and an ``Eagle3Drafter``.
+
+    Args:
+        target, drafter: the model pair (docs/ARCHITECTURE.md model contract); ``drafter`` may be
+            None for ``mode="ar"``.
+        mode: ``"ar"`` (target only), ``"static"`` (top N-1 candidates) or ``"evict"``
+            (``policy.decide`` picks the width m <= N and the kept nodes each step).
+        steps, topk, num_draft_tokens: SGLang's ``speculative_num_steps``,
+            ``speculative_eagle_topk`` and ``speculative_num_draft_tokens`` (N, root included;
+            default the whole tree, K + 1).
+        policy: a ``TruncationPolicy`` (required for ``evict``); its widths, clamped to K + 1, must
+            not exceed N.
+        temperature, top_p: 0 = greedy; otherwise SGLang's sampling acceptance.
+        seed: seeds the generator of all coins (reproducible sampling).
+        eos_token_id: stops a request after it emits this token (None: only max_new_tokens).
+        router_hook: passed to every verify forward of the target (expert counting, MoE-Spec).
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        drafter: Any = None,
+        mode: str = "static",
+        steps: int = 3,
+        topk: int = 1,
+        num_draft_tokens: int | None = None,
+        policy: Any = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        eos_token_id: int | None = None,
+        router_hook: Any = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        validate_sampling(temperature, top_p)
+        for name, v in (("steps", steps), ("topk", topk)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        self.k_total = num_candidates(steps, topk)
+        n = self.k_total + 1 if num_draft_tokens is None else num_draft_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.k_total + 1:
+            raise ValueError(
+                f"num_draft_tokens must be an int in [1, K+1 = {self.k_total + 1}] for steps={steps}, "
+                f"topk={topk} (K = topk + (steps-1)*topk^2), got {num_draft_tokens!r}"
+            )
+        if mode != "ar" and drafter is None:
+            raise ValueError(f"mode {mode!r} needs a drafter; pass drafter=... or use mode='ar'")
+        if mode == "evict":
+            if policy is None or not hasattr(policy, "decide"):
+                raise ValueError(
+                    "mode 'evict' needs policy=TruncationPolicy(cost_table) (evict.truncation); "
+                    "make a cost table with evict-profile"
+                )
+            biggest = int(policy.widths.clamp(max=self.k_total + 1).max())
+            if biggest > n:
+                raise ValueError(
+                    f"policy widths go up to {biggest} but num_draft_tokens is {n}; build the policy "
+                    f"with widths <= {n} (TruncationPolicy(cost, widths=[w for w in widths if w <= {n}]))"
+                )
+        self.target, self.drafter, self.mode = target, drafter, mode
+        self.steps, self.topk, self.num_draft_tokens = steps, topk, n
+        self.policy = policy
+        self.temperature, self.top_p, self.seed = float(temperature), float(top_p), int(seed)
+        self.eos_token_id = eos_token_id
+        self.router_hook = router_hook
+
+    # -- helpers --------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.target.parameters()).device
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def _validate_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of token-id lists")
+        vocab = int(self.target.config.vocab_size)
+        for i, p in enumerate(prompts):
+            if not isinstance(p, (list, tuple)) or not p:
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids")
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in p):
+                raise ValueError(f"prompt {i} has token ids outside [0, {vocab}) or non-int entries")
+
+    def _pick(self, logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Next token [N] from target logits [N, V]: argmax, or a sample from the processed probs."""
+        if self.greedy:
+            return logits.argmax(dim=-1)
+        probs = target_probs(logits, self.temperature, self.top_p)
+        coins = torch.rand(logits.shape[0], generator=gen, device=gen.device)
+        return sample_from_probs(probs, coins)
+
+    def _accept(self, tree, logits: torch.Tensor, gen: torch.Generator) -> AcceptResult:
+        if self.greedy:
+            return greedy_accept(tree.tokens, tree.parent, logits.argmax(dim=-1))
+        bs, m = tree.tokens.shape
+        probs = target_probs(logits, self.temperature, self.top_p)  # [bs, m, V]
+        coins = torch.rand((bs, m), generator=gen, device=gen.device)
+        final = torch.rand(bs, generator=gen, device=gen.device)
+        return sampling_accept(tree.tokens, tree.parent, probs, coins, final)
+
+    # -- generation -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` new tokens for each prompt (one batch)."""
+        self._validate_prompts(prompts, max_new_tokens)
+        device = self.device
+        gen = torch.Generator(device=device).manual_seed(self.seed)
+        bs = len(prompts)
+        rows = torch.arange(bs, device=device)
+        plen = torch.tensor([len(p) for p in prompts], device=device)
+        tp = int(plen.max())
+        draft_slots = (self.steps - 1) * self.topk
+        max_len = tp + max_new_tokens + self.num_draft_tokens + draft_slots + self.steps + 2
+        res = GenerationResult(mode=self.mode, tokens=[[] for _ in prompts], finish_reasons=[""] * bs)
+        _sync(device)
+        t0 = time.perf_counter()
+
+        # -- prefill: target over the prompts, first token, drafter over the shifted prompts
+        ids = torch.zeros((bs, tp), dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p, device=device)
+        pos = torch.arange(tp, device=device).expand(bs, tp)
+        zeros = torch.zeros(bs, dtype=torch.long, device=device)
+        mask = window_mask(zeros, causal_window(bs, tp, device), tp)
+        st = _State(req=list(range(bs)), tcache=self.target.new_cache(bs, max_len))
+        out = self.target(ids, pos, st.tcache, attn_mask=mask)
+        st.tcache.commit(pos, plen)
+        st.root = self._pick(out.logits[rows, plen - 1], gen)  # [bs]
+        if self.mode != "ar":
+            st.dcache = self.drafter.new_cache(bs, max_len)
+            dids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+            dids[rows, plen - 1] = st.root
+            hidden = self.drafter.project(out.aux_hidden)
+            dlogits, dhid = self.drafter(dids, hidden, pos, st.dcache, attn_mask=mask)
+            st.dcache.commit(pos, plen)
+            st.root_logits, st.root_hidden = dlogits[rows, plen - 1], dhid[rows, plen - 1]
+        ones = torch.ones(bs, dtype=torch.long, device=device)
+        self._emit(res, st.req, st.root.view(bs, 1), ones, max_new_tokens)
+        st = st.compact(res)
+        _sync(device)
+        res.prefill_s = time.perf_counter() - t0
+
+        # -- decode steps: every row of the (compacted) batch is an unfinished request
+        while st.req:
+            res.steps.append(self._step(st, res, gen, max_new_tokens))
+            st = st.compact(res)
+        _sync(device)
+        res.wall_s = time.perf_counter() - t0
+        return res
+
+    def _step(
+        self, st: _State, res: GenerationResult, gen: torch.Generator, max_new_tokens: int
+    ) -> StepStats:
+        """One decode step of the batch: draft, choose, verify, accept, commit, extend."""
+        device = st.root.device
+        stats = StepStats(width=1, active=list(st.req), accepted=[], emitted=[])
+        t1 = time.perf_counter()
+        tree = kept = None
+        if self.mode != "ar":
+            tree = draft_tree(self.drafter, st.dcache, st.root_logits, st.root_hidden, self.steps, self.topk)
+            _sync(device)
+        t2 = time.perf_counter()
+        stats.draft_s = t2 - t1
+        if self.mode == "static":
+            kept = keep_top(tree.scores, self.num_draft_tokens)
+        elif self.mode == "evict":
+            kept = self._decide(tree.scores, stats)
+            _sync(device)
+        t3 = time.perf_counter()
+        stats.decision_s = t3 - t2
+
+        vtree = select_verify_tree(tree, kept, st.root)
+        stats.width = vtree.width
+        base = st.tcache.lengths.clone()  # [bs]
+        out = verify_forward(self.target, st.tcache, vtree, self.router_hook)
+        acc = self._accept(vtree, out.logits, gen)
+        commit_path(st.tcache, base, acc)
+        _sync(device)
+        t4 = time.perf_counter()
+        stats.verify_s = t4 - t3
+
+        produced = acc.num_emitted  # [bs]
+        stats.accepted = produced.tolist()
+        stats.emitted = self._emit(res, st.req, acc.emitted, produced, max_new_tokens)
+        if self.mode == "evict":
+            self.policy.record_accepted(stats.accepted)
+        if self.mode != "ar":
+            st.root_logits, st.root_hidden = self._extend(st.dcache, base, out.aux_hidden, acc)
+            _sync(device)
+        st.root = acc.bonus
+        stats.extend_s = time.perf_counter() - t4
+        return stats
+
+    def _decide(self, scores: torch.Tensor, stats: StepStats) -> torch.Tensor:
+        """Exactly one ``policy.decide`` call per step; returns kept [bs, m-1]."""
+        decision = self.policy.decide(scores)
+        stats.predicted_accepted = decision.expected_accepted.float().cpu().tolist()
+        stats.fallback = int(decision.fallback.sum())
+        cost = self.policy.step_cost(int(scores.shape[0]))
+        stats.predicted_step_ms = float(cost[int(decision.width_index)])
+        return decision.kept.to(scores.device).long()
+
+    def _extend(self, dcache: Any, base: torch.Tensor, aux_hidden: torch.Tensor, acc: AcceptResult):
+        """Draft extend: the drafter over (emitted token t, target hidden of path node t).
+
+        Entry t of request b is (token emitted t-th this step, aux hidden of the path node it
+        follows) at position ``base_b + t``; returns the root logits [bs, Vd] and hidden [bs, H]
+        for the next step (the drafter output at the bonus token's entry).
+        """
+        bs = acc.path.shape[0]
+        n_e = acc.num_emitted  # [bs]
+        te = int(n_e.max())
+        ids = acc.emitted[:, :te].clamp(min=0)  # [bs, te]; padding entries are masked garbage
+        path = acc.path[:, :te].clamp(min=0)  # [bs, te] verify index of the hidden source
+        aux = aux_hidden.gather(1, path.unsqueeze(2).expand(bs, te, aux_hidden.shape[2]))
+        hidden = self.drafter.project(aux)
+        pos = base.view(bs, 1) + torch.arange(te, device=base.device).view(1, te)
+        mask = window_mask(base, causal_window(bs, te, base.device), int(base.max()) + te)
+        dlogits, dhid = self.drafter(ids, hidden, pos, dcache, attn_mask=mask)
+        dcache.commit(pos, n_e)
+        rows = torch.arange(bs, device=base.device)
+        return dlogits[rows, n_e - 1], dhid[rows, n_e - 1]
+
+    def _emit(
+        self, res: GenerationResult, req: list[int], emitted, produced, max_new_tokens: int
+    ) -> list[int]:
+        """Append each row's produced tokens to its request, stopping at eos / max_new_tokens.
+
+        emitted: [bs, A] tokens; produced: [bs] how many are valid; req: row -> request index.
+        Sets ``res.finish_reasons`` for requests that finish; returns the count appended per row.
+        """
+        appended = []
+        em = emitted.cpu().tolist()
+        pr = produced.cpu().tolist()
+        for row, r in enumerate(req):
+            out = res.tokens[r]
+            n = 0
+            for tok in em[row][: pr[row]]:
+                out.append(int(tok))
+                n += 1
+                if self.eos_token_id is not None and tok == self.eos_token_id:
+                    res.finish_reasons[r] = "eos"
+                    break
+                if len(out) >= max_new_tokens:
+                    res.finish_reasons[r] = "length"
+                    break
+            appended.append(n)
+        return appended
+
+
+@dataclass
+class _State:
+    """Per-row decoding state of the running batch; rows are compacted when requests finish."""
+
+    req: list[int]  # row -> request index
+    tcache: Any
+    dcache: Any = None
+    root: torch.Tensor | None = None  # [bs] last emitted token (not yet in the target cache)
+    root_logits: torch.Tensor | None = None  # [bs, Vd] drafter logits after the root
+    root_hidden: torch.Tensor | None = None  # [bs, H] drafter hidden state at the root's entry
+
+    def compact(self, res: GenerationResult) -> _State:
+        """Drop the rows of finished requests (as a server's batch shrinks)."""
+        keep = [i for i, r in enumerate(self.req) if not res.finish_reasons[r]]
+        if len(keep) == len(self.req):
+            return self
+        idx = torch.tensor(keep, dtype=torch.long, device=self.root.device)
+
+        def sel(x):
+            return None if x is None else x.index_select(0, idx)
+
+        return _State(
+            req=[self.req[i] for i in keep],
+            tcache=select_rows(self.tcache, idx) if keep else None,
+            dcache=select_rows(self.dcache, idx) if keep and self.dcache is not None else None,
+            root=sel(self.root),
+            root_logits=sel(self.root_logits),
+            root_hidden=sel(self.root_hidden),
+        )
+
+
+def select_rows(cache: Any, idx: torch.Tensor) -> Any:
+    """A cache holding only rows ``idx`` of ``cache`` (``KVCache.select_rows`` when it has one).
+
+    Falls back to the documented ``KVCache`` layout: ``k_all`` / ``v_all`` [n_layers, bs, ...],
+    per-layer views ``k`` / ``v``, ``lengths`` [bs] and ``batch_size``.
+    """
+    if hasattr(cache, "select_rows"):
+        return cache.select_rows(idx)
+    missing = [a for a in ("k_all", "v_all", "lengths") if not hasattr(cache, a)]
+    if missing:
+        raise TypeError(
+            f"{type(cache).__name__} lacks {missing}: give it select_rows(idx) so finished requests "
+            "can leave the batch"
+        )
+    new = copy.copy(cache)
+    new.k_all = cache.k_all.index_select(1, idx)
+    new.v_all = cache.v_all.index_select(1, idx)
+    new.k = list(new.k_all.unbind(0))
+    new.v = list(new.v_all.unbind(0))
+    new.lengths = cache.lengths.index_select(0, idx)
+    new.batch_size = int(idx.numel())
+    return new

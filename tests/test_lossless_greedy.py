@@ -1,0 +1,112 @@
+"""Greedy losslessness: every mode emits exactly target-only greedy decoding, token for token.
+
+Batched (bs = 3, prompts of different lengths), on two tiny random pairs: one where attention is
+at full strength (catches any KV-cache / mask bug, drafts mostly rejected) and one where drafts
+are mostly right (deep accepted paths, rejections, intermediate EVICT widths). Optionally on the
+shipped testbed pair when its weights are present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_fixtures import greedy_reference, oracle_pair, random_pair
+
+from evict.engine import SpecEngine
+from evict.truncation import TruncationPolicy
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 3, 3]]
+NEW = 14
+
+# Step costs that make EVICT pick intermediate widths on the oracle pair (checked below).
+WIDTHS = [1, 2, 4, 8, 16]
+STAIRCASE = [1.0, 1.35, 1.8, 2.6, 4.0]
+
+
+@pytest.fixture(scope="module", params=["random", "oracle"])
+def pair_and_reference(request):
+    target, drafter = random_pair(0) if request.param == "random" else oracle_pair(0)
+    ref = [greedy_reference(target, p, NEW) for p in PROMPTS]
+    return request.param, target, drafter, ref
+
+
+STATIC = [(1, 1, 2), (3, 1, 4), (3, 2, 6), (4, 2, 10), (2, 4, 21), (4, 3, None)]
+
+
+@pytest.mark.parametrize("steps,topk,n", STATIC)
+def test_static_trees_match_target_greedy(pair_and_reference, steps, topk, n):
+    kind, target, drafter, ref = pair_and_reference
+    res = SpecEngine(target, drafter, mode="static", steps=steps, topk=topk, num_draft_tokens=n).generate(
+        PROMPTS, NEW
+    )
+    assert res.tokens == ref
+    width = n if n is not None else topk + (steps - 1) * topk * topk + 1
+    assert all(s.width == width for s in res.steps)
+    if kind == "oracle" and width >= 4:
+        assert res.mean_accepted_length > 1.5  # the check really walks deep trees
+
+
+def test_ar_matches_target_greedy(pair_and_reference):
+    _, target, _, ref = pair_and_reference
+    res = SpecEngine(target, None, mode="ar").generate(PROMPTS, NEW)
+    assert res.tokens == ref
+    assert all(s.width == 1 and s.accepted == [1] * len(s.active) for s in res.steps)
+
+
+@pytest.mark.parametrize("policy_mode", ["immediate", "off", "lagged"])
+def test_evict_matches_target_greedy(pair_and_reference, policy_mode):
+    kind, target, drafter, ref = pair_and_reference
+    policy = TruncationPolicy(STAIRCASE, widths=WIDTHS, mode=policy_mode)
+    res = SpecEngine(target, drafter, mode="evict", steps=4, topk=2, policy=policy).generate(PROMPTS, NEW)
+    assert res.tokens == ref
+    widths = {s.width for s in res.steps}
+    if policy_mode == "off":
+        assert widths == {15}  # the largest width (16) clamped to K + 1 = 15: the full tree
+    elif kind == "oracle" and policy_mode == "immediate":
+        assert any(1 < w < 15 for w in widths), widths  # intermediate widths really occur
+
+
+def test_evict_steep_cost_degrades_to_plain_decoding(pair_and_reference):
+    _, target, drafter, ref = pair_and_reference
+    policy = TruncationPolicy([1.0, 10.0, 20.0, 40.0, 80.0], widths=WIDTHS)
+    res = SpecEngine(target, drafter, mode="evict", steps=3, topk=2, policy=policy).generate(PROMPTS, NEW)
+    assert res.tokens == ref
+    assert {s.width for s in res.steps} == {1}
+
+
+def test_eos_and_max_new_tokens_per_request(pair_and_reference):
+    _, target, drafter, ref = pair_and_reference
+    eos = ref[0][3]  # a token request 0 emits early
+    want = [greedy_reference(target, p, NEW, eos=eos) for p in PROMPTS]
+    res = SpecEngine(
+        target, drafter, mode="static", steps=3, topk=2, num_draft_tokens=6, eos_token_id=eos
+    ).generate(PROMPTS, NEW)
+    assert res.tokens == want
+    assert res.finish_reasons[0] == "eos"
+    for toks, reason in zip(res.tokens, res.finish_reasons):
+        assert reason == ("eos" if toks[-1] == eos else "length")
+        assert len(toks) <= NEW
+    # requests leave the active set once finished
+    n_active = [len(s.active) for s in res.steps]
+    assert n_active == sorted(n_active, reverse=True)
+
+
+def test_shipped_testbed_pair_matches_target_greedy():
+    models = pytest.importorskip("evict.engine.models")
+    try:
+        target, drafter, tok = models.load_testbed()
+    except FileNotFoundError:
+        pytest.skip("testbed weights not shipped in this checkout")
+    prompts = [[int(i) for i in tok.encode(t)] for t in ("import os\n", "def main(args):\n    ")]
+    ref = [greedy_reference(target, p, 12) for p in prompts]
+    policy = TruncationPolicy(STAIRCASE, widths=WIDTHS)
+    for engine in (
+        SpecEngine(target, drafter, mode="static", steps=4, topk=4, num_draft_tokens=16),
+        SpecEngine(target, drafter, mode="evict", steps=4, topk=4, num_draft_tokens=16, policy=policy),
+        SpecEngine(target, None, mode="ar"),
+    ):
+        res = engine.generate(prompts, 12)
+        assert res.tokens == ref
+        if engine.mode == "static":
+            assert res.mean_accepted_length > 1.5  # the trained drafter is really accepted
+    assert torch.is_grad_enabled()  # generate must not leak inference mode
