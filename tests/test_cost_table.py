@@ -252,3 +252,18 @@ def test_interpolation_stays_between_neighbours(increments, bs, width):
     hi = float(t.step_cost(4, [4])[0])
     assert lo - 1e-4 <= c <= hi + 1e-4
     assert float(t.step_cost(bs, [width + 0.5])[0]) >= c - 1e-4
+
+
+def test_config_hash_same_for_raw_json_and_loaded_hf_config():
+    """transformers renames num_experts -> num_local_experts in to_dict(); the hash must not care."""
+    transformers = pytest.importorskip("transformers")
+    from evict.engine.models import TESTBED_DIR
+
+    cfg_dir = TESTBED_DIR / "target"
+    if not (cfg_dir / "config.json").exists():
+        pytest.skip("shipped testbed target not present")
+    raw = json.loads((cfg_dir / "config.json").read_text())
+    loaded = transformers.AutoConfig.from_pretrained(cfg_dir)
+    assert model_config_hash(raw) == model_config_hash(loaded)
+    changed = dict(raw, num_experts=raw["num_experts"] * 2)
+    assert model_config_hash(changed) != model_config_hash(raw)

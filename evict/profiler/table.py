@@ -88,6 +88,13 @@ class CostTableError(ValueError):
     """A cost table is missing, malformed or does not match the running model."""
 
 
+# Names that different libraries (and transformers versions) use for the same quantity: transformers 5
+# writes Qwen3-MoE's ``num_experts`` as ``num_local_experts`` in ``to_dict()``, DeepSeek calls it
+# ``n_routed_experts``. Hashing the canonical name keeps one checkpoint's hash the same whether it is
+# read from config.json or from a loaded config object.
+_FIELD_ALIASES = {"num_local_experts": "num_experts", "n_routed_experts": "num_experts"}
+
+
 def model_config_hash(config: Mapping[str, Any] | Any) -> str:
     """First 16 hex chars of sha256 over the canonical JSON of the architecture fields.
 
@@ -100,7 +107,10 @@ def model_config_hash(config: Mapping[str, Any] | Any) -> str:
         if to_dict is None:
             raise TypeError(f"config must be a dict or have to_dict(), got {type(config).__name__}")
         config = to_dict()
-    picked = {k: config[k] for k in _ARCH_FIELDS if k in config}
+    picked: dict[str, Any] = {}
+    for k in _ARCH_FIELDS:  # the canonical name comes first in _ARCH_FIELDS and wins over aliases
+        if k in config:
+            picked.setdefault(_FIELD_ALIASES.get(k, k), config[k])
     if not picked:
         picked = dict(config)
     text = json.dumps(picked, sort_keys=True, separators=(",", ":"), default=str)
