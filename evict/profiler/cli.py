@@ -1,0 +1,351 @@
+"""``evict-profile``: measure verify latency by batch size and width and write a cost table.
+
+Why a separate tool: EVICT's width rule needs T(bs, m) for the model, device, dtype and parallel
+layout that serve traffic; this command measures it once (offline) and writes the JSON table that
+the plugin, the reference engine and the benchmark load (schema in :mod:`evict.profiler.table`).
+
+    evict-profile --model PATH [--backend torch|sglang] [--batch-sizes 1,4,16]
+                  [--widths 1,2,4,8,16,32,64] [--context-len 256] [--repeats 10] [--out FILE]
+    evict-profile --check TABLE --model PATH [--tolerance 0.25]
+
+All argument problems end in ``SystemExit`` with a one-line message (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_BATCH_SIZES = [1, 4, 16]
+DEFAULT_WIDTHS = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+
+
+def default_model_path() -> Path:
+    """The shipped testbed target (``evict/testbed/target``)."""
+    try:
+        from evict.engine.models import TESTBED_DIR
+
+        return Path(TESTBED_DIR) / "target"
+    except Exception:
+        import evict
+
+        return Path(evict.__file__).resolve().parent / "testbed" / "target"
+
+
+def parse_int_list(values: Sequence[str] | str, name: str, minimum: int = 1) -> list[int]:
+    """Parse ``["1,4", "16"]`` or ``"1 4 16"`` into sorted unique ints >= ``minimum``.
+
+    Raises ValueError with a message naming the option and the bad item.
+    """
+    if isinstance(values, str):
+        values = [values]
+    out: list[int] = []
+    for chunk in values:
+        for item in chunk.replace(",", " ").split():
+            try:
+                v = int(item)
+            except ValueError:
+                raise ValueError(f"{name}: {item!r} is not an integer (give e.g. {name} 1,4,16)") from None
+            if v < minimum:
+                raise ValueError(f"{name}: {v} is below the minimum {minimum}")
+            out.append(v)
+    if not out:
+        raise ValueError(f"{name}: empty list")
+    return sorted(set(out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (separate so tests and docs can inspect it)."""
+    p = argparse.ArgumentParser(
+        prog="evict-profile",
+        description="Measure verify latency vs number of verified tree tokens and batch size; write an EVICT cost table.",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="HF checkpoint directory (default: the shipped testbed target)",
+    )
+    p.add_argument(
+        "--backend", choices=["torch", "sglang"], default="torch", help="timing backend (sglang: GPU only)"
+    )
+    p.add_argument("--batch-sizes", nargs="+", default=None, help="batch sizes, e.g. 1,4,16 (default 1,4,16)")
+    p.add_argument(
+        "--widths", nargs="+", default=None, help="verified tokens per request incl. the root (default 1..64)"
+    )
+    p.add_argument(
+        "--context-len", type=int, default=256, help="tokens of KV context per request (default 256)"
+    )
+    p.add_argument("--repeats", type=int, default=10, help="timed forwards per grid point (default 10)")
+    p.add_argument(
+        "--warmup", type=int, default=2, help="untimed forwards before each grid point (default 2)"
+    )
+    p.add_argument(
+        "--tokens",
+        choices=["draft", "random"],
+        default="draft",
+        help="verified tokens: the model's own top predictions on held-out text (draft, default) or random ids",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of trees and token choice (default 0)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="default: float32 on CPU, bfloat16 on CUDA",
+    )
+    p.add_argument(
+        "--impl",
+        choices=["auto", "engine", "hf"],
+        default="auto",
+        help="torch backend model code: auto = the reference engine's Qwen3MoeTarget for qwen3_moe, else transformers",
+    )
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="CPU timing: wall = time.perf_counter (default); cpu = process CPU time, robust to other "
+        "tenants on a shared machine (needs OMP_NUM_THREADS=1)",
+    )
+    p.add_argument("--model-id", default=None, help="model id stored in the table (default: from the path)")
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size (sglang backend only)")
+    p.add_argument(
+        "--draft-model",
+        type=Path,
+        default=None,
+        help="EAGLE-3 drafter dir: also measure the per-step drafting cost into fixed_ms",
+    )
+    p.add_argument(
+        "--draft-steps",
+        type=int,
+        default=5,
+        help="--draft-model: EAGLE speculative_num_steps of the drafting timed (default 5)",
+    )
+    p.add_argument(
+        "--draft-topk",
+        type=int,
+        default=4,
+        help="--draft-model: EAGLE topk, tokens per request per tree forward (default 4)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("cost_table.json"), help="output JSON (default ./cost_table.json)"
+    )
+    p.add_argument("--plot", type=Path, default=None, help="output PNG (default: --out with .png)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    p.add_argument(
+        "--replot", type=Path, default=None, metavar="TABLE", help="only redraw the PNG of an existing TABLE"
+    )
+    p.add_argument(
+        "--check",
+        type=Path,
+        default=None,
+        metavar="TABLE",
+        help="re-measure a few points of TABLE and report the drift",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.25,
+        help="--check: largest accepted relative error (default 0.25)",
+    )
+    p.add_argument(
+        "--check-points", type=int, default=4, help="--check: number of grid points to re-measure (default 4)"
+    )
+    p.add_argument(
+        "--allow-mismatch", action="store_true", help="--check: warn instead of failing on metadata mismatch"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _fail(msg: str) -> SystemExit:
+    return SystemExit(f"evict-profile: error: {msg}")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """Turn every bad argument into a clear SystemExit before anything heavy is loaded."""
+    try:
+        args.batch_sizes = parse_int_list(
+            args.batch_sizes or [",".join(map(str, DEFAULT_BATCH_SIZES))], "--batch-sizes"
+        )
+        args.widths = parse_int_list(args.widths or [",".join(map(str, DEFAULT_WIDTHS))], "--widths")
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    for name, low in (("context_len", 1), ("repeats", 1), ("warmup", 0), ("tp_size", 1), ("check_points", 1)):
+        if getattr(args, name) < low:
+            raise _fail(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.draft_steps < 1 or args.draft_topk < 1:
+        raise _fail("--draft-steps and --draft-topk must be >= 1")
+    if not args.tolerance > 0:
+        raise _fail(f"--tolerance must be > 0, got {args.tolerance}")
+    if args.model is None and args.replot is None:
+        args.model = default_model_path()
+        if not (args.model / "config.json").is_file():
+            raise _fail(
+                f"no --model given and the shipped testbed target {args.model} is missing; "
+                "pass --model PATH or build it with scripts/train_testbed.py"
+            )
+    if args.draft_model is not None and not (args.draft_model / "config.json").is_file():
+        raise _fail(f"--draft-model {args.draft_model} has no config.json; pass an EAGLE-3 drafter directory")
+    if args.backend == "torch" and args.tp_size != 1:
+        raise _fail("--tp-size > 1 needs --backend sglang (the torch backend runs on one device)")
+
+
+def _default_device_dtype(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype is None:
+        args.dtype = "bfloat16" if str(args.device).startswith("cuda") else "float32"
+
+
+def _print_result(result, out=sys.stdout) -> None:
+    print(f"{'bs':>4} {'width':>5} {'median_ms':>10} {'p10_ms':>8} {'p90_ms':>8} {'experts':>8}", file=out)
+    for p in result.points:
+        print(
+            f"{p.batch_size:>4} {p.width:>5} {p.median_ms:>10.3f} {p.p10_ms:>8.3f} {p.p90_ms:>8.3f} {p.expert_union:>8.2f}",
+            file=out,
+        )
+    for bs, ms in sorted(result.fixed_ms.items()):
+        print(f"fixed_ms bs={bs}: {ms:.3f} (drafting)", file=out)
+
+
+def _measure(args: argparse.Namespace, points: list[tuple[int, int]] | None = None):
+    """Run the chosen backend over the grid (or over ``points``) and return a ProfileResult."""
+    from evict.profiler.torch_backend import ProfileSpec
+
+    spec = ProfileSpec(
+        model_path=args.model,
+        batch_sizes=args.batch_sizes,
+        widths=args.widths,
+        context_len=args.context_len,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        tokens=args.tokens,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        impl=args.impl,
+        clock=args.clock,
+        model_id=getattr(args, "model_id", None),
+        progress=not args.quiet,
+        points=points,
+    )
+    if args.backend == "sglang":
+        from evict.profiler.sglang_backend import profile_sglang
+
+        return profile_sglang(spec, tp_size=args.tp_size)
+    from evict.profiler.torch_backend import profile
+
+    result = profile(spec)
+    if args.draft_model is not None:
+        from evict.profiler.torch_backend import draft_cost_note, measure_draft_cost
+
+        result.fixed_ms = measure_draft_cost(spec, args.draft_model, args.draft_steps, args.draft_topk)
+        result.meta["fixed_ms"] = draft_cost_note(args.draft_model, args.draft_steps, args.draft_topk)
+    return result
+
+
+def check_points(batch_sizes: Sequence[int], widths: Sequence[int], n: int) -> list[tuple[int, int]]:
+    """Up to ``n`` grid points spread over the table: corners first, then the middle."""
+    bmin, bmax, bmid = batch_sizes[0], batch_sizes[-1], batch_sizes[len(batch_sizes) // 2]
+    wmin, wmax, wmid = widths[0], widths[-1], widths[len(widths) // 2]
+    order = [(bmin, wmin), (bmax, wmax), (bmin, wmax), (bmid, wmid), (bmax, wmin), (bmid, wmax), (bmin, wmid)]
+    out: list[tuple[int, int]] = []
+    for pt in order:
+        if pt not in out:
+            out.append(pt)
+    return out[:n]
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from evict.profiler.table import CostTable, model_config_hash
+    from evict.profiler.torch_backend import device_name, read_model_config, resolve_device
+
+    table = CostTable.load(args.check)
+    meta = table.metadata
+    cfg = read_model_config(args.model)
+    if args.backend != meta.get("backend", args.backend):
+        print(
+            f"evict-profile: note: table backend {meta.get('backend')!r}, re-measuring with {args.backend!r}",
+            file=sys.stderr,
+        )
+    # Re-measure with the table's own settings unless the user overrides them explicitly.
+    args.dtype = args.dtype or meta.get("dtype")
+    _default_device_dtype(args)
+    device = resolve_device(args.device)
+    table.check_compatible(
+        config_hash=model_config_hash(cfg),
+        device=device_name(device),
+        tp_size=args.tp_size,
+        dtype=args.dtype,
+        allow_mismatch=args.allow_mismatch,
+    )
+    args.context_len = int(meta.get("context_len") or args.context_len)
+    args.repeats = int(meta.get("repeats") or args.repeats)
+    tokens = str(meta.get("tokens", args.tokens))
+    args.tokens = "random" if tokens.startswith("random") else "draft"
+    args.seed = int(meta.get("seed", args.seed))
+    if str(meta.get("clock", "")).startswith("time.process_time"):
+        args.clock = "cpu"
+    args.batch_sizes, args.widths = table.batch_sizes, table.widths
+    pts = check_points(table.batch_sizes, table.widths, args.check_points)
+    result = _measure(args, points=pts)
+    worst = 0.0
+    print(f"{'bs':>4} {'width':>5} {'table_ms':>9} {'now_ms':>9} {'rel_err':>8}")
+    for bs, w in pts:
+        i, j = table.batch_sizes.index(bs), table.widths.index(w)
+        old = table.median[i][j]
+        new = result.point(bs, w).median_ms
+        rel = abs(new - old) / old
+        worst = max(worst, rel)
+        flag = "  DRIFT" if rel > args.tolerance else ""
+        print(f"{bs:>4} {w:>5} {old:>9.3f} {new:>9.3f} {rel:>8.1%}{flag}")
+    verdict = "OK" if worst <= args.tolerance else "FAILED"
+    print(f"max relative error {worst:.1%} (tolerance {args.tolerance:.1%}): {verdict}")
+    return 0 if worst <= args.tolerance else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point of ``evict-profile``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    _validate(args)
+
+    from evict.profiler.table import CostTableError
+    from evict.profiler.torch_backend import ProfileError
+
+    try:
+        if args.replot is not None:
+            from evict.profiler.plot import plot_table
+            from evict.profiler.table import CostTable
+
+            print(
+                f"wrote {plot_table(CostTable.load(args.replot), args.plot or args.replot.with_suffix('.png'))}"
+            )
+            return 0
+        if args.check is not None:
+            return _run_check(args)
+        _default_device_dtype(args)
+        result = _measure(args)
+        result.meta["command"] = " ".join(["evict-profile", *(sys.argv[1:] if argv is None else argv)])
+        from evict.profiler.torch_backend import result_to_table
+
+        table = result_to_table(result, source=str(args.out))
+        table.save(args.out)
+        _print_result(result)
+        print(f"wrote {args.out}")
+        if not args.no_plot:
+            from evict.profiler.plot import plot_table
+
+            png = plot_table(table, args.plot or args.out.with_suffix(".png"))
+            print(f"wrote {png}")
+        return 0
+    except (ProfileError, CostTableError) as exc:
+        raise _fail(str(exc)) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
