@@ -23,14 +23,14 @@ import torch
 
 from evict.truncation.rule import (
     WidthDecision,
+    _check_scores,
     _decide_from_index,
+    _prepare,
     _Ranked,
     choose_width,
     keep_top,
     sanitize_scores,
     sort_candidates,
-    validate_step_cost,
-    validate_widths,
 )
 
 __all__ = [
@@ -105,13 +105,6 @@ class DeviceWidthDecision:
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def _check_scores(scores: torch.Tensor) -> None:
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-        raise ValueError("scores must be a 2-D tensor [bs, K] of cumulative draft probabilities")
-    if not scores.is_floating_point():
-        raise ValueError(f"scores must be floating point probabilities, got dtype {scores.dtype}")
 
 
 def _use_triton(scores: torch.Tensor, backend: str) -> bool:
@@ -243,16 +236,10 @@ def choose_width_triton(
             ``"triton"`` (raise if it cannot run) or ``"torch"``.
     """
     _check_backend(backend)
-    _check_scores(scores)
     dev = scores.device
-    if check:
-        w = validate_widths(widths)
-        c = validate_step_cost(step_cost, w.numel())
-    else:
-        w = torch.as_tensor(widths, dtype=torch.long)
-        c = torch.as_tensor(step_cost, dtype=torch.float32)
-    w = w.to(device=dev, dtype=torch.long).contiguous()
-    c = c.to(device=dev, dtype=torch.float32).contiguous()
+    w, c = _prepare(scores, step_cost, widths, check)  # the rule's own checks and conversions
+    w = w.to(dtype=torch.long).contiguous()
+    c = c.to(dtype=torch.float32).contiguous()
     num_w = w.numel()
     idx_t = None if index is None else _index_tensor(index, num_w, dev)
     if not _use_triton(scores, backend):

@@ -8,6 +8,8 @@ match ``transformers`` exactly.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,3 +90,16 @@ def masked_attention(
     return F.scaled_dot_product_attention(
         q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=gqa
     )
+
+
+def load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of every ``*.safetensors`` shard in ``path`` (safetensors: nothing is unpickled)."""
+    from safetensors.torch import load_file  # noqa: PLC0415 (keeps `import evict` light)
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    return sd

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .common import RMSNorm, apply_rope, masked_attention, rope_cos_sin, write_slots
+from .common import RMSNorm, apply_rope, load_safetensors_dir, masked_attention, rope_cos_sin, write_slots
 from .qwen3_moe import Qwen3MoeTarget, _prepare, rope_theta_of
 
 __all__ = ["Eagle3Drafter", "SGLANG_EAGLE3_WEIGHT_NAMES", "eagle3_config", "sglang_param_name"]
@@ -214,7 +214,6 @@ class Eagle3Drafter(nn.Module):
         cls, path, target: Qwen3MoeTarget, dtype=torch.float32, device="cpu"
     ) -> Eagle3Drafter:
         """Load a drafter saved in SGLang's EAGLE-3 layout; binds it to ``target`` (shared embedding)."""
-        from safetensors.torch import load_file
 
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -222,12 +221,7 @@ class Eagle3Drafter(nn.Module):
                 f"{path}/config.json not found: pass an EAGLE-3 drafter directory (scripts/train_testbed.py)"
             )
         cfg = json.loads((path / "config.json").read_text())
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors weights in {path}")
-        sd: dict[str, torch.Tensor] = {}
-        for f in files:
-            sd.update(load_file(str(f)))
+        sd = load_safetensors_dir(path)
         m = cls(cfg, target)
         m.load_sglang_state_dict(sd)
         return m.to(dtype=dtype, device=device).eval()

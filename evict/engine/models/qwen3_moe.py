@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .common import RMSNorm, apply_rope, default_mask, masked_attention, rope_cos_sin, write_slots
+from .common import (
+    RMSNorm,
+    apply_rope,
+    default_mask,
+    load_safetensors_dir,
+    masked_attention,
+    rope_cos_sin,
+    write_slots,
+)
 
 __all__ = ["Qwen3MoeTarget", "TargetOutput", "RouterHook", "default_aux_layer_ids", "rope_theta_of"]
 
@@ -209,7 +217,6 @@ class Qwen3MoeTarget(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> Qwen3MoeTarget:
         """Load config.json + *.safetensors of an HF Qwen3-MoE checkpoint (per-expert or fused)."""
-        from safetensors.torch import load_file
         from transformers import Qwen3MoeConfig
 
         path = Path(path)
@@ -219,12 +226,7 @@ class Qwen3MoeTarget(nn.Module):
                 "(for the testbed, run scripts/train_testbed.py)"
             )
         config = Qwen3MoeConfig.from_pretrained(str(path))
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors weights in {path}")
-        sd: dict[str, torch.Tensor] = {}
-        for f in files:
-            sd.update(load_file(str(f)))
+        sd = load_safetensors_dir(path)
         m = cls(config)
         m.load_hf_state_dict(sd)
         return m.to(dtype=dtype, device=device).eval()
