@@ -1,0 +1,503 @@
+"""``evict-bench``: autoregressive vs static EAGLE-3 trees vs EVICT on the shipped testbed pair.
+
+Examples::
+
+    evict-bench --quick                     # < 3 min on CPU: bs 1 and 4, few prompts, one seed
+    evict-bench                             # full run: bs 1, 4, 16, 3 seeds, sweep, ablations
+    evict-bench --moe-spec-budget 8         # also the LOSSY MoE-Spec peer with 8 experts per layer
+
+Exit status: 0 on success, 3 when the lossless check fails (a lossless mode's greedy output differs
+from autoregressive decoding), 2 on bad arguments or inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .modes import (
+    SGLANG_LLAMA_DEFAULT,
+    SGLANG_QWEN3_MOE_DEFAULT,
+    ModeSpec,
+    num_candidates,
+    parse_tree,
+    static_mode,
+    sweep_grid,
+)
+from .prompts import build_prompts
+from .runner import Bench, BenchData, ablation_names
+from .stats import LosslessError, check_lossless
+
+__all__ = ["main", "build_parser", "build_modes", "default_cost_table_path", "run_bench"]
+
+PKG = Path(__file__).resolve().parent.parent  # evict/
+REPO = PKG.parent
+EXIT_LOSSLESS = 3
+EXIT_BAD_INPUT = 2
+
+
+def default_cost_table_path() -> Path | None:
+    """The shipped testbed's profiled table (repo ``configs/`` or packaged ``evict/configs/``)."""
+    for p in (
+        REPO / "configs" / "testbed_cpu_cost_table.json",
+        PKG / "configs" / "testbed_cpu_cost_table.json",
+    ):
+        if p.is_file():
+            return p
+    return None
+
+
+def _tree_arg(text: str) -> tuple[int, int, int]:
+    """argparse type for 'steps,topk,N' that shows the reason of a bad tree."""
+    try:
+        return parse_tree(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="evict-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small run (< 3 min on CPU): bs 1,4, 4 prompts, 1 seed"
+    )
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="default 1 4 16 (quick: 1 4)")
+    p.add_argument("--seeds", type=int, nargs="+", help="repeats; default 0 1 2 (quick: 0)")
+    p.add_argument("--num-prompts", type=int, help="prompts per domain (code, prose); default 8 (quick: 2)")
+    p.add_argument("--prompt-tokens", type=int, help="tokens per prompt; default 64 (quick: 48)")
+    p.add_argument("--max-new-tokens", type=int, help="default 64 (quick: 32)")
+    p.add_argument("--cost-table", type=Path, help="EVICT's cost table (default: the shipped testbed table)")
+    p.add_argument(
+        "--extra-cost-table",
+        type=Path,
+        action="append",
+        default=[],
+        help="another device's table for the mismatch ablation (repeatable; default: tables of the "
+        "same model and another device next to --cost-table)",
+    )
+    p.add_argument(
+        "--allow-table-mismatch", action="store_true", help="use a table profiled for another setup"
+    )
+    p.add_argument(
+        "--evict-tree",
+        type=_tree_arg,
+        default=None,
+        help="EVICT's draft tree 'steps,topk,N' (default: the tree the cost table's fixed_ms profiled, else 5,4,32)",
+    )
+    p.add_argument(
+        "--static-trees",
+        type=_tree_arg,
+        nargs="+",
+        default=None,
+        help="static trees besides the chain and SGLang's default (default: 5,4,8 6,8,32)",
+    )
+    p.add_argument(
+        "--chain-steps",
+        type=int,
+        default=None,
+        help="length of the static chain baseline (default 5; quick: 3, i.e. SGLang's default chain only)",
+    )
+    p.add_argument(
+        "--no-sweep", action="store_true", help="skip the static sweep (best static = best listed)"
+    )
+    p.add_argument(
+        "--sweep-grid",
+        choices=["quick", "full"],
+        default=None,
+        help="static configurations the sweep tries (default: full; quick with --quick)",
+    )
+    p.add_argument(
+        "--max-batches",
+        type=int,
+        default=0,
+        help="at most this many prompt batches per batch size (0 = all prompts at every batch size)",
+    )
+    p.add_argument("--no-ablation", action="store_true", help="skip the profile-mismatch ablation")
+    p.add_argument(
+        "--moe-spec-budget",
+        type=int,
+        default=0,
+        metavar="B",
+        help="add the LOSSY MoE-Spec peer keeping B experts per layer during verification (off by default)",
+    )
+    p.add_argument(
+        "--moe-spec-tree",
+        type=_tree_arg,
+        default=None,
+        help="the MoE-Spec peer's static tree (default: EVICT's)",
+    )
+    p.add_argument(
+        "--testbed",
+        type=Path,
+        default=None,
+        help="folder with target/ and drafter/ (default: the shipped evict/testbed)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="time generate calls by wall clock (default) or by this process's CPU time (robust to other "
+        "tenants on a shared machine; use with --threads 1 and OMP_NUM_THREADS=1)",
+    )
+    p.add_argument(
+        "--nice", type=int, default=0, help="raise the process niceness by this much (shared machines)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("docs/results"), help="folder for results.md/json and PNGs"
+    )
+    p.add_argument("--note", default="", help="a note for the report, e.g. that the machine was shared")
+    return p
+
+
+def _defaults(args: argparse.Namespace) -> argparse.Namespace:
+    q = args.quick
+    args.batch_sizes = args.batch_sizes or ([1, 4] if q else [1, 4, 16])
+    args.seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])
+    args.num_prompts = args.num_prompts or (2 if q else 8)
+    args.prompt_tokens = args.prompt_tokens or (48 if q else 64)
+    args.max_new_tokens = args.max_new_tokens or (32 if q else 64)
+    args.chain_steps = args.chain_steps or (3 if q else 5)
+    if args.chain_steps < 1:
+        raise ValueError("--chain-steps must be >= 1")
+    if args.static_trees is None:
+        args.static_trees = [SGLANG_LLAMA_DEFAULT] if q else [SGLANG_LLAMA_DEFAULT, (6, 8, 32)]
+    for name in ("batch_sizes", "seeds"):
+        if not getattr(args, name):
+            raise ValueError(f"--{name.replace('_', '-')} needs at least one value")
+    if min(args.batch_sizes) < 1 or args.num_prompts < 1 or args.max_new_tokens < 1:
+        raise ValueError("batch sizes, --num-prompts and --max-new-tokens must be >= 1")
+    n = 2 * args.num_prompts
+    if max(args.batch_sizes) > n:
+        raise ValueError(
+            f"batch size {max(args.batch_sizes)} needs at least that many prompts but there are {n} "
+            f"(2 domains x --num-prompts {args.num_prompts}); raise --num-prompts"
+        )
+    if args.max_batches < 0:
+        raise ValueError("--max-batches must be >= 0 (0 = all prompt batches)")
+    if args.moe_spec_budget < 0:
+        raise ValueError("--moe-spec-budget must be >= 1 experts (0 = off)")
+    return args
+
+
+def build_modes(
+    args: argparse.Namespace,
+    best_static: tuple[int, int, int] | None,
+    with_ablation: list[str],
+    with_evict: bool = True,
+) -> list[ModeSpec]:
+    """The modes of one batch size, in report order."""
+    modes = [ModeSpec(name="ar", kind="ar", role="baseline")]
+    seen: dict[tuple[int, int, int], int] = {}
+
+    def add_static(tree: tuple[int, int, int], role: str, name: str | None = None) -> None:
+        if tree in seen:
+            m = modes[seen[tree]]
+            if role in ("best-static", "sglang-default") and m.role in ("static", "chain"):
+                modes[seen[tree]] = replace(m, role=role)
+            return
+        seen[tree] = len(modes)
+        modes.append(static_mode(tree, role, name))
+
+    c = args.chain_steps
+    add_static(SGLANG_QWEN3_MOE_DEFAULT, "sglang-default")
+    add_static((c, 1, c + 1), "chain", f"chain({c})" if (c, 1, c + 1) != SGLANG_QWEN3_MOE_DEFAULT else None)
+    for t in args.static_trees:
+        add_static(tuple(t), "static")
+    add_static(tuple(args.evict_tree), "evict-off", f"static{tuple(args.evict_tree)}".replace(" ", ""))
+    if best_static is not None:
+        add_static(best_static, "best-static")
+    s, k, n = args.evict_tree
+    if with_evict:
+        modes.append(ModeSpec(name="evict", kind="evict", steps=s, topk=k, num_draft=n, role="evict"))
+    for a in with_ablation if with_evict else []:
+        modes.append(
+            ModeSpec(name=f"evict[{a}]", kind="evict", steps=s, topk=k, num_draft=n, cost=a, role="ablation")
+        )
+    if args.moe_spec_budget:
+        t = args.moe_spec_tree or tuple(args.evict_tree)
+        modes.append(
+            ModeSpec(
+                name=f"moe-spec(B={args.moe_spec_budget})",
+                kind="moe-spec",
+                steps=t[0],
+                topk=t[1],
+                num_draft=t[2],
+                budget=args.moe_spec_budget,
+                role="lossy",
+            )
+        )
+    return modes
+
+
+def machine_description(device: str) -> str:
+    """CPU model, cores, torch version (and GPU name) in one line."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.system()}"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        desc += f", GPU {torch.cuda.get_device_name(0)}"
+    return desc + f", device {device}"
+
+
+def _engine_factory(target: Any, drafter: Any, device: str):
+    """Build reference engines (``evict.engine.SpecEngine``) for the modes."""
+    from evict.engine import SpecEngine  # noqa: PLC0415 (heavy; only for real runs)
+
+    def factory(mode: ModeSpec, policy: Any) -> Any:
+        kind = "static" if mode.kind == "moe-spec" else mode.kind
+        kw: dict[str, Any] = {}
+        if kind != "ar":
+            kw.update(steps=mode.steps, topk=mode.topk, num_draft_tokens=mode.num_draft)
+        return SpecEngine(target, drafter, mode=kind, policy=policy, **kw)
+
+    return factory
+
+
+def evict_tree_for(table: Any, fallback: tuple[int, int, int] = (5, 4, 32)) -> tuple[int, int, int]:
+    """EVICT's draft tree: the (steps, topk) whose drafting cost the table's ``fixed_ms`` measured.
+
+    ``evict-profile --draft-model`` records "... S forwards x K tokens per request" in the metadata;
+    N is then the whole tree, capped at the table's largest width. Without that note: ``fallback``.
+    """
+    note = str(getattr(table, "metadata", {}).get("fixed_ms", "")) if table is not None else ""
+    m = re.search(r"(\d+) forwards x (\d+) tokens", note)
+    if not m:
+        return fallback
+    steps, topk = int(m.group(1)), int(m.group(2))
+    n = min(num_candidates(steps, topk) + 1, max(table.widths))
+    if topk == 1:
+        n = min(n, steps + 1)
+    return steps, topk, max(n, 2)
+
+
+def run_bench(
+    args: argparse.Namespace, bench: Bench, tokenizer: Any, log=print
+) -> tuple[BenchData, str | None]:
+    """Sweep, instrumented pass, timed seeds and the lossless check. Returns (data, lossless error)."""
+    t_start = time.time()
+    if args.evict_tree is None:
+        args.evict_tree = evict_tree_for(bench.table)
+        log(f"EVICT draft tree (steps, topk, N) = {args.evict_tree}")
+    prompts = build_prompts(tokenizer, args.num_prompts, args.prompt_tokens)
+    prompt_ids = [list(p.ids) for p in prompts]
+    data = BenchData()
+    data.meta.update(
+        num_prompts=len(prompts),
+        domains=f"{args.num_prompts} code + {args.num_prompts} prose",
+        prompt_tokens=args.prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        seeds=list(args.seeds),
+        python=platform.python_version(),
+        prompt_sources=[f"{p.domain}:{p.source}" for p in prompts],
+        prompt_domains=[p.domain for p in prompts],
+        max_batches=args.max_batches or None,
+    )
+    ablations = (
+        [] if args.no_ablation or bench.table is None else ablation_names(bench.table, bench.other_tables)
+    )
+    if args.quick and ablations:
+        ablations = ["shifted:+"]
+    calib = None
+    if not args.no_sweep:
+        n_cal = 2 if args.quick else 4
+        calib = [
+            list(p.ids) for p in build_prompts(tokenizer, n_cal, args.prompt_tokens, skip=args.num_prompts)
+        ]
+    for bs in args.batch_sizes:
+        best = None
+        if calib is not None:
+            cal = calib * max(1, -(-bs // len(calib)))  # repeat calibration prompts to fill a batch
+            cal = cal[: max(bs, len(calib))]
+            cal = cal[: (len(cal) // bs) * bs]
+            t0 = time.time()
+            grid = sweep_grid((args.sweep_grid or ("quick" if args.quick else "full")) == "quick")
+            res = bench.sweep(grid, cal, bs, max(8, args.max_new_tokens // 2))
+            data.sweep[bs] = res
+            best = res[0][0]
+            log(
+                f"[bs {bs}] sweep of {len(res)} static trees in {time.time() - t0:.0f}s: best {best} {res[0][1]:.1f} tok/s"
+            )
+        data.modes[bs] = build_modes(args, best, ablations, with_evict=bench.table is not None)
+    for bs in args.batch_sizes:  # untimed instrumented pass = warm-up, expert counts, outputs
+        t0 = time.time()
+        data.instrumented += bench.run_batches(
+            data.modes[bs],
+            prompt_ids,
+            bs,
+            0,
+            args.max_new_tokens,
+            instrument=True,
+            max_batches=args.max_batches,
+        )
+        log(f"[bs {bs}] instrumented pass ({len(data.modes[bs])} modes) in {time.time() - t0:.0f}s")
+    for seed in args.seeds:
+        for bs in args.batch_sizes:
+            t0 = time.time()
+            data.records += bench.run_batches(
+                data.modes[bs], prompt_ids, bs, seed, args.max_new_tokens, max_batches=args.max_batches
+            )
+            log(f"[seed {seed} bs {bs}] timed pass in {time.time() - t0:.0f}s")
+    data.meta["elapsed_s"] = time.time() - t_start
+    outputs = {}
+    for r in data.instrumented + data.records:
+        for p, o in zip(r.prompt_ids, r.outputs):
+            outputs[(r.mode, r.batch_size, r.seed, p)] = o
+    lossy = [m.name for ms in data.modes.values() for m in ms if m.lossy]
+    try:
+        n = check_lossless(outputs, "ar", lossy)
+        data.meta["lossless"] = f"passed: {n} greedy outputs of lossless modes identical to autoregressive"
+        err = None
+    except LosslessError as exc:
+        err = str(exc)
+        data.meta["lossless"] = "FAILED (see the log): " + err.splitlines()[0]
+    return data, err
+
+
+def _load(args: argparse.Namespace, device: str, log=print):
+    from evict.engine.models import TESTBED_DIR, load_testbed  # noqa: PLC0415
+    from evict.profiler.table import CostTable, model_config_hash  # noqa: PLC0415
+    from evict.profiler.torch_backend import device_name  # noqa: PLC0415
+
+    dtype = getattr(torch, args.dtype)
+    target_dir = Path(args.testbed or TESTBED_DIR) / "target"
+    if args.testbed is None:
+        target, drafter, tokenizer = load_testbed(dtype=dtype, device=device)
+    else:
+        from transformers import AutoTokenizer  # noqa: PLC0415
+
+        from evict.engine.models import Eagle3Drafter, Qwen3MoeTarget  # noqa: PLC0415
+
+        tb = Path(args.testbed)
+        for sub in ("target", "drafter"):
+            if not (tb / sub / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"--testbed {tb}: {tb / sub}/config.json not found (need target/ and drafter/)"
+                )
+        target = Qwen3MoeTarget.from_pretrained(tb / "target", dtype=dtype, device=device)
+        drafter = Eagle3Drafter.from_pretrained(tb / "drafter", target, dtype=dtype, device=device)
+        tokenizer = AutoTokenizer.from_pretrained(str(tb / "target"))
+    path = args.cost_table or default_cost_table_path()
+    table = None
+    if path is None:
+        log("no cost table found (configs/testbed_cpu_cost_table.json); EVICT is skipped — pass --cost-table")
+    else:
+        table = CostTable.load(path)
+        table.check_compatible(
+            config_hash=model_config_hash(json.loads((target_dir / "config.json").read_text())),
+            device=device_name(torch.device(device)),
+            dtype=args.dtype,
+            allow_mismatch=args.allow_table_mismatch,
+        )
+    others = [CostTable.load(p) for p in args.extra_cost_table]
+    if table is not None and not args.extra_cost_table:
+        others = _other_device_tables(table, path, log)
+    return target, drafter, tokenizer, table, others, path
+
+
+def _other_device_tables(table: Any, path: Path, log=print) -> list[Any]:
+    """Tables next to the main one for the same model but another device (for the ablation)."""
+    from evict.profiler.table import CostTable, CostTableError  # noqa: PLC0415
+
+    found = []
+    for p in sorted(Path(path).parent.glob("*cost_table*.json")):
+        if p.resolve() == Path(path).resolve():
+            continue
+        try:
+            t = CostTable.load(p)
+        except CostTableError:
+            continue
+        same_model = t.metadata.get("model_config_hash") == table.metadata.get("model_config_hash")
+        if same_model and t.metadata.get("device") != table.metadata.get("device"):
+            log(f"other-device ablation: {p.name} ({t.metadata.get('device')})")
+            found.append(t)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args = _defaults(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.nice:
+        os.nice(args.nice)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    from evict.profiler.table import CostTableError  # noqa: PLC0415
+
+    try:
+        target, drafter, tokenizer, table, others, table_path = _load(args, device)
+    except (CostTableError, FileNotFoundError, ValueError) as exc:
+        print(f"evict-bench: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    cfg = target.config
+    bench = Bench(
+        _engine_factory(target, drafter, device),
+        target,
+        num_experts=int(getattr(cfg, "num_experts", 0) or getattr(cfg, "num_local_experts", 0)),
+        table=table,
+        other_tables=others,
+        norm_topk_prob=bool(getattr(cfg, "norm_topk_prob", True)),
+        clock=args.clock,
+    )
+    data, err = run_bench(args, bench, tokenizer)
+    cmd = "evict-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    data.meta.update(
+        command=cmd.strip(),
+        machine=machine_description(device),
+        date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        cost_table=_rel(table_path),
+        noisy_note=args.note,
+        clock=args.clock,
+    )
+    from .report import render_markdown, save_plots, summarize  # noqa: PLC0415
+
+    summary = summarize(data)
+    md = render_markdown(summary)
+    print(md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(md)
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    files = save_plots(summary, args.out)
+    print(f"wrote {args.out / 'results.md'}, results.json and {', '.join(f.name for f in files)}")
+    if err:
+        print("\n" + err, file=sys.stderr)
+        return EXIT_LOSSLESS
+    return 0
+
+
+def _rel(p: Path | None) -> str | None:
+    if p is None:
+        return None
+    try:
+        return str(Path(p).resolve().relative_to(REPO))
+    except ValueError:
+        return Path(p).name
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
