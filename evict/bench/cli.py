@@ -159,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--nice", type=int, default=0, help="raise the process niceness by this much (shared machines)"
     )
     p.add_argument(
-        "--out", type=Path, default=Path("docs/results"), help="folder for results.md/json and PNGs"
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for results.md/json and PNGs (default runs/bench, or runs/bench-quick with --quick)",
     )
     p.add_argument("--note", default="", help="a note for the report, e.g. that the machine was shared")
     return p
@@ -479,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(data)
     md = render_markdown(summary)
     print(md)
+    if args.out is None:  # never overwrite the committed docs/results by accident
+        args.out = Path("runs/bench-quick" if args.quick else "runs/bench")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(md)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
