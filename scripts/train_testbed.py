@@ -31,11 +31,12 @@ import os
 import platform
 import random
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
+
+from evict.corpus import corpus_split, read_source
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -59,23 +60,11 @@ def seed_all(seed: int) -> None:
 
 
 def corpus_files(holdout_every: int) -> tuple[list[Path], list[Path]]:
-    """Return (train, held-out) stdlib source files, sorted, split deterministically by file index."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p
-        for p in root.rglob("*.py")
-        if "site-packages" not in p.parts and "__pycache__" not in p.parts and p.is_file()
-    )
-    if not files:
-        raise RuntimeError(f"no *.py files under {root}; the corpus needs the Python standard library source")
-    train = [f for i, f in enumerate(files) if i % holdout_every != holdout_every - 1]
-    held = [f for i, f in enumerate(files) if i % holdout_every == holdout_every - 1]
-    return train, held
+    """Return (train, held-out) stdlib source files: the package's one split (``evict.corpus``)."""
+    return corpus_split(holdout_every)
 
 
-def read_text(path: Path) -> str:
-    """Read a source file as UTF-8, replacing undecodable bytes (a few stdlib test files are latin-1)."""
-    return path.read_text(encoding="utf-8", errors="replace")
+read_text = read_source
 
 
 def train_tokenizer(files: list[Path], vocab_size: int, max_bytes: int, out_dir: Path):

@@ -16,11 +16,11 @@ records the version; within one version the set is deterministic.
 from __future__ import annotations
 
 import ast
-import functools
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from evict.corpus import heldout_files, read_source, stdlib_root
 
 __all__ = ["Prompt", "heldout_files", "build_prompts", "DOMAINS"]
 
@@ -34,33 +34,6 @@ class Prompt:
     domain: str
     source: str
     ids: tuple[int, ...]
-
-
-def heldout_files(holdout_every: int = 20, root: Path | None = None) -> list[Path]:
-    """Held-out stdlib files, exactly as ``scripts/train_testbed.py`` splits them."""
-    if holdout_every < 2:
-        raise ValueError(f"holdout_every must be >= 2, got {holdout_every}")
-    root = Path(sysconfig.get_paths()["stdlib"]) if root is None else Path(root)
-    files = _source_files(str(root))
-    if not files:
-        raise RuntimeError(
-            f"no *.py files under {root}: the prompt set needs the Python standard library source"
-        )
-    return [f for i, f in enumerate(files) if i % holdout_every == holdout_every - 1]
-
-
-@functools.lru_cache(maxsize=4)
-def _source_files(root: str) -> list[Path]:
-    """Sorted ``*.py`` files under root, without site-packages and __pycache__ (cached: a slow walk)."""
-    return sorted(
-        p
-        for p in Path(root).rglob("*.py")
-        if "site-packages" not in p.parts and "__pycache__" not in p.parts and p.is_file()
-    )
-
-
-def _read(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
 
 
 def _code_text(src: str) -> str | None:
@@ -110,7 +83,7 @@ def build_prompts(
             f"need num_per_domain >= 1 and prompt_tokens >= 1, got {num_per_domain}, {prompt_tokens}"
         )
     files = heldout_files(holdout_every, root)
-    base = Path(sysconfig.get_paths()["stdlib"]) if root is None else Path(root)
+    base = stdlib_root() if root is None else Path(root)
     # visit files in a spread-out order (stride through the list) so prompts come from many packages
     stride = 7 if len(files) % 7 else 5
     order = sorted(range(len(files)), key=lambda i: ((i * stride) % len(files), i))
@@ -124,7 +97,7 @@ def build_prompts(
         if all(len(v) >= need for v in found.values()):
             break
         f = files[i]
-        src = _read(f)
+        src = read_source(f)
         rel = str(f.relative_to(base)) if f.is_relative_to(base) else f.name
         if len(found["code"]) < need:
             text = _code_text(src)

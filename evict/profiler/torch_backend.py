@@ -34,7 +34,6 @@ import platform
 import random
 import statistics
 import sys
-import sysconfig
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from evict.corpus import heldout_files, read_source
 from evict.profiler.experts import ExpertRecorder, mean_union, topk_from_router_logits
 
 
@@ -425,25 +425,6 @@ def make_runner(model_path: Path, cfg: dict, impl: str, dtype: torch.dtype, devi
 
 
 TOKEN_POOL = 128  # tokens drawn per request beyond the context, so inputs do not depend on the grid
-HOLDOUT_EVERY = 20  # scripts/train_testbed.py's default --holdout-every
-
-
-@functools.lru_cache(maxsize=1)
-def _heldout_files_cached() -> tuple[Path, ...]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p for p in root.rglob("*.py") if "site-packages" not in p.parts and "__pycache__" not in p.parts
-    )
-    return tuple(f for i, f in enumerate(files) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1)
-
-
-def heldout_files() -> list[Path]:
-    """Python standard library sources held out from testbed training.
-
-    Same split as ``scripts/train_testbed.py``: the sorted ``*.py`` files under the stdlib
-    (site-packages and __pycache__ excluded), every ``HOLDOUT_EVERY``-th one held out.
-    """
-    return list(_heldout_files_cached())
 
 
 def _text_tokens(model_path: Path, needed: int, seed: int) -> list[int] | None:
@@ -463,7 +444,7 @@ def _text_tokens(model_path: Path, needed: int, seed: int) -> list[int] | None:
     ids: list[int] = []
     for f in files:
         try:
-            ids.extend(tok.encode(f.read_text(encoding="utf-8", errors="replace")).ids)
+            ids.extend(tok.encode(read_source(f)).ids)
         except OSError:
             continue
         if len(ids) >= needed:
