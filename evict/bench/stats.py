@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 __all__ = [
     "RunRecord",
@@ -36,74 +36,10 @@ __all__ = [
 ]
 
 
-@dataclass
-class RunRecord:
-    """Measurements of one ``generate`` call (one prompt batch) of one mode.
+@dataclass(kw_only=True)
+class _Totals:
+    """The additive measurements: a record carries them, a :class:`ModeSeed` sums them."""
 
-    Times are seconds. ``steps`` counts decode steps of the batch (one verify forward each);
-    ``request_steps`` counts (request, step) pairs where the request was still generating and
-    ``emitted`` the tokens those pairs produced, so ``emitted / request_steps`` is the accepted
-    length. ``union_sum`` is the sum over verify forwards of the mean per-layer expert union.
-    ``predicted_*`` are EVICT's own predictions (cost table and drafter scores), 0 for other modes.
-    """
-
-    mode: str
-    batch_size: int
-    seed: int
-    new_tokens: int
-    wall_s: float
-    outputs: list[list[int]] = field(default_factory=list)
-    prompt_ids: list[int] = field(default_factory=list)  # indices into the prompt set
-    request_emitted: list[int] = field(default_factory=list)  # per request (prompt_ids order)
-    request_steps_each: list[int] = field(default_factory=list)  # steps each request was active
-    calibration: list[tuple[float, int]] = field(default_factory=list)  # EVICT: (predicted B, accepted)
-    prefill_s: float = 0.0
-    steps: int = 0
-    request_steps: int = 0
-    emitted: int = 0
-    width_sum: int = 0
-    union_sum: float = 0.0
-    union_count: int = 0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    decision_s: float = 0.0
-    predicted_accepted_sum: float = 0.0
-    predicted_count: int = 0
-    predicted_step_s_sum: float = 0.0
-    predicted_step_count: int = 0
-
-
-_SUM_FIELDS = (
-    "new_tokens",
-    "wall_s",
-    "prefill_s",
-    "steps",
-    "request_steps",
-    "emitted",
-    "width_sum",
-    "union_sum",
-    "union_count",
-    "draft_s",
-    "verify_s",
-    "decision_s",
-    "predicted_accepted_sum",
-    "predicted_count",
-    "predicted_step_s_sum",
-    "predicted_step_count",
-)
-
-
-def _div(a: float, b: float) -> float:
-    return a / b if b else float("nan")
-
-
-@dataclass
-class ModeSeed:
-    """Sum of the records of one (mode, batch size, seed), with the derived ratios as properties."""
-
-    mode: str
-    batch_size: int
-    seed: int
     new_tokens: int = 0
     wall_s: float = 0.0
     prefill_s: float = 0.0
@@ -120,6 +56,45 @@ class ModeSeed:
     predicted_count: int = 0
     predicted_step_s_sum: float = 0.0
     predicted_step_count: int = 0
+
+
+_SUM_FIELDS = tuple(f.name for f in fields(_Totals))
+
+
+@dataclass(kw_only=True)
+class RunRecord(_Totals):
+    """Measurements of one ``generate`` call (one prompt batch) of one mode.
+
+    Times are seconds. ``steps`` counts decode steps of the batch (one verify forward each);
+    ``request_steps`` counts (request, step) pairs where the request was still generating and
+    ``emitted`` the tokens those pairs produced, so ``emitted / request_steps`` is the accepted
+    length. ``union_sum`` is the sum over verify forwards of the mean per-layer expert union.
+    ``predicted_*`` are EVICT's own predictions (cost table and drafter scores), 0 for other modes.
+    """
+
+    mode: str
+    batch_size: int
+    seed: int
+    new_tokens: int = field()  # required for a record (no inherited default): every call measures them
+    wall_s: float = field()
+    outputs: list[list[int]] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)  # indices into the prompt set
+    request_emitted: list[int] = field(default_factory=list)  # per request (prompt_ids order)
+    request_steps_each: list[int] = field(default_factory=list)  # steps each request was active
+    calibration: list[tuple[float, int]] = field(default_factory=list)  # EVICT: (predicted B, accepted)
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+@dataclass(kw_only=True)
+class ModeSeed(_Totals):
+    """Sum of the records of one (mode, batch size, seed), with the derived ratios as properties."""
+
+    mode: str
+    batch_size: int
+    seed: int
     records: int = 0
 
     def add(self, r: RunRecord) -> None:
