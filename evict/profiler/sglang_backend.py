@@ -21,7 +21,6 @@ and compare with ``--backend torch --device cuda`` before relying on it (docs/pr
 from __future__ import annotations
 
 import datetime
-import statistics
 import sys
 
 import torch
@@ -35,7 +34,6 @@ from evict.profiler.torch_backend import (
     library_versions,
     model_id_for,
     moe_shape,
-    percentile,
     random_tree_parents,
     read_model_config,
     tree_depths,
@@ -215,17 +213,7 @@ def profile_sglang(spec: ProfileSpec, tp_size: int = 1) -> ProfileResult:
                     end.synchronize()
                     samples.append(float(start.elapsed_time(end)))
                 mr.token_to_kv_pool_allocator.free(loc)
-                points.append(
-                    PointResult(
-                        batch_size=bs,
-                        width=w,
-                        median_ms=float(statistics.median(samples)),
-                        p10_ms=percentile(samples, 10),
-                        p90_ms=percentile(samples, 90),
-                        samples_ms=[round(s, 4) for s in samples],
-                        expert_union=0.0,
-                    )
-                )
+                points.append(PointResult.from_samples(bs, w, samples, expert_union=0.0))
                 bar.update(1)
     bar.close()
     import sglang

@@ -65,6 +65,21 @@ class PointResult:
     samples_ms: list[float]
     expert_union: float
 
+    @classmethod
+    def from_samples(
+        cls, batch_size: int, width: int, samples_ms: Sequence[float], expert_union: float
+    ) -> PointResult:
+        """Summarize repeated timings the same way for every backend (median and p10/p90)."""
+        return cls(
+            batch_size=batch_size,
+            width=width,
+            median_ms=float(statistics.median(samples_ms)),
+            p10_ms=percentile(samples_ms, 10),
+            p90_ms=percentile(samples_ms, 90),
+            samples_ms=[round(float(x), 4) for x in samples_ms],
+            expert_union=float(expert_union),
+        )
+
 
 @dataclass
 class ProfileResult:
@@ -683,18 +698,8 @@ def profile(spec: ProfileSpec) -> ProfileResult:
             bar.set_postfix(bs=bs, refresh=False)
             for w in widths:
                 routed = calls[w](record=True) if runner.num_experts else []
-                xs = samples[w]
-                points.append(
-                    PointResult(
-                        batch_size=bs,
-                        width=w,
-                        median_ms=float(statistics.median(xs)),
-                        p10_ms=percentile(xs, 10),
-                        p90_ms=percentile(xs, 90),
-                        samples_ms=[round(x, 4) for x in xs],
-                        expert_union=float(mean_union(routed or [], max(runner.num_experts, 1))),
-                    )
-                )
+                union = mean_union(routed or [], max(runner.num_experts, 1))
+                points.append(PointResult.from_samples(bs, w, samples[w], union))
     bar.close()
 
     meta = {
