@@ -60,6 +60,26 @@ def _finish(
     return AcceptResult(path=path, num_accepted=num_acc, bonus=bonus, emitted=emitted)
 
 
+class _Walk:
+    """The state of walking down the verify tree, one request per row: the current node, the
+    accepted path so far, and whether the walk is still going (shared by greedy and sampling)."""
+
+    def __init__(self, bs: int, m: int, device: torch.device) -> None:
+        self.cur = torch.zeros(bs, dtype=torch.long, device=device)  # [bs] current node
+        self.alive = torch.ones(bs, dtype=torch.bool, device=device)  # [bs]
+        self.num_acc = torch.zeros(bs, dtype=torch.long, device=device)  # [bs]
+        self.path = torch.full((bs, m), -1, dtype=torch.long, device=device)  # [bs, m] node per depth
+        self.path[:, 0] = 0
+
+    def advance(self, d: int, has: torch.Tensor, child: torch.Tensor) -> bool:
+        """Move rows with an accepted child (``has``) to it at depth d; False once no row is alive."""
+        self.cur = torch.where(has, child, self.cur)
+        self.path[:, d] = torch.where(has, child, self.path[:, d])
+        self.num_acc += has.long()
+        self.alive &= has
+        return bool(self.alive.any())
+
+
 def greedy_accept(tokens: torch.Tensor, parent: torch.Tensor, target_pred: torch.Tensor) -> AcceptResult:
     """Greedy tree acceptance (SGLang ``verify_tree_greedy``).
 
@@ -68,24 +88,16 @@ def greedy_accept(tokens: torch.Tensor, parent: torch.Tensor, target_pred: torch
     bs, m = tokens.shape
     device = tokens.device
     rows = torch.arange(bs, device=device)
-    cur = torch.zeros(bs, dtype=torch.long, device=device)
-    alive = torch.ones(bs, dtype=torch.bool, device=device)
-    num_acc = torch.zeros(bs, dtype=torch.long, device=device)
-    path = torch.full((bs, m), -1, dtype=torch.long, device=device)
-    path[:, 0] = 0
+    w = _Walk(bs, m, device)
     for d in range(1, m):
-        want = target_pred[rows, cur]  # [bs]
-        match = (parent == cur.view(bs, 1)) & (tokens == want.view(bs, 1)) & alive.view(bs, 1)
+        want = target_pred[rows, w.cur]  # [bs]
+        match = (parent == w.cur.view(bs, 1)) & (tokens == want.view(bs, 1)) & w.alive.view(bs, 1)
         has = match.any(dim=1)
         child = match.float().argmax(dim=1)  # first (lowest index) match
-        cur = torch.where(has, child, cur)
-        path[:, d] = torch.where(has, child, path[:, d])
-        num_acc += has.long()
-        alive &= has
-        if not bool(alive.any()):
+        if not w.advance(d, has, child):
             break
-    bonus = target_pred[rows, cur]
-    return _finish(tokens, path, num_acc, bonus)
+    bonus = target_pred[rows, w.cur]
+    return _finish(tokens, w.path, w.num_acc, bonus)
 
 
 def sampling_accept(
@@ -104,32 +116,24 @@ def sampling_accept(
     bs, m = tokens.shape
     device = tokens.device
     rows = torch.arange(bs, device=device)
-    cur = torch.zeros(bs, dtype=torch.long, device=device)
-    alive = torch.ones(bs, dtype=torch.bool, device=device)
-    num_acc = torch.zeros(bs, dtype=torch.long, device=device)
-    path = torch.full((bs, m), -1, dtype=torch.long, device=device)
-    path[:, 0] = 0
+    w = _Walk(bs, m, device)
     for d in range(1, m):
-        p_cur = probs[rows, cur]  # [bs, V]
-        is_child = (parent == cur.view(bs, 1)) & alive.view(bs, 1)  # [bs, m]
+        p_cur = probs[rows, w.cur]  # [bs, V]
+        is_child = (parent == w.cur.view(bs, 1)) & w.alive.view(bs, 1)  # [bs, m]
         pc = torch.where(is_child, p_cur.gather(1, tokens), torch.zeros((), dtype=p_cur.dtype, device=device))
         acc = pc.cumsum(dim=1)  # running sum over children in verify order
-        u = coins[rows, cur].view(bs, 1).to(acc.dtype)
+        u = coins[rows, w.cur].view(bs, 1).to(acc.dtype)
         ok = is_child & (u <= acc) & (pc > 0)  # never a zero-probability token, even for u == 0
         has = ok.any(dim=1)
         child = ok.float().argmax(dim=1)
-        cur = torch.where(has, child, cur)
-        path[:, d] = torch.where(has, child, path[:, d])
-        num_acc += has.long()
-        alive &= has
-        if not bool(alive.any()):
+        if not w.advance(d, has, child):
             break
     # residual at the last accepted node: its distribution without its children's tokens
-    p_cur = probs[rows, cur]  # [bs, V]
-    is_child = parent == cur.view(bs, 1)
+    p_cur = probs[rows, w.cur]  # [bs, V]
+    is_child = parent == w.cur.view(bs, 1)
     removed = torch.zeros_like(p_cur).scatter_add_(1, tokens, is_child.to(p_cur.dtype))
     residual = torch.where(removed > 0, torch.zeros_like(p_cur), p_cur)
     bonus = sample_from_probs(residual, final_coins)
     empty = residual.sum(dim=1) <= 0  # rounding pushed u past all mass: measure-zero, no crash
     bonus = torch.where(empty, p_cur.argmax(dim=1), bonus)
-    return _finish(tokens, path, num_acc, bonus)
+    return _finish(tokens, w.path, w.num_acc, bonus)
