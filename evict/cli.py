@@ -63,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use a cost table profiled for another model/device (warn instead of failing)",
     )
+    g.add_argument(
+        "--decision",
+        default="immediate",
+        choices=["immediate", "lagged"],
+        help="EVICT's width from this step's draft scores, or from the previous step's (no host sync)",
+    )
+    g.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "triton"],
+        help="EVICT's decision code: the torch rule, or the Triton kernel (on CUDA; the rule elsewhere)",
+    )
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
@@ -138,7 +150,8 @@ def _policy(args: argparse.Namespace, target: Any):
     widths = [w for w in table.widths if w <= args.num_draft_tokens]
     if args.num_draft_tokens not in widths:
         widths.append(args.num_draft_tokens)  # the full static tree is always an option
-    return TruncationPolicy(table, widths=sorted(widths)), path
+    policy = TruncationPolicy(table, widths=sorted(widths), mode=args.decision, backend=args.backend)
+    return policy, path
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -153,7 +166,9 @@ def _generate(args: argparse.Namespace) -> int:
     evict_policy = None
     if "evict" in modes:  # fail before spending time on the other modes
         evict_policy, table_path = _policy(args, target)
-        print(f"[evict] cost table: {table_path}")
+        print(
+            f"[evict] cost table: {table_path} (decision={evict_policy.mode}, backend={evict_policy.backend})"
+        )
     outputs: dict[str, list[int]] = {}
     for mode in modes:
         policy = evict_policy if mode == "evict" else None

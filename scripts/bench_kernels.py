@@ -11,6 +11,11 @@ each batch size and tree size, with CUDA events (mean over many calls, after war
 - ``torch``: ``evict.truncation.choose_width`` on the GPU tensors (sorts on device, one int sync);
 - ``host``: copy the scores to the host, decide there with the same rule, copy kept indices back.
 
+Then the host's view of a decode step (``TruncationPolicy.decide`` as the plugin calls it): with
+about ``--queued-us`` of GPU work queued just before (this step's drafter), the host time until
+``decide`` returns, in immediate mode (must wait for the drafter to read the width) and in lagged
+mode (reads the previous step's index from pinned memory: returns at once), per backend.
+
 It also checks that the kernel and the torch rule choose the same width on every input.
 
 Usage:
@@ -44,6 +49,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--widths", type=int, nargs="+", default=DEFAULT_WIDTHS, help="allowed widths")
     p.add_argument("--iters", type=int, default=500, help="timed calls per measurement")
     p.add_argument("--warmup", type=int, default=50, help="untimed calls before each measurement")
+    p.add_argument(
+        "--queued-us",
+        type=float,
+        default=2000.0,
+        help="GPU work queued before each decide() in the host-wait table (a drafter's time)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     p.add_argument(
         "--interpreter",
@@ -141,6 +152,52 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:
                 f"{bs:>5} {k:>4} {row['kernel_us']:>9.1f} {row['kernel_read_us']:>10.1f} {row['graph_us']:>9.1f} "
                 f"{row['torch_us']:>9.1f} {row['host_us']:>9.1f}  {'yes' if row['same_kept'] else 'NO'}"
             )
+    return rows
+
+
+def _spin_cycles(us: float) -> int:
+    """GPU clock cycles of ``torch.cuda._sleep`` that take about ``us`` microseconds here."""
+    torch.cuda._sleep(1_000_000)  # warm-up
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    cycles_per_us = 10_000_000 / (start.elapsed_time(end) * 1000.0)
+    return max(1, int(us * cycles_per_us))
+
+
+def run_host_wait(args: argparse.Namespace) -> list[dict]:
+    """Host microseconds until ``policy.decide`` returns, with a drafter's worth of GPU work queued."""
+    from evict.truncation import TruncationPolicy
+
+    cost = _cost(args.widths)
+    cycles = _spin_cycles(args.queued_us)
+    k = max(args.k)
+    rows = []
+    print(f"\nhost wait per step with ~{args.queued_us:.0f} us of GPU work queued before decide (K={k}, us)")
+    print(f"{'bs':>5} {'backend':>8} {'immediate':>10} {'lagged':>9}")
+    for bs in args.bs:
+        scores = _scores(bs, k, "cuda", seed=bs)
+        for backend in ("torch", "triton"):
+            row = {"bs": bs, "K": k, "backend": backend, "queued_us": args.queued_us}
+            for mode in ("immediate", "lagged"):
+                policy = TruncationPolicy(cost, args.widths, mode=mode, backend=backend)
+                for _ in range(args.warmup):
+                    policy.decide(scores)
+                waits = []
+                for _ in range(max(1, args.iters // 10)):
+                    torch.cuda.synchronize()
+                    torch.cuda._sleep(cycles)  # stands for this step's drafter
+                    t0 = time.perf_counter()
+                    policy.decide(scores)
+                    waits.append((time.perf_counter() - t0) * 1e6)
+                torch.cuda.synchronize()
+                waits.sort()
+                row[f"{mode}_us"] = waits[len(waits) // 2]
+            rows.append(row)
+            print(f"{bs:>5} {backend:>8} {row['immediate_us']:>10.1f} {row['lagged_us']:>9.1f}")
     return rows
 
 
@@ -257,11 +314,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         rows = run_gpu(args)
+        host_wait = run_host_wait(args)
     if args.json is not None:
         meta = {"torch": torch.__version__, "widths": args.widths, "iters": args.iters}
+        out = {"meta": meta, "rows": rows}
         if torch.cuda.is_available() and not args.interpreter:
             meta["device"] = torch.cuda.get_device_name()
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+            out["host_wait"] = host_wait
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0 if all(r.get("same_kept", True) for r in rows) else 1
 

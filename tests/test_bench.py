@@ -7,12 +7,14 @@ run loop on a fake engine; the real reference engine on random-init tiny models 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from evict.bench.cli import build_parser
 from evict.bench.hooks import ExpertUnionCounter, MoESpecBudget, chain_hooks, verify_router_hook
 from evict.bench.modes import ModeSpec, check_tree, num_candidates, parse_tree, sweep_grid
 from evict.bench.report import render_markdown, save_plots, summarize
@@ -508,6 +510,26 @@ def test_other_device_tables_are_found_next_to_the_main_one(tmp_path):
     assert [t.metadata["device"] for t in found] == ["NVIDIA H100"] and found[0].metadata[
         "model_config_hash"
     ] == "abc"
+
+
+@pytest.mark.parametrize("decision,backend", [("immediate", "torch"), ("lagged", "triton")])
+def test_evict_engines_get_the_chosen_decision_and_backend(decision, backend):
+    seen = []
+    bench = Bench(
+        lambda m, p: seen.append(p) or object(),
+        FakeTarget(),
+        8,
+        table=_tiny_table(),
+        log=lambda s: None,
+        decision=decision,
+        backend=backend,
+    )
+    bench.engine(ModeSpec(name="evict", kind="evict", steps=2, topk=2, num_draft=4, role="evict"))
+    policy = seen[0]
+    assert policy.mode == decision
+    assert policy.backend == (backend if importlib.util.find_spec("triton") else "torch")
+    args = build_parser().parse_args(["--decision", decision, "--backend", backend])
+    assert (args.decision, args.backend) == (decision, backend)
 
 
 def test_cpu_clock_ignores_time_spent_off_cpu():

@@ -160,6 +160,15 @@ def test_cli_generate_all_modes(pair, monkeypatch, tmp_path, capsys):
     for mode in ("ar", "static", "evict"):
         assert f"=== mode {mode} ===" in out and f"[{mode}] 8 tokens" in out
     assert "greedy outputs identical across modes: True" in out
+    # the lagged decision and the Triton backend are options of the engine too, and stay lossless
+    rc = cli.main(
+        args
+        + ["--num-draft-tokens", "7", "--max-new-tokens", "8", "--cost-table", str(path)]
+        + ["--decision", "lagged", "--backend", "triton"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0 and "decision=lagged" in out, out
+    assert "greedy outputs identical across modes: True" in out
     # a table made for another model is refused, with the fix in the message
     table["metadata"]["model_config_hash"] = "0123456789abcdef"
     path.write_text(json.dumps(table))

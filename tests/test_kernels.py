@@ -126,10 +126,26 @@ def test_bad_rows_fall_back_to_full_tree(bad: float) -> None:
     assert d.width == 8 and d.width_index == 3
     assert d.fallback.tolist() == [False, False, True, False, False]
     assert torch.equal(d.kept[2], torch.arange(7))  # ramp over flat index: the first m-1 nodes
-    assert int(kernel.best_index) == 0  # this step's argmax, before the fallback
+    assert int(kernel.best_index) == 3  # this step's own choice includes the fallback
+    # a forced (host-known) index is used as given: the bad row is cut on its ramp, and
+    # best_index still carries the fallback to the next step; the torch rule agrees
+    for backend in ("triton", "torch"):
+        forced = choose_width_triton(scores, cost, widths, index=1, backend=backend)
+        f = forced.to_width_decision()
+        assert (f.width, f.width_index, int(forced.best_index)) == (2, 1, 3), backend
+        assert f.kept[2].tolist() == [0] and torch.equal(f.kept, keep_top_triton(scores, 2, backend=backend))
+        assert f.fallback.tolist() == d.fallback.tolist()
+        torch.testing.assert_close(f.expected_accepted, 1.0 + keep_top_scores(scores, 1))
     clean = scores.clone()
     clean[2] = 0.1
     assert choose_width_triton(clean, cost, widths, backend="triton").to_width_decision().width == 1
+
+
+def keep_top_scores(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum of each row's n best sanitized scores (what B(n + 1) - 1 must be)."""
+    from evict.truncation import sanitize_scores
+
+    return sanitize_scores(scores)[0].sort(dim=-1, descending=True).values[:, :n].sum(dim=-1)
 
 
 def test_all_rows_bad_and_widths_beyond_tree() -> None:

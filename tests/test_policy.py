@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evict.profiler.table import CostTable
-from evict.truncation import TruncationPolicy, choose_width, is_ancestor_closed
+from evict.truncation import TruncationPolicy, choose_width, is_ancestor_closed, keep_top
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "example_cost_table.json"
 
@@ -53,13 +53,60 @@ def test_lagged_uses_previous_width_but_current_kept_nodes():
     assert fourth.width == 8
 
 
-def test_lagged_fallback_overrides_to_full_width():
+def test_lagged_fallback_widens_the_next_step():
+    # the host fixed this step's width before its scores existed: a bad row is cut on its ramp
+    # (its first flat indices: ancestor-closed, so lossless) and the full tree follows next step
+    gen = torch.Generator().manual_seed(3)
     pol = TruncationPolicy(COST, WIDTHS, mode="lagged")
-    pol.decide(weak())
-    bad = weak()
+    assert pol.decide(strong()).width == 8
+    bad = weak() + torch.rand(2, 10, generator=gen) * 0.01
     bad[0, 3] = float("nan")
     d = pol.decide(bad)
     assert d.width == 8 and d.fallback.tolist() == [True, False]
+    assert d.kept[0].tolist() == list(range(7))  # the ramp: first 7 candidates
+    assert torch.equal(d.kept[1], keep_top(bad[1:], 8)[0])  # the good row: its own top 7
+    assert pol.decide(weak()).width == 8  # the fallback widens this step
+    bad = weak()
+    bad[1, 0] = -1.0
+    d = pol.decide(bad)
+    assert d.width == 1 and d.fallback.tolist() == [False, True]  # lagged from the weak step
+    assert pol.decide(weak()).width == 8 and pol.decide(weak()).width == 1
+    assert pol.stats()["fallbacks"] == 2
+
+
+_HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy")
+
+
+@pytest.mark.parametrize("mode", ["lagged", "off"])
+def test_lagged_and_off_steps_read_no_tensor_on_the_host(monkeypatch, mode):
+    # After its first step a lagged policy reads one value on the host, the index it held from the
+    # previous step (pinned memory behind a CUDA event on a GPU); off mode reads nothing. Any other
+    # read of a tensor (a device sync on a GPU) fails here, including the counters' bulk flush.
+    gen = torch.Generator().manual_seed(4)
+    steps = [torch.rand(1 + i % 3, 12, generator=gen) ** (1 + i % 4) for i in range(300)]
+    steps[7][0, 2] = float("nan")
+    ref = TruncationPolicy(COST, WIDTHS, mode=mode)
+    want = [ref.decide(s) for s in steps]
+    pol = TruncationPolicy(COST, WIDTHS, mode=mode)
+    got = [pol.decide(steps[0])]
+    held = pol._held
+    for name in _HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, _original=original, _name=name, **kwargs):
+            if self is not held._buffer:
+                raise AssertionError(f"decide() read a tensor on the host (Tensor.{_name})")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+    got += [pol.decide(s) for s in steps[1:]]
+    monkeypatch.undo()
+    for a, b in zip(want, got):
+        assert (a.width, a.width_index) == (b.width, b.width_index)
+        assert torch.equal(a.kept, b.kept) and torch.equal(a.fallback, b.fallback)
+    keys = ("steps", "requests", "mean_width", "mean_predicted_accepted", "fallbacks")
+    assert [pol.stats()[k] for k in keys] == [ref.stats()[k] for k in keys]
+    assert pol.stats()["fallbacks"] == 1
 
 
 def test_off_mode_always_full_tree():
@@ -189,3 +236,16 @@ def test_counters_survive_bulk_flush():
     st = pol.stats()
     assert st["steps"] == 300 and st["requests"] == n_req and st["fallbacks"] == total_fb == 6
     assert st["mean_predicted_accepted"] == pytest.approx(total_pred / n_req, rel=1e-6)
+
+
+def test_every_front_end_offers_the_policys_choices():
+    # the plugin's EVICT_DECISION/EVICT_BACKEND and `evict generate` stay torch-free at import, so
+    # they spell the choices out; they must be exactly the policy's
+    from evict.cli import build_parser
+    from evict.plugin import config
+    from evict.truncation.policy import BACKENDS, DECISIONS
+
+    assert config._DECISIONS == DECISIONS and config._BACKENDS == BACKENDS
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    choices = {a.dest: tuple(a.choices) for a in generate._actions if a.choices}
+    assert choices["decision"] == DECISIONS and choices["backend"] == BACKENDS

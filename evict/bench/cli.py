@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from evict.truncation.policy import BACKENDS, DECISIONS
+
 from .modes import (
     SGLANG_LLAMA_DEFAULT,
     SGLANG_QWEN3_MOE_DEFAULT,
@@ -144,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="folder with target/ and drafter/ (default: the shipped evict/testbed)",
+    )
+    p.add_argument(
+        "--decision",
+        choices=list(DECISIONS),
+        default="immediate",
+        help="EVICT's width from this step's draft scores (immediate) or the previous step's (lagged)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default="torch",
+        help="EVICT's decision code: the torch rule, or the Triton kernel (on CUDA; the rule elsewhere)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -466,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         other_tables=others,
         norm_topk_prob=bool(getattr(cfg, "norm_topk_prob", True)),
         clock=args.clock,
+        decision=args.decision,
+        backend=args.backend,
     )
     data, err = run_bench(args, bench, tokenizer)
     cmd = "evict-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -476,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         cost_table=_rel(table_path),
         noisy_note=args.note,
         clock=args.clock,
+        decision=args.decision,
+        backend=args.backend,
     )
     from .report import render_markdown, save_plots, summarize  # noqa: PLC0415
 

@@ -244,6 +244,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         L.append(f"**Note:** {meta['noisy_note']}  ")
     if meta.get("cost_table"):
         L.append(f"Cost table: `{meta['cost_table']}`  ")
+    if meta.get("decision"):
+        L.append(f"EVICT decision: {meta['decision']}, backend {meta.get('backend', 'torch')}  ")
     L.append("")
     L.append(
         "Numbers are mean [min-max] over seeds; speedups are per-seed ratios of runs interleaved in the same "

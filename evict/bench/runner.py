@@ -219,6 +219,8 @@ class Bench:
         norm_topk_prob: bool = True,
         log: Callable[[str], None] = print,
         clock: str = "wall",
+        decision: str = "immediate",
+        backend: str = "torch",
     ) -> None:
         if clock not in CLOCKS:
             raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
@@ -230,6 +232,8 @@ class Bench:
         self.other_tables = list(other_tables)
         self.norm_topk_prob = norm_topk_prob
         self.log = log
+        self.decision = decision
+        self.backend = backend
         self._engines: dict[str, Any] = {}
 
     def engine(self, mode: ModeSpec) -> Any:
@@ -242,7 +246,7 @@ class Bench:
                     raise ValueError("EVICT needs a cost table: pass --cost-table PATH")
                 cost = cost_variant(self.table, mode.cost, self.other_tables)
                 widths = [w for w in self.table.widths if w <= mode.num_draft]
-                policy = TruncationPolicy(cost, widths=widths)
+                policy = TruncationPolicy(cost, widths=widths, mode=self.decision, backend=self.backend)
             self._engines[key] = self.engine_factory(mode, policy)
         return self._engines[key]
 

@@ -10,10 +10,11 @@ Two launches per decision, no host sync, static shapes (CUDA-graph capturable):
 2. ``decide_kernel`` -- one program per request again: every program reduces the whole ``benefit``
    tile over requests (same data, same order, so every program gets bitwise the same objective and
    argmax; at bs=128, W=8 that is 1,024 loads from L2 per program), divides by ``T(m)``, takes the
-   global argmax (ties to the smaller width), applies the fallback / forced index, and writes its
-   own kept row. Program 0 also writes the [W] objective and the chosen index and width.
+   global argmax (ties to the smaller width), applies the fallback (or takes the caller's forced
+   index as given), and writes its own kept row. Program 0 also writes the [W] objective, the
+   step's own choice (what lagged mode carries to the next step), the used index and the width.
 
-``keep_kernel`` fuses ranking and kept rows for a width that is already known (lagged mode).
+``rank_kernel`` with ``KEEP_ONLY`` fuses ranking and kept rows for a width that is already known.
 
 Why ranks and not a sort: the kept set of width m is ``{i : rank_i < m-1}`` and its ascending list
 is a prefix count over flat index, so no sorted copy is needed. Pairwise ranking is O(K^2) but
@@ -167,16 +168,16 @@ def decide_kernel(
     masked = tl.where(wmask, objective, float("-inf"))
     top = tl.max(masked, axis=0)
     best = tl.min(tl.where(masked == top, wo, BLOCK_W), axis=0)  # first max = smaller width
-    if HAS_INDEX:
+    own = tl.where(any_bad, W - 1, best)  # this step's choice: any bad request -> largest width
+    if HAS_INDEX:  # the caller fixed the width (lagged / off): used as given, bad rows on their ramp
         index = tl.load(index_ptr).to(tl.int32)
         index = tl.minimum(tl.maximum(index, 0), W - 1)
     else:
-        index = best
-    index = tl.where(any_bad, W - 1, index)  # any bad request -> largest allowed width
+        index = own
     width = tl.minimum(tl.load(widths_ptr + index), K + 1)
     if pid == 0:  # one program publishes the batch-level results (all programs computed them)
         tl.store(objective_ptr + wo, objective, mask=wmask)
-        tl.store(best_ptr, best.to(tl.int64))
+        tl.store(best_ptr, own.to(tl.int64))
         tl.store(chosen_ptr, index.to(tl.int64))
         tl.store(width_ptr, width.to(tl.int64))
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)

@@ -25,6 +25,7 @@ from evict.truncation.rule import (
     WidthDecision,
     _check_scores,
     _decide_from_index,
+    _own_index,
     _prepare,
     _Ranked,
     choose_width,
@@ -78,20 +79,24 @@ class DeviceWidthDecision:
     """
 
     width: torch.Tensor  # 0-d long: effective width m* (root included, clamped to K + 1)
-    width_index: torch.Tensor  # 0-d long: index of m* in widths (after fallback / forced index)
-    best_index: torch.Tensor  # 0-d long: argmax of this step's objective (what lagged mode stores)
+    width_index: torch.Tensor  # 0-d long: index of m* in widths (own choice, or the forced index)
+    best_index: torch.Tensor  # 0-d long: this step's own choice, argmax or fallback (lagged carries it)
     kept: torch.Tensor  # long [bs, K], -1 padded
     objective: torch.Tensor  # float32 [W]: sum_r B_r(m) / T(bs, m)
     expected_accepted: torch.Tensor  # float32 [bs]: B_r(m*)
     fallback: torch.Tensor  # bool [bs]: rows with NaN/inf/negative scores
 
-    def to_width_decision(self) -> WidthDecision:
+    def to_width_decision(self, index: int | None = None, width: int | None = None) -> WidthDecision:
         """Convert to the host-facing :class:`evict.truncation.WidthDecision`.
 
-        This reads two ints (index and width) back in one copy: the only sync, and the caller
-        chooses where it happens (e.g. after queuing the rest of the step).
+        Without arguments this reads two ints (index and width) back in one copy: the only sync,
+        and the caller chooses where it happens.  A caller that forced the index already knows both
+        (lagged and off modes) and passes them: then nothing is read.
         """
-        idx, width = (int(v) for v in torch.stack([self.width_index, self.width]).tolist())
+        if index is None or width is None:
+            idx, width = (int(v) for v in torch.stack([self.width_index, self.width]).tolist())
+        else:
+            idx, width = int(index), int(width)
         return WidthDecision(
             width=width,
             width_index=idx,
@@ -170,32 +175,36 @@ def _pad_kept(kept: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def _index_tensor(index: int | torch.Tensor, num_widths: int, device: torch.device) -> torch.Tensor:
+def _check_index(index: int | torch.Tensor, num_widths: int) -> int | torch.Tensor:
+    """A forced width index: an int in range (kept on the host) or a 0-d tensor (clamped on device)."""
     if isinstance(index, torch.Tensor):
         if index.numel() != 1:
             raise ValueError(f"index must be a 0-d tensor or an int, got shape {tuple(index.shape)}")
-        return index.reshape(()).to(device=device, dtype=torch.long)
+        return index.reshape(()).to(dtype=torch.long)
     if isinstance(index, bool) or int(index) != index or not 0 <= int(index) < num_widths:
         raise ValueError(f"index must be an int in [0, {num_widths}) (a position in widths), got {index!r}")
-    return torch.full((), int(index), dtype=torch.long, device=device)
+    return int(index)
 
 
 def _torch_decision(
-    scores: torch.Tensor, cost: torch.Tensor, widths: torch.Tensor, index: torch.Tensor | None
+    scores: torch.Tensor, cost: torch.Tensor, widths: torch.Tensor, index: int | torch.Tensor | None
 ) -> DeviceWidthDecision:
     """The fallback: the torch rule itself (``evict.truncation.rule``), repackaged.
 
-    ``choose_width`` for this step's argmax; a forced index goes through the rule's own
-    ``_decide_from_index``, as ``TruncationPolicy``'s torch path does.
+    ``choose_width`` for this step's own choice; a forced index goes through the rule's own
+    ``_decide_from_index`` without the fallback override, as ``TruncationPolicy``'s lagged mode
+    does (an int index then costs no sync).
     """
     if index is None:
         d = choose_width(scores, cost, widths, check=False)
-        best = d.objective.argmax()
+        best = torch.tensor(d.width_index, dtype=torch.long, device=scores.device)
     else:
         ranked = _Ranked(scores, widths)
         objective = ranked.benefit.sum(dim=0) / cost
-        best = objective.argmax()
-        d = _decide_from_index(ranked, objective, index.clamp(0, widths.numel() - 1))
+        best = _own_index(ranked, objective)
+        if isinstance(index, torch.Tensor):
+            index = index.to(scores.device).clamp(0, widths.numel() - 1)
+        d = _decide_from_index(ranked, objective, index, apply_fallback=False)
     dev = scores.device
     return DeviceWidthDecision(
         width=torch.tensor(d.width, dtype=torch.long, device=dev),
@@ -227,9 +236,10 @@ def choose_width_triton(
         scores: ``[bs, K]`` cumulative drafter probabilities (any float dtype; read as float32).
         step_cost: ``[W]`` step times ``T(bs, m)`` for this batch size (``CostTable.step_cost``).
         widths: ``[W]`` allowed widths, strictly ascending.
-        index: use this width index instead of this step's argmax (lagged mode: the previous
-            step's ``best_index``, kept on device; ``"off"`` mode: ``W - 1``). The fallback still
-            overrides it, and ``best_index`` still reports this step's argmax.
+        index: use this width index, as given, instead of this step's own choice (lagged mode:
+            the previous step's ``best_index``; ``"off"`` mode: ``W - 1``). Rows with bad scores
+            are then cut on their ramp (ancestor-closed, so still lossless) and ``best_index``
+            still reports this step's own choice, fallback included, for the next step.
         check: validate ``widths``/``step_cost`` (reads them on the host: pass ``False`` in the
             step loop once they were validated, as ``TruncationPolicy`` does).
         backend: ``"auto"`` (Triton when usable on this device, else the torch rule),
@@ -241,9 +251,12 @@ def choose_width_triton(
     w = w.to(dtype=torch.long).contiguous()
     c = c.to(dtype=torch.float32).contiguous()
     num_w = w.numel()
-    idx_t = None if index is None else _index_tensor(index, num_w, dev)
+    forced = None if index is None else _check_index(index, num_w)
     if not _use_triton(scores, backend):
-        return _torch_decision(scores, c, w, idx_t)
+        return _torch_decision(scores, c, w, forced)
+    idx_t = None
+    if forced is not None:  # a launch argument on device: filled, not copied, so no sync
+        idx_t = forced.to(dev) if isinstance(forced, torch.Tensor) else torch.full((), forced, device=dev)
 
     tw = _kernels()
     bs, k = scores.shape

@@ -41,7 +41,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     ),
     "EVICT_DECISION": (
         "immediate",
-        "`immediate` (width from this step's draft scores) or `lagged` (from the previous step's)",
+        "`immediate` (width from this step's draft scores; one host sync) or `lagged` (from the "
+        "previous step's, read from pinned memory: the host never waits for this step's drafter)",
     ),
     "EVICT_DISABLE": ("0", "1 = kill switch: verify the full tree every step (A/B runs); no table needed"),
     "EVICT_ALLOW_TABLE_MISMATCH": (

@@ -16,20 +16,67 @@ import torch
 from .rule import (
     WidthDecision,
     _decide_from_index,
+    _own_index,
     _Ranked,
     _WidthPlan,
     validate_step_cost,
     validate_widths,
 )
 
-__all__ = ["TruncationPolicy", "MODES", "BACKENDS"]
+__all__ = ["TruncationPolicy", "HeldIndex", "MODES", "DECISIONS", "BACKENDS"]
 
 logger = logging.getLogger("evict")
 
 MODES = ("immediate", "lagged", "off")
+DECISIONS = MODES[:2]  # what a user picks; "off" is the kill switch (EVICT_DISABLE)
 BACKENDS = ("torch", "triton")
 
 CostSource = Any  # CostTable | Callable[[int, Tensor], Tensor] | Sequence[float] | Tensor
+
+
+class HeldIndex:
+    """A width index carried from one decode step to the next without the host waiting on the GPU.
+
+    ``write`` queues a copy of this step's 0-d device index into pinned host memory and records a
+    CUDA event after it; ``read`` at the next step waits on that event only -- the previous step's
+    decision, normally long finished -- never on work queued after it, such as this step's
+    drafter.  On CPU the value is already computed when written, so reading it waits for nothing.
+    """
+
+    def __init__(self) -> None:
+        self._value: int | None = None
+        self._buffer: torch.Tensor | None = None  # the only tensor a lagged step reads on the host
+        self._pinned: torch.Tensor | None = None
+        self._event: Any = None
+        self._queued = False
+
+    def write(self, index: torch.Tensor | int) -> None:
+        """Hold ``index`` (an int, or a 0-d integer tensor on any device) for the next ``read``."""
+        if not isinstance(index, torch.Tensor):
+            self._value, self._queued = int(index), False
+            return
+        index = index.reshape(())
+        if index.device.type == "cuda":
+            if self._pinned is None:
+                self._pinned = torch.empty((), dtype=torch.long, pin_memory=True)
+                self._event = torch.cuda.Event()
+            self._pinned.copy_(index, non_blocking=True)
+            self._event.record()
+            self._buffer = self._pinned
+        else:  # CPU tensors are computed eagerly; another device pays one copy here
+            self._buffer = index if index.device.type == "cpu" else index.cpu()
+        self._queued = True
+
+    def read(self) -> int | None:
+        """The held index (None before the first write)."""
+        if self._queued:
+            if self._event is not None and self._buffer is self._pinned:
+                self._event.synchronize()
+            self._value, self._queued = int(self._buffer), False
+        return self._value
+
+    def clear(self) -> None:
+        self._value, self._queued = None, False
 
 
 class TruncationPolicy:
@@ -41,9 +88,11 @@ class TruncationPolicy:
             step times (independent of batch size).
         widths: allowed (captured) widths, strictly ascending; defaults to the table's widths.
         mode: ``"immediate"`` (width from this step's scores; needs one host sync of the chosen
-            index), ``"lagged"`` (width from the previous call's scores, so the host never waits for
-            this step's drafter; kept nodes are still the top-(m-1) of this step's scores) or
-            ``"off"`` (kill switch: always the largest width = full tree, for A/B runs).
+            index), ``"lagged"`` (width from the previous call's scores, read from pinned host
+            memory, so the host never waits for this step's drafter; kept nodes are still the
+            top-(m-1) of this step's scores, and a fallback caused by this step's scores widens the
+            next step) or ``"off"`` (kill switch: always the largest width = full tree, for A/B
+            runs). Lagged and off steps make no host sync at all.
         backend: ``"torch"`` or ``"triton"`` (``evict.kernels.choose_width_triton`` in every mode,
             which itself runs the torch rule on devices where Triton cannot run; if the module or
             triton is missing, the torch rule is used and the log says so once).
@@ -93,7 +142,7 @@ class TruncationPolicy:
                 self.backend = "triton"
             except Exception as exc:  # ImportError or a broken triton install
                 logger.warning("evict: Triton width kernel unavailable (%s); using the torch rule", exc)
-        self._prev_index: torch.Tensor | None = None
+        self._held = HeldIndex()
         self.reset_stats()
 
     # -- costs ------------------------------------------------------------------------------
@@ -132,30 +181,32 @@ class TruncationPolicy:
         device = scores.device
         cost = self.step_cost(scores.shape[0], device)
         widths = self._widths_for(device)
+        plan = self._plan(widths, scores.shape[1])
+        # The host-known index (lagged: the previous step's own choice; off: the largest width), or
+        # None when this step's scores decide (immediate, and the first lagged step).
+        index: int | None = None
+        if self.mode == "off":
+            index = widths.numel() - 1
+        elif self.mode == "lagged":
+            index = self._held.read()
         if self._triton is not None:
-            if self.mode == "off":
-                index = widths.numel() - 1
-            elif self.mode == "lagged":
-                index = self._prev_index
+            dev = self._triton(scores, cost, widths, index=index, check=False, backend="auto")
+            own = dev.best_index
+            if index is None:
+                decision = dev.to_width_decision()
             else:
-                index = None
-            dev_decision = self._triton(scores, cost, widths, index=index, check=False, backend="auto")
-            if self.mode == "lagged":
-                self._prev_index = dev_decision.best_index
-            decision = dev_decision.to_width_decision()
+                decision = dev.to_width_decision(index, plan.eff_list[index])
         else:
-            plan = self._plan(widths, scores.shape[1])
             ranked = _Ranked(scores, widths, plan)
             objective = ranked.benefit.sum(dim=0) / cost
-            best = objective.argmax()
-            if self.mode == "immediate":
-                index = best
-            elif self.mode == "off":
-                index = plan.last
-            else:  # lagged
-                index = best if self._prev_index is None else self._prev_index.to(device)
-                self._prev_index = best  # stays on device: read at the next call, no sync now
-            decision = _decide_from_index(ranked, objective, index)
+            if index is None:
+                decision = _decide_from_index(ranked, objective, objective.argmax())
+                own = decision.width_index
+            else:
+                decision = _decide_from_index(ranked, objective, index, apply_fallback=False)
+                own = _own_index(ranked, objective) if self.mode == "lagged" else index
+        if self.mode == "lagged":
+            self._held.write(own)  # queued copy: read by the next call, not waited for now
         self._record(decision)
         return decision
 
@@ -166,8 +217,7 @@ class TruncationPolicy:
         self.requests = 0
         self.width_sum = 0
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._fallbacks = 0
-        self._predicted_sum = 0.0
+        self._totals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per device, read by stats()
         self.realized_sum = 0.0
         self.realized_count = 0
 
@@ -183,15 +233,19 @@ class TruncationPolicy:
             self._flush()
 
     def _flush(self) -> None:
+        """Fold the pending steps into per-device totals: device ops only, read back by ``stats``."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
         one_device = len({f.device for f, _ in pending}) == 1
         move = (lambda t: t) if one_device else (lambda t: t.cpu())
-        fallback = torch.cat([move(f.reshape(-1)) for f, _ in pending])
-        expected = torch.cat([move(e.reshape(-1)) for _, e in pending])
-        self._fallbacks += int(fallback.sum())
-        self._predicted_sum += float(expected.sum(dtype=torch.float64))
+        fallback = torch.cat([move(f.reshape(-1)) for f, _ in pending]).sum()
+        expected = torch.cat([move(e.reshape(-1)) for _, e in pending]).sum(dtype=torch.float64)
+        key = str(fallback.device)
+        if key in self._totals:
+            fb, ex = self._totals[key]
+            fallback, expected = fb + fallback, ex + expected
+        self._totals[key] = (fallback, expected)
 
     def record_accepted(self, accepted_lengths: torch.Tensor | Sequence[int]) -> None:
         """Accumulate realized accepted lengths ``[bs]`` (tokens emitted per request this step)."""
@@ -202,7 +256,8 @@ class TruncationPolicy:
     def stats(self) -> dict[str, float | int | str]:
         """Mean width, mean predicted vs realized accepted length per request-step, fallbacks."""
         self._flush()
-        fallbacks, predicted = self._fallbacks, self._predicted_sum
+        fallbacks = sum(int(fb) for fb, _ in self._totals.values())
+        predicted = sum(float(ex) for _, ex in self._totals.values())
         return {
             "mode": self.mode,
             "backend": self.backend,

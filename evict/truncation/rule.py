@@ -306,16 +306,24 @@ def _prepare(
     return w.to(scores.device), c.to(scores.device)
 
 
-def _decide_from_index(ranked: _Ranked, objective: torch.Tensor, index: torch.Tensor | int) -> WidthDecision:
-    """Build a :class:`WidthDecision` for width index ``index`` (0-d LongTensor, may be on device).
+def _decide_from_index(
+    ranked: _Ranked, objective: torch.Tensor, index: torch.Tensor | int, *, apply_fallback: bool = True
+) -> WidthDecision:
+    """Build a :class:`WidthDecision` for width index ``index`` (an int, or a 0-d LongTensor).
 
-    Bad requests force the largest allowed width.  Reading the index is the one host sync of a
-    step: the kept tensor's shape depends on the chosen width.
+    Bad requests force the largest allowed width, unless ``apply_fallback=False``: then the index is
+    used as given and bad rows are cut on their ramp (their first flat indices, ancestor-closed, so
+    verification stays lossless) -- lagged mode, where the host fixed the width before this step's
+    scores existed.  Reading a tensor index is the one host sync of a step (the kept tensor's shape
+    depends on the width); a Python-int index with ``apply_fallback=False`` makes the call sync-free.
     """
     last = ranked.plan.last
-    if not isinstance(index, torch.Tensor):
-        index = torch.tensor(int(index), device=last.device)
-    idx = int(torch.where(ranked.good.all(), index, last))
+    if apply_fallback:
+        if not isinstance(index, torch.Tensor):
+            index = torch.tensor(int(index), device=last.device)
+        idx = int(torch.where(ranked.good.all(), index, last))
+    else:
+        idx = int(index)
     width = ranked.plan.eff_list[idx]
     return WidthDecision(
         width=width,
@@ -325,6 +333,11 @@ def _decide_from_index(ranked: _Ranked, objective: torch.Tensor, index: torch.Te
         expected_accepted=ranked.benefit[:, idx],
         fallback=ranked.bad,
     )
+
+
+def _own_index(ranked: _Ranked, objective: torch.Tensor) -> torch.Tensor:
+    """This step's own choice as a 0-d device tensor: the argmax, or the largest width on a fallback."""
+    return torch.where(ranked.good.all(), objective.argmax(), ranked.plan.last)
 
 
 def choose_width(

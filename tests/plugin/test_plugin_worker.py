@@ -19,7 +19,7 @@ from sglang.srt.speculative import eagle_worker_v2, spec_utils  # noqa: E402
 import evict.plugin  # noqa: E402
 from evict.plugin import worker as evict_worker  # noqa: E402
 from evict.plugin.tree_cut import ScoreSink, gather_candidate_scores  # noqa: E402
-from evict.truncation import TruncationPolicy  # noqa: E402
+from evict.truncation import TruncationPolicy, choose_width  # noqa: E402
 
 pytestmark = pytest.mark.sglang
 
@@ -161,6 +161,31 @@ def test_draft_cuts_the_tree_and_switches_width_before_building_the_verify_input
     assert torch.equal(kw["top_scores_index"], ref_idx)
     assert torch.equal(kw["draft_tokens"], ref_tok)
     assert dw.speculative_num_draft_tokens == 8  # the draft itself always organizes the full tree
+
+
+def test_lagged_decision_verifies_this_steps_best_nodes_at_the_previous_steps_width(monkeypatch):
+    rec = _Recorder()
+    widths, cost = [2, 4, 8], [1.0, 1.15, 1.6]
+    policy = TruncationPolicy(cost, widths=widths, mode="lagged")
+    dw = make_draft_worker(monkeypatch, rec, policy)
+    confident = draft_lists(seed=1)
+    unsure = [[s * 0.05 for s in confident[0]], *confident[1:]]
+
+    def own_width(lists):  # what an immediate decision would pick for these drafts
+        kept = _original(*lists, 8)[1]
+        return choose_width(gather_candidate_scores(lists[0], kept), cost, widths).width
+
+    assert own_width(confident) != own_width(unsure)
+    steps = [confident, unsure, confident, confident]
+    want = [own_width(confident), own_width(confident), own_width(unsure), own_width(confident)]
+    for lists, m in zip(steps, want):
+        dw.lists = lists
+        rec.events.clear()
+        dw.draft(make_batch())
+        assert rec.events == [("activate", m), ("build", m)]
+        # this step's top m-1 nodes: exactly what SGLang organizes for a width-m tree
+        assert torch.equal(rec.build_kwargs["top_scores_index"], _original(*lists, m)[1])
+        assert torch.equal(rec.build_kwargs["draft_tokens"], _original(*lists, m)[2])
 
 
 def test_flat_cost_and_kill_switch_verify_the_full_tree(monkeypatch):
