@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser", "default_cost_table"]
+from evict.paths import TESTBED_COST_TABLE, shipped_config
 
-DEFAULT_TABLE_NAME = "testbed_cpu_cost_table.json"
+__all__ = ["main", "build_parser", "default_cost_table"]
 
 
 class CliError(Exception):
@@ -26,13 +26,8 @@ class CliError(Exception):
 
 
 def default_cost_table() -> Path | None:
-    """The shipped testbed cost table (repo ``configs/`` or the installed package's), if present."""
-    here = Path(__file__).resolve().parent
-    for d in (here.parent / "configs", here / "configs"):
-        p = d / DEFAULT_TABLE_NAME
-        if p.is_file():
-            return p
-    return None
+    """The shipped testbed cost table, if this install has it."""
+    return shipped_config(TESTBED_COST_TABLE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
-        "--cost-table", default=None, help=f"cost table JSON (default: configs/{DEFAULT_TABLE_NAME})"
+        "--cost-table", default=None, help=f"cost table JSON (default: configs/{TESTBED_COST_TABLE})"
     )
     g.add_argument(
         "--allow-table-mismatch",
@@ -132,7 +127,7 @@ def _policy(args: argparse.Namespace, target: Any):
     path = Path(args.cost_table) if args.cost_table else default_cost_table()
     if path is None:
         raise CliError(
-            f"EVICT mode needs a cost table and configs/{DEFAULT_TABLE_NAME} is not shipped here; "
+            f"EVICT mode needs a cost table and configs/{TESTBED_COST_TABLE} is not shipped here; "
             "make one with `evict-profile` (see docs) and pass --cost-table PATH"
         )
     if not path.is_file():

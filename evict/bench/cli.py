@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from evict.paths import PACKAGE_DIR, TESTBED_COST_TABLE, shipped_config
 from evict.truncation.policy import BACKENDS, DECISIONS
 
 from .modes import (
@@ -44,21 +45,15 @@ from .stats import LosslessError, check_lossless
 
 __all__ = ["main", "build_parser", "build_modes", "default_cost_table_path", "run_bench"]
 
-PKG = Path(__file__).resolve().parent.parent  # evict/
-REPO = PKG.parent
+
+REPO = PACKAGE_DIR.parent  # the checkout (or site-packages): report paths relative to it
 EXIT_LOSSLESS = 3
 EXIT_BAD_INPUT = 2
 
 
 def default_cost_table_path() -> Path | None:
-    """The shipped testbed's profiled table (repo ``configs/`` or packaged ``evict/configs/``)."""
-    for p in (
-        REPO / "configs" / "testbed_cpu_cost_table.json",
-        PKG / "configs" / "testbed_cpu_cost_table.json",
-    ):
-        if p.is_file():
-            return p
-    return None
+    """The shipped testbed's profiled table, if this install has it."""
+    return shipped_config(TESTBED_COST_TABLE)
 
 
 def _tree_arg(text: str) -> tuple[int, int, int]:
