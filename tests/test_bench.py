@@ -295,13 +295,37 @@ def test_run_bench_on_fake_engine_builds_the_full_report(tmp_path):
     assert rows["moe-spec(B=2)"]["mismatch_rate"] == 0.0  # fake engine ignores routing
     assert rows["moe-spec(B=2)"]["first_divergence"] == 6.0
     md = render_markdown(summary)
-    assert "### Batch size 2" in md and "LOSSY" in md and "Profile-mismatch ablation" in md
+    assert "### Batch size 2" in md and "LOSSY" in md and "Ablations (bs 1)" in md
     assert "Lossless check: passed" in md
     files = save_plots(summary, tmp_path)
     assert {f.name for f in files} >= {"throughput.png", "experts.png", "ablation.png", "calibration.png"}
     assert rows["evict"]["calibration"][0]["predicted"] == pytest.approx(2.5)
     assert rows["evict"]["calibration"][0]["realized"] == pytest.approx(2.0)
     assert all(f.stat().st_size > 1000 for f in files)
+
+
+def test_full_run_ablates_the_other_decision_mode():
+    from evict.bench.cli import run_bench
+
+    for decision, other in (("immediate", "lagged"), ("lagged", "immediate")):
+        policies = {}
+        target = FakeTarget()
+
+        def factory(m, policy, target=target, policies=policies):
+            policies[m.name] = policy
+            return FakeEngine(m, target)
+
+        bench = Bench(factory, target, 8, table=FakeTable(), log=lambda s: None, decision=decision)
+        args = _args(quick=False, batch_sizes=[1], seeds=[0], moe_spec_budget=0, decision=decision)
+        data, err = run_bench(args, bench, ByteTokenizer(), log=lambda s: None)
+        assert err is None
+        assert policies["evict"].mode == decision and policies[f"evict[decision:{other}]"].mode == other
+        assert policies["evict[shifted:+]"].mode == decision  # cost ablations keep the run's decision
+        rows = {r["mode"]: r for r in summarize(data)["batch_sizes"]["1"]["rows"]}
+        assert rows[f"evict[decision:{other}]"]["decision"] == other
+        data.meta["decision"] = decision
+        md = render_markdown(summarize(data))
+        assert f"| {other} decision |" in md and f"profiled (right), {decision} decision" in md
 
 
 def test_run_bench_reports_a_lossless_failure():

@@ -238,8 +238,12 @@ def build_modes(
     if with_evict:
         modes.append(ModeSpec(name="evict", kind="evict", steps=s, topk=k, num_draft=n, role="evict"))
     for a in with_ablation if with_evict else []:
+        kind, _, arg = a.partition(":")
+        variant = {"decision": arg} if kind == "decision" else {"cost": a}
         modes.append(
-            ModeSpec(name=f"evict[{a}]", kind="evict", steps=s, topk=k, num_draft=n, cost=a, role="ablation")
+            ModeSpec(
+                name=f"evict[{a}]", kind="evict", steps=s, topk=k, num_draft=n, role="ablation", **variant
+            )
         )
     if args.moe_spec_budget:
         t = args.moe_spec_tree or tuple(args.evict_tree)
@@ -331,6 +335,8 @@ def run_bench(
     )
     if args.quick and ablations:
         ablations = ["shifted:+"]
+    elif ablations:  # what deciding from the other step's scores costs or saves, on this machine
+        ablations.append(f"decision:{next(d for d in DECISIONS if d != args.decision)}")
     calib = None
     if not args.no_sweep:
         n_cal = 2 if args.quick else 4

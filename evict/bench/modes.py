@@ -73,6 +73,7 @@ class ModeSpec:
     cost: str = "profiled"
     budget: int = 0
     role: str = "static"
+    decision: str | None = None  # EVICT's decision mode; None = the run's --decision
 
     @property
     def lossy(self) -> bool:

@@ -65,6 +65,7 @@ def summarize(data: BenchData) -> dict[str, Any]:
                 "role": m.role,
                 "tree": list(m.tree) if m.kind != "ar" else None,
                 "cost": m.cost if m.kind == "evict" else None,
+                "decision": m.decision if m.kind == "evict" else None,
                 "lossy": m.lossy,
                 "tokens_per_s": tps.to_dict(),
                 "speedup_vs_ar": paired_ratio(stats, m.name, "ar", bs).to_dict() if "ar" in names else None,
@@ -215,6 +216,11 @@ def _tree(row: dict) -> str:
     return "({},{},{})".format(*row["tree"])
 
 
+def _variant(row: dict[str, Any]) -> str:
+    """An ablation row's label: its cost-table variant, or its decision mode when that differs."""
+    return f"{row['decision']} decision" if row.get("decision") else str(row["cost"])
+
+
 def render_markdown(summary: dict[str, Any]) -> str:
     """The report as Markdown: main table per batch size, ablation, predictions, lossy peer, targets."""
     meta = summary["meta"]
@@ -306,12 +312,16 @@ def render_markdown(summary: dict[str, Any]) -> str:
             L.append("")
         abl = [r for r in s["rows"] if r["role"] == "ablation"]
         if abl and ev:
-            L.append(f"Profile-mismatch ablation (bs {bs}): EVICT with a wrong cost table.")
+            L.append(
+                f"Ablations (bs {bs}): EVICT with a wrong cost table (profile mismatch), or with the "
+                "other decision mode (lagged: this step's width from the previous step's scores)."
+            )
             L.append("")
-            L.append("| cost table | tokens/s | vs EVICT (right table) | speedup vs AR | verified width |")
+            L.append("| variant | tokens/s | vs EVICT (as run) | speedup vs AR | verified width |")
             L.append("|---|---|---|---|---|")
             L.append(
-                f"| profiled (right) | {_fmt(ev['tokens_per_s'], 1)} | 1.00x | {_fmt(ev['speedup_vs_ar'])}x "
+                f"| profiled (right), {meta.get('decision') or 'immediate'} decision | "
+                f"{_fmt(ev['tokens_per_s'], 1)} | 1.00x | {_fmt(ev['speedup_vs_ar'])}x "
                 f"| {_fmt(ev['mean_width'])} |"
             )
             for r in abl:
@@ -326,7 +336,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
                     lo, hi = 1 / inv["max"], 1 / inv["min"]
                     vs_txt = Spread(1 / inv["mean"], lo, hi, inv["n"]).fmt(2) + "x"
                 L.append(
-                    f"| {r['cost']} | {_fmt(r['tokens_per_s'], 1)} | {vs_txt} | {_fmt(r['speedup_vs_ar'])}x "
+                    f"| {_variant(r)} | {_fmt(r['tokens_per_s'], 1)} | {vs_txt} | {_fmt(r['speedup_vs_ar'])}x "
                     f"| {_fmt(r['mean_width'])} |"
                 )
             L.append("")
@@ -463,12 +473,12 @@ def save_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     abl = {bs: [r for r in summary["batch_sizes"][bs]["rows"] if r["role"] == "ablation"] for bs in bss}
     if any(abl.values()):
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        variants = sorted({r["cost"] for rs in abl.values() for r in rs})
+        variants = sorted({_variant(r) for rs in abl.values() for r in rs})
         width = 0.8 / max(1, len(bss))
         for j, bs in enumerate(bss):
             vals = []
             for v in variants:
-                r = next((r for r in abl[bs] if r["cost"] == v), None)
+                r = next((r for r in abl[bs] if _variant(r) == v), None)
                 vals.append(
                     1 / r["evict_over_this"]["mean"] if r and r["evict_over_this"]["n"] else float("nan")
                 )
@@ -476,8 +486,8 @@ def save_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xticks([i + width * (len(bss) - 1) / 2 for i in range(len(variants))])
         ax.set_xticklabels(variants, fontsize=8)
-        ax.set_ylabel("tokens/s relative to EVICT with the right table")
-        ax.set_title("Profile-mismatch ablation", fontsize=9)
+        ax.set_ylabel("tokens/s relative to EVICT as run")
+        ax.set_title("Ablations: wrong cost tables, other decision mode", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
         p = out_dir / "ablation.png"

@@ -238,7 +238,7 @@ class Bench:
 
     def engine(self, mode: ModeSpec) -> Any:
         """The (cached) engine of a mode; EVICT modes get their cost-table variant."""
-        key = f"{mode.name}|{mode.tree}|{mode.cost}|{mode.budget}"
+        key = f"{mode.name}|{mode.tree}|{mode.cost}|{mode.budget}|{mode.decision}"
         if key not in self._engines:
             policy = None
             if mode.kind == "evict":
@@ -246,7 +246,8 @@ class Bench:
                     raise ValueError("EVICT needs a cost table: pass --cost-table PATH")
                 cost = cost_variant(self.table, mode.cost, self.other_tables)
                 widths = [w for w in self.table.widths if w <= mode.num_draft]
-                policy = TruncationPolicy(cost, widths=widths, mode=self.decision, backend=self.backend)
+                decision = mode.decision or self.decision
+                policy = TruncationPolicy(cost, widths=widths, mode=decision, backend=self.backend)
             self._engines[key] = self.engine_factory(mode, policy)
         return self._engines[key]
 
