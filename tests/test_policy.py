@@ -249,3 +249,25 @@ def test_every_front_end_offers_the_policys_choices():
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     choices = {a.dest: tuple(a.choices) for a in generate._actions if a.choices}
     assert choices["decision"] == DECISIONS and choices["backend"] == BACKENDS
+
+
+def test_a_failing_kernel_costs_one_error_and_the_torch_rule_takes_over(caplog):
+    # e.g. Triton cannot compile for this GPU: the first call logs, later calls use the rule
+    gen = torch.Generator().manual_seed(6)
+    steps = [torch.rand(2, 10, generator=gen) ** (1 + i % 3) for i in range(5)]
+    ref = TruncationPolicy(COST, WIDTHS, mode="lagged")
+    pol = TruncationPolicy(COST, WIDTHS, mode="lagged", backend="triton")
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    pol._triton = broken
+    with caplog.at_level(logging.ERROR, logger="evict"):
+        for s in steps:
+            a, b = ref.decide(s), pol.decide(s)
+            assert (a.width, a.width_index) == (b.width, b.width_index) and torch.equal(a.kept, b.kept)
+    assert len(calls) == 1 and pol.backend == "torch"
+    assert pol.stats()["errors"] == 1 and pol.stats()["backend"] == "torch"
+    assert sum("Triton width kernel failed" in r.getMessage() for r in caplog.records) == 1

@@ -29,6 +29,7 @@ def format_stats(stats: dict[str, Any], switches: int = 0) -> str:
         f"EVICT: steps={stats['steps']} mean_width={f(stats['mean_width'])} "
         f"accept_len predicted={f(stats['mean_predicted_accepted'])} "
         f"realized={f(stats['mean_realized_accepted'])} fallbacks={stats['fallbacks']} "
+        f"errors={stats.get('errors', 0)} "
         f"width_switches={switches} mode={stats['mode']} backend={stats['backend']}"
     )
 

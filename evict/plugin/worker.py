@@ -171,11 +171,15 @@ class EvictDraftWorker(EagleDraftWorker):
 
         width = self.full_num_draft_tokens
         if not batch.forward_mode.is_idle() and self.truncation_policy is not None:
-            scores = self.score_sink.read(batch.seq_lens.shape[0])
-            decision = self.truncation_policy.decide(scores)
+            try:
+                scores = self.score_sink.read(batch.seq_lens.shape[0])
+                decision = self.truncation_policy.decide(scores)
+            except Exception as exc:  # never fail a request over the cut: verify the full tree
+                self.truncation_policy.record_error(exc, "width decision failed; verifying the full tree")
+                decision = None
             self.last_decision = decision
-            width = decision.width
-            if width < self.full_num_draft_tokens:
+            if decision is not None and decision.width < self.full_num_draft_tokens:
+                width = decision.width
                 top_scores_index, draft_tokens = cut_draft_tree(top_scores_index, draft_tokens, decision.kept)
         if self.activate_width is not None:
             # Must precede build_eagle_verify_input: it writes the width-m backend's verify mask.

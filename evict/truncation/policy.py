@@ -189,8 +189,8 @@ class TruncationPolicy:
             index = widths.numel() - 1
         elif self.mode == "lagged":
             index = self._held.read()
-        if self._triton is not None:
-            dev = self._triton(scores, cost, widths, index=index, check=False, backend="auto")
+        dev = self._device_decision(scores, cost, widths, index) if self._triton is not None else None
+        if dev is not None:
             own = dev.best_index
             if index is None:
                 decision = dev.to_width_decision()
@@ -210,6 +210,25 @@ class TruncationPolicy:
         self._record(decision)
         return decision
 
+    def _device_decision(self, scores, cost, widths, index):  # noqa: ANN001, ANN202 (kernels optional)
+        """The Triton kernel's decision, or None after switching to the torch rule for good.
+
+        Why: the kernel compiles on its first call on a new GPU; a compile or launch failure there
+        must cost one log line and the torch rule, not the server.
+        """
+        try:
+            return self._triton(scores, cost, widths, index=index, check=False, backend="auto")
+        except Exception as exc:
+            self._triton, self.backend = None, "torch"
+            self.record_error(exc, "the Triton width kernel failed; using the torch rule from now on")
+            return None
+
+    def record_error(self, exc: BaseException, what: str = "the width decision failed") -> None:
+        """Count a failure that a caller recovered from; log the first and every 1000th with its traceback."""
+        self.errors += 1
+        if self.errors == 1 or self.errors % 1000 == 0:
+            logger.error("evict: %s (%d so far): %r", what, self.errors, exc, exc_info=exc)
+
     # -- counters ---------------------------------------------------------------------------
     def reset_stats(self) -> None:
         """Zero the counters (the lagged state is kept)."""
@@ -218,6 +237,7 @@ class TruncationPolicy:
         self.width_sum = 0
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._totals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per device, read by stats()
+        self.errors = 0
         self.realized_sum = 0.0
         self.realized_count = 0
 
@@ -270,4 +290,5 @@ class TruncationPolicy:
             ),
             "realized_count": self.realized_count,
             "fallbacks": fallbacks,
+            "errors": self.errors,
         }

@@ -188,6 +188,24 @@ def test_lagged_decision_verifies_this_steps_best_nodes_at_the_previous_steps_wi
         assert torch.equal(rec.build_kwargs["draft_tokens"], _original(*lists, m)[2])
 
 
+def test_a_failing_decision_verifies_the_full_tree_and_is_counted(monkeypatch, caplog):
+    rec = _Recorder()
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], mode="immediate")
+    dw = make_draft_worker(monkeypatch, rec, policy)
+
+    def broken(scores):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(policy, "decide", broken)
+    with caplog.at_level("ERROR", logger="evict"):
+        dw.draft(make_batch())
+        dw.draft(make_batch())
+    assert rec.events == [("activate", 8), ("build", 8)] * 2
+    assert torch.equal(rec.build_kwargs["top_scores_index"], _original(*dw.lists, 8)[1])
+    assert dw.last_decision is None and policy.stats()["errors"] == 2
+    assert sum("verifying the full tree" in r.getMessage() for r in caplog.records) == 1  # logged once
+
+
 def test_flat_cost_and_kill_switch_verify_the_full_tree(monkeypatch):
     for policy in (
         TruncationPolicy([1.0, 1.0, 1.0], widths=[2, 4, 8], mode="immediate"),
