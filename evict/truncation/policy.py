@@ -75,9 +75,6 @@ class HeldIndex:
             self._value, self._queued = int(self._buffer), False
         return self._value
 
-    def clear(self) -> None:
-        self._value, self._queued = None, False
-
 
 class TruncationPolicy:
     """Chooses the verify width each decode step and keeps calibration counters.
