@@ -192,8 +192,8 @@ def _torch_decision(
     """The fallback: the torch rule itself (``evict.truncation.rule``), repackaged.
 
     ``choose_width`` for this step's own choice; a forced index goes through the rule's own
-    ``_decide_from_index`` without the fallback override, as ``TruncationPolicy``'s lagged mode
-    does (an int index then costs no sync).
+    ``_decide_from_index`` as given, as ``TruncationPolicy``'s lagged mode does (an int index then
+    costs no sync).
     """
     if index is None:
         d = choose_width(scores, cost, widths, check=False)
@@ -204,7 +204,7 @@ def _torch_decision(
         best = _own_index(ranked, objective)
         if isinstance(index, torch.Tensor):
             index = index.to(scores.device).clamp(0, widths.numel() - 1)
-        d = _decide_from_index(ranked, objective, index, apply_fallback=False)
+        d = _decide_from_index(ranked, objective, index)
     dev = scores.device
     return DeviceWidthDecision(
         width=torch.tensor(d.width, dtype=torch.long, device=dev),

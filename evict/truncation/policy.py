@@ -196,12 +196,8 @@ class TruncationPolicy:
         else:
             ranked = _Ranked(scores, widths, plan)
             objective = ranked.benefit.sum(dim=0) / cost
-            if index is None:
-                decision = _decide_from_index(ranked, objective, objective.argmax())
-                own = decision.width_index
-            else:
-                decision = _decide_from_index(ranked, objective, index, apply_fallback=False)
-                own = _own_index(ranked, objective) if self.mode == "lagged" else index
+            own = _own_index(ranked, objective) if index is None or self.mode == "lagged" else None
+            decision = _decide_from_index(ranked, objective, own if index is None else index)
         if self.mode == "lagged":
             self._held.write(own)  # queued copy: read by the next call, not waited for now
         self._record(decision)

@@ -306,24 +306,16 @@ def _prepare(
     return w.to(scores.device), c.to(scores.device)
 
 
-def _decide_from_index(
-    ranked: _Ranked, objective: torch.Tensor, index: torch.Tensor | int, *, apply_fallback: bool = True
-) -> WidthDecision:
+def _decide_from_index(ranked: _Ranked, objective: torch.Tensor, index: torch.Tensor | int) -> WidthDecision:
     """Build a :class:`WidthDecision` for width index ``index`` (an int, or a 0-d LongTensor).
 
-    Bad requests force the largest allowed width, unless ``apply_fallback=False``: then the index is
-    used as given and bad rows are cut on their ramp (their first flat indices, ancestor-closed, so
-    verification stays lossless) -- lagged mode, where the host fixed the width before this step's
-    scores existed.  Reading a tensor index is the one host sync of a step (the kept tensor's shape
-    depends on the width); a Python-int index with ``apply_fallback=False`` makes the call sync-free.
+    The index is used as given: pass :func:`_own_index` for this step's own choice (bad requests
+    force the largest width), or a width the host fixed before this step's scores existed (lagged
+    mode), which cuts bad rows on their ramp (their first flat indices, ancestor-closed, so
+    verification stays lossless).  Reading a tensor index is the one host sync of a step (the kept
+    tensor's shape depends on the width); an int index makes the call sync-free.
     """
-    last = ranked.plan.last
-    if apply_fallback:
-        if not isinstance(index, torch.Tensor):
-            index = torch.tensor(int(index), device=last.device)
-        idx = int(torch.where(ranked.good.all(), index, last))
-    else:
-        idx = int(index)
+    idx = int(index)
     width = ranked.plan.eff_list[idx]
     return WidthDecision(
         width=width,
@@ -358,7 +350,7 @@ def choose_width(
     w, c = _prepare(scores, step_cost, widths, check)
     ranked = _Ranked(scores, w)
     objective = ranked.benefit.sum(dim=0) / c
-    return _decide_from_index(ranked, objective, objective.argmax())
+    return _decide_from_index(ranked, objective, _own_index(ranked, objective))
 
 
 def choose_widths_per_request(
