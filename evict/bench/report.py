@@ -380,6 +380,14 @@ def render_markdown(summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------- plots
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out, write at the report's resolution and free one figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def save_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """Throughput/speedup bars, width vs experts, and the ablation; returns the written files."""
     import matplotlib
@@ -411,11 +419,7 @@ def save_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
             if key == "speedup_vs_ar":
                 ax.axhline(1.0, color="gray", lw=0.8)
             ax.set_title(f"batch size {bs}: {label} (min-max over seeds)", fontsize=9)
-    fig.tight_layout()
-    p = out_dir / "throughput.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    files.append(p)
+    files.append(_save(plt, fig, out_dir / "throughput.png"))
 
     # 2. verified width vs experts per verify step
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -437,11 +441,7 @@ def save_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         + ")",
         fontsize=9,
     )
-    fig.tight_layout()
-    p = out_dir / "experts.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    files.append(p)
+    files.append(_save(plt, fig, out_dir / "experts.png"))
 
     # 3. EVICT's predicted accepted length (drafter scores) vs the realized one, binned
     cal = {
@@ -463,11 +463,7 @@ def save_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_ylabel("realized accepted length")
         ax.set_title("EVICT: predicted vs realized tokens per step (equal-count bins)", fontsize=9)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out_dir / "calibration.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        files.append(p)
+        files.append(_save(plt, fig, out_dir / "calibration.png"))
 
     # 4. ablation: EVICT's tokens/s with wrong tables relative to the right one
     abl = {bs: [r for r in summary["batch_sizes"][bs]["rows"] if r["role"] == "ablation"] for bs in bss}
@@ -489,11 +485,7 @@ def save_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_ylabel("tokens/s relative to EVICT as run")
         ax.set_title("Ablations: wrong cost tables, other decision mode", fontsize=9)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out_dir / "ablation.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        files.append(p)
+        files.append(_save(plt, fig, out_dir / "ablation.png"))
     return files
 
 
