@@ -5,8 +5,9 @@ Example::
     evict generate --prompt "def main(" --mode all --max-new-tokens 64
 
 prints, per mode, the generated text, tokens/s, mean accepted length and mean verified width.
-EVICT mode needs a cost table: ``--cost-table PATH``, else the shipped
-``configs/testbed_cpu_cost_table.json`` (made with ``evict-profile``).
+EVICT mode needs a cost table: ``--cost-table PATH`` (checked strictly against this machine), else
+the shipped ``configs/testbed_cpu_cost_table.json`` when it was measured on this kind of machine,
+else this machine's own table, measured once (seconds) and cached (see :mod:`evict.profiler.auto`).
 """
 
 from __future__ import annotations
@@ -16,18 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from evict.paths import TESTBED_COST_TABLE, shipped_config
+from evict.paths import TESTBED_COST_TABLE
 
-__all__ = ["main", "build_parser", "default_cost_table"]
+__all__ = ["main", "build_parser"]
 
 
 class CliError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
-
-
-def default_cost_table() -> Path | None:
-    """The shipped testbed cost table, if this install has it."""
-    return shipped_config(TESTBED_COST_TABLE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
-        "--cost-table", default=None, help=f"cost table JSON (default: configs/{TESTBED_COST_TABLE})"
+        "--cost-table",
+        default=None,
+        help=f"cost table JSON, checked strictly (default: configs/{TESTBED_COST_TABLE} if it was measured "
+        "on this kind of machine, else this machine's own table, measured once and cached)",
     )
     g.add_argument(
         "--allow-table-mismatch",
@@ -86,10 +85,10 @@ def _load_pair(device: str, dtype_name: str):
     import torch
 
     try:
-        from evict.engine.models import load_testbed
+        from evict.models import load_testbed
     except ImportError as exc:
         raise CliError(
-            f"the testbed models are not available (evict.engine.models.load_testbed: {exc}); "
+            f"the testbed models are not available (evict.models.load_testbed: {exc}); "
             "this checkout lacks the reference models"
         ) from exc
     try:
@@ -98,55 +97,37 @@ def _load_pair(device: str, dtype_name: str):
         raise CliError(str(exc)) from exc
 
 
-def _model_config(target: Any) -> Any:
-    """The config to hash for the cost-table check: the testbed's config.json when it is the model.
+def _model_dirs() -> tuple[Path, Path]:
+    """Checkpoint folders of the loaded pair (target, drafter): what the cost table is checked
+    against and what a zero-config measurement times."""
+    from evict.models import TESTBED_DIR
 
-    The profiler hashes the checkpoint's config.json; transformers 5 renames some fields in
-    ``config.to_dict()`` (``num_experts`` -> ``num_local_experts``), so hashing the loaded config
-    object would not match a table made from the same checkpoint.
-    """
-    import json
-
-    try:
-        from evict.engine.models import TESTBED_DIR
-    except ImportError:
-        return target.config
-    path = TESTBED_DIR / "target" / "config.json"
-    if path.is_file():
-        cfg = json.loads(path.read_text())
-        keys = ("hidden_size", "num_hidden_layers", "vocab_size")
-        if all(cfg.get(k) == getattr(target.config, k, None) for k in keys):
-            return cfg
-    return target.config
+    return Path(TESTBED_DIR) / "target", Path(TESTBED_DIR) / "drafter"
 
 
-def _policy(args: argparse.Namespace, target: Any):
-    from evict.profiler.table import CostTable, CostTableError, model_config_hash
+def _policy(args: argparse.Namespace):
+    from evict.profiler.auto import AutoGrid, resolve_cost_table
+    from evict.profiler.table import CostTableError, resolve_widths
+    from evict.profiler.torch_backend import ProfileError
     from evict.truncation import TruncationPolicy
 
-    path = Path(args.cost_table) if args.cost_table else default_cost_table()
-    if path is None:
-        raise CliError(
-            f"EVICT mode needs a cost table and configs/{TESTBED_COST_TABLE} is not shipped here; "
-            "make one with `evict-profile` (see docs) and pass --cost-table PATH"
-        )
-    if not path.is_file():
-        raise CliError(f"cost table {path} does not exist; make one with `evict-profile` or fix --cost-table")
+    target_dir, drafter_dir = _model_dirs()
     try:
-        table = CostTable.load(path)
-        # tables without a config hash (hand-made) cannot be checked against the model
-        has_hash = bool(table.metadata.get("model_config_hash"))
-        table.check_compatible(
-            config_hash=model_config_hash(_model_config(target)) if has_hash else None,
+        choice = resolve_cost_table(
+            explicit=args.cost_table,
+            model_dir=target_dir,
+            drafter_dir=drafter_dir if (drafter_dir / "config.json").is_file() else None,
+            device=args.device,
+            dtype=args.dtype,
             allow_mismatch=args.allow_table_mismatch,
+            grid=AutoGrid.covering((1,), max_width=args.num_draft_tokens, draft_tree=(args.steps, args.topk)),
+            log=lambda line: print(f"[evict] {line}"),
         )
-    except CostTableError as exc:
+        widths = resolve_widths(args.num_draft_tokens, table_widths=choice.table.widths)
+    except (CostTableError, ProfileError) as exc:
         raise CliError(str(exc)) from exc
-    widths = [w for w in table.widths if w <= args.num_draft_tokens]
-    if args.num_draft_tokens not in widths:
-        widths.append(args.num_draft_tokens)  # the full static tree is always an option
-    policy = TruncationPolicy(table, widths=sorted(widths), mode=args.decision, backend=args.backend)
-    return policy, path
+    policy = TruncationPolicy(choice.table, widths=widths, mode=args.decision, backend=args.backend)
+    return policy, choice.path
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -160,7 +141,7 @@ def _generate(args: argparse.Namespace) -> int:
     modes = ["ar", "static", "evict"] if args.mode == "all" else [args.mode]
     evict_policy = None
     if "evict" in modes:  # fail before spending time on the other modes
-        evict_policy, table_path = _policy(args, target)
+        evict_policy, table_path = _policy(args)
         print(
             f"[evict] cost table: {table_path} (decision={evict_policy.mode}, backend={evict_policy.backend})"
         )

@@ -294,7 +294,7 @@ def ttt_forward(drafter, aux: torch.Tensor, tokens: torch.Tensor, steps: int) ->
     """
     import torch.nn.functional as F
 
-    from evict.engine.models.common import apply_rope, rope_cos_sin
+    from evict.models.common import apply_rope, rope_cos_sin
 
     b, t = tokens.shape
     ml = drafter.midlayer
@@ -355,7 +355,7 @@ def ttt_labels(argmax: torch.Tensor, t2d_index: torch.Tensor, steps: int) -> lis
 
 def train_drafter(args, train_stream: torch.Tensor, held_windows: torch.Tensor, out: Path) -> dict:
     """Train the EAGLE-3 drafter on precomputed target states with training-time test; save it."""
-    from evict.engine.models import Eagle3Drafter, Qwen3MoeTarget, eagle3_config
+    from evict.models import Eagle3Drafter, Qwen3MoeTarget, eagle3_config
 
     seed_all(args.seed + 100)
     target = Qwen3MoeTarget.from_pretrained(out / "target").eval()
@@ -493,7 +493,7 @@ def _median_ms(fn, reps: int = 30) -> float:
 @torch.no_grad()
 def evaluate_pair(args, held_stream: torch.Tensor, held_windows: torch.Tensor, out: Path) -> dict:
     """Held-out quality of the shipped (bf16) pair, loaded exactly as the engine loads it."""
-    from evict.engine.models import Eagle3Drafter, Qwen3MoeTarget
+    from evict.models import Eagle3Drafter, Qwen3MoeTarget
 
     seed_all(args.seed + 200)
     target = Qwen3MoeTarget.from_pretrained(out / "target").eval()

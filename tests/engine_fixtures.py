@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import Qwen3MoeConfig
 
-from evict.engine.models import Eagle3Drafter, Qwen3MoeTarget, eagle3_config
+from evict.models import Eagle3Drafter, Qwen3MoeTarget, eagle3_config
 
 
 def tiny_config(vocab: int = 16, layers: int = 2) -> Qwen3MoeConfig:

@@ -375,7 +375,7 @@ def test_prompts_are_held_out_and_alternate_domains():
 
 def _tiny_pair():
     transformers = pytest.importorskip("transformers")
-    from evict.engine.models import Eagle3Drafter, Qwen3MoeTarget, eagle3_config
+    from evict.models import Eagle3Drafter, Qwen3MoeTarget, eagle3_config
 
     cfg = transformers.Qwen3MoeConfig(
         vocab_size=256, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
@@ -440,11 +440,35 @@ def test_evict_tree_follows_the_tables_drafting_profile():
     from evict.bench.cli import evict_tree_for
 
     t = _tiny_table()
-    assert evict_tree_for(t) == (5, 4, 32)  # no drafting note: the fallback
-    t.metadata["fixed_ms"] = "EAGLE-3 drafter drafter: 3 forwards x 4 tokens per request"
+    assert evict_tree_for(t) == (5, 4, 8)  # no drafting shape recorded: the fallback, capped at width 8
+    t.metadata.update(draft_steps=3, draft_topk=4)
     assert evict_tree_for(t) == (3, 4, 8)  # whole tree has 37 nodes, capped at the largest width 8
-    t.metadata["fixed_ms"] = "EAGLE-3 drafter drafter: 3 forwards x 1 tokens per request"
+    t.metadata.update(draft_steps=3, draft_topk=1)
     assert evict_tree_for(t) == (3, 1, 4)
+    # the shape is read from its fields, never from the free-text note
+    t.metadata.pop("draft_steps")
+    t.metadata["fixed_ms"] = "EAGLE-3 drafter drafter: 2 forwards x 2 tokens per request"
+    assert evict_tree_for(t) == (5, 4, 8)
+
+
+def test_evict_always_may_keep_the_full_tree_even_off_the_tables_widths():
+    """--evict-tree 5,4,20 on a table profiled at 16 and 32: width 20 (the whole tree) is allowed."""
+    from evict.profiler.table import CostTable
+
+    med = [[1.0, 1.2, 1.5, 2.5, 3.0, 4.0]]
+    table = CostTable.from_dict(
+        {
+            "schema_version": 1,
+            "metadata": {"model_id": "tiny", "device": "cpu", "dtype": "float32", "tp_size": 1},
+            "batch_sizes": [1],
+            "widths": [1, 2, 4, 8, 16, 32],
+            "latency_ms": {"median": med, "p10": med, "p90": med},
+        }
+    )
+    seen = []
+    bench = Bench(lambda mode, policy: seen.append(policy) or object(), FakeTarget(), 8, table=table)
+    bench.engine(ModeSpec(name="evict", kind="evict", steps=5, topk=4, num_draft=20, role="evict"))
+    assert seen[0].widths.tolist() == [1, 2, 4, 8, 16, 20]
 
 
 def test_max_batches_takes_the_first_prompt_batches_and_every_mode_runs_each():

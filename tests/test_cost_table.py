@@ -257,7 +257,7 @@ def test_interpolation_stays_between_neighbours(increments, bs, width):
 def test_config_hash_same_for_raw_json_and_loaded_hf_config():
     """transformers renames num_experts -> num_local_experts in to_dict(); the hash must not care."""
     transformers = pytest.importorskip("transformers")
-    from evict.engine.models import TESTBED_DIR
+    from evict.models import TESTBED_DIR
 
     cfg_dir = TESTBED_DIR / "target"
     if not (cfg_dir / "config.json").exists():

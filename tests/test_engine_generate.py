@@ -11,6 +11,7 @@ from engine_fixtures import oracle_pair, random_pair
 from evict import cli
 from evict.engine import SpecEngine
 from evict.profiler.table import model_config_hash
+from evict.profiler.torch_backend import device_name
 from evict.truncation import TruncationPolicy
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 3, 3]]
@@ -131,15 +132,25 @@ class FakeTokenizer:
         return "".join(chr(ord("a") + i) for i in ids)
 
 
+def _checkpoint_of(target, tmp_path, monkeypatch):
+    """Point the CLI at a folder holding the in-memory target's config.json (what it hashes)."""
+    folder = tmp_path / "target"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(target.config.to_dict(), default=str))
+    monkeypatch.setattr(cli, "_model_dirs", lambda: (folder, tmp_path / "no_drafter"))
+    return folder
+
+
 def test_cli_generate_all_modes(pair, monkeypatch, tmp_path, capsys):
     target, drafter = pair
     monkeypatch.setattr(cli, "_load_pair", lambda device, dtype: (target, drafter, FakeTokenizer()))
+    _checkpoint_of(target, tmp_path, monkeypatch)
     table = {
         "schema_version": 1,
         "metadata": {
             "model_id": "tiny",
             "model_config_hash": model_config_hash(target.config),
-            "device": "cpu",
+            "device": device_name(torch.device("cpu")),
             "dtype": "float32",
             "tp_size": 1,
         },
@@ -179,15 +190,13 @@ def test_cli_generate_all_modes(pair, monkeypatch, tmp_path, capsys):
 def test_cli_errors_are_clear(pair, monkeypatch, tmp_path, capsys):
     target, drafter = pair
     monkeypatch.setattr(cli, "_load_pair", lambda device, dtype: (target, drafter, FakeTokenizer()))
-    monkeypatch.setattr(cli, "default_cost_table", lambda: None)
-    rc = cli.main(["generate", "--prompt", "x", "--mode", "evict"])
-    assert rc == 2
-    assert "evict-profile" in capsys.readouterr().err
+    _checkpoint_of(target, tmp_path, monkeypatch)
     rc = cli.main(
         ["generate", "--prompt", "x", "--mode", "evict", "--cost-table", str(tmp_path / "none.json")]
     )
     assert rc == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "none.json: file not found" in err and "evict-profile" in err
     rc = cli.main(["generate", "--prompt", "x", "--mode", "static", "--steps", "2", "--topk", "2"])
     assert rc == 2  # N = 16 > K + 1 = 7
     assert "num_draft_tokens" in capsys.readouterr().err

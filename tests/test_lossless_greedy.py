@@ -92,7 +92,7 @@ def test_eos_and_max_new_tokens_per_request(pair_and_reference):
 
 
 def test_shipped_testbed_pair_matches_target_greedy():
-    models = pytest.importorskip("evict.engine.models")
+    models = pytest.importorskip("evict.models")
     try:
         target, drafter, tok = models.load_testbed()
     except FileNotFoundError:

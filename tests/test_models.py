@@ -1,4 +1,4 @@
-"""Tests of evict.engine.models: HF parity, KV cache, masks, commit, drafter checkpoint layout."""
+"""Tests of evict.models: HF parity, KV cache, masks, commit, drafter checkpoint layout."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evict.engine.models import (
+from evict.models import (
     SGLANG_EAGLE3_WEIGHT_NAMES,
     Eagle3Drafter,
     KVCache,
@@ -334,7 +334,7 @@ class Counter:
 
 def test_shipped_testbed_is_trained():
     """The shipped pair loads from the package, is small, and is clearly trained (not random)."""
-    from evict.engine.models import TESTBED_DIR, load_testbed
+    from evict.models import TESTBED_DIR, load_testbed
 
     for sub in ("target", "drafter"):
         for f in (TESTBED_DIR / sub).glob("*.safetensors"):

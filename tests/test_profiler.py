@@ -318,7 +318,7 @@ def test_cpu_clock_is_recorded_and_needs_one_thread(tiny_model, tmp_path):
 
 def test_engine_target_times_reference_engine(tiny_model, tmp_path):
     if not engine_available():
-        pytest.skip("evict.engine.models.Qwen3MoeTarget not available")
+        pytest.skip("evict.models.Qwen3MoeTarget not available")
     out = tmp_path / "engine.json"
     assert run_cli(["--model", str(tiny_model), "--out", str(out), "--no-plot", *SMALL]) == 0
     table = CostTable.load(out)
@@ -329,8 +329,8 @@ def test_engine_target_times_reference_engine(tiny_model, tmp_path):
 
 def test_draft_model_fills_fixed_ms(tiny_model, tmp_path):
     if not engine_available():
-        pytest.skip("evict.engine.models not available")
-    from evict.engine.models import Eagle3Drafter, Qwen3MoeTarget, eagle3_config
+        pytest.skip("evict.models not available")
+    from evict.models import Eagle3Drafter, Qwen3MoeTarget, eagle3_config
 
     target = Qwen3MoeTarget.from_pretrained(tiny_model)
     cfg = eagle3_config(target.config, draft_vocab_size=128, aux_layer_ids=target.aux_layer_ids)

@@ -17,7 +17,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any
 
 import torch
 
-from evict.paths import PACKAGE_DIR, TESTBED_COST_TABLE, shipped_config
+from evict.paths import PACKAGE_DIR
 from evict.truncation.policy import BACKENDS, DECISIONS
 
 from .modes import (
@@ -43,17 +42,12 @@ from .prompts import build_prompts
 from .runner import Bench, BenchData, ablation_names
 from .stats import LosslessError, check_lossless
 
-__all__ = ["main", "build_parser", "build_modes", "default_cost_table_path", "run_bench"]
+__all__ = ["main", "build_parser", "build_modes", "run_bench"]
 
 
 REPO = PACKAGE_DIR.parent  # the checkout (or site-packages): report paths relative to it
 EXIT_LOSSLESS = 3
 EXIT_BAD_INPUT = 2
-
-
-def default_cost_table_path() -> Path | None:
-    """The shipped testbed's profiled table, if this install has it."""
-    return shipped_config(TESTBED_COST_TABLE)
 
 
 def _tree_arg(text: str) -> tuple[int, int, int]:
@@ -76,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, help="prompts per domain (code, prose); default 8 (quick: 2)")
     p.add_argument("--prompt-tokens", type=int, help="tokens per prompt; default 64 (quick: 48)")
     p.add_argument("--max-new-tokens", type=int, help="default 64 (quick: 32)")
-    p.add_argument("--cost-table", type=Path, help="EVICT's cost table (default: the shipped testbed table)")
+    p.add_argument(
+        "--cost-table",
+        type=Path,
+        help="EVICT's cost table, checked strictly against this machine (default: the shipped testbed "
+        "table if it was measured on this kind of machine, else this machine's own, measured once and cached)",
+    )
     p.add_argument(
         "--extra-cost-table",
         type=Path,
@@ -291,18 +290,18 @@ def _engine_factory(target: Any, drafter: Any, device: str):
     return factory
 
 
-def evict_tree_for(table: Any, fallback: tuple[int, int, int] = (5, 4, 32)) -> tuple[int, int, int]:
+def evict_tree_for(table: Any, fallback: tuple[int, int] = (5, 4)) -> tuple[int, int, int]:
     """EVICT's draft tree: the (steps, topk) whose drafting cost the table's ``fixed_ms`` measured.
 
-    ``evict-profile --draft-model`` records "... S forwards x K tokens per request" in the metadata;
-    N is then the whole tree, capped at the table's largest width. Without that note: ``fallback``.
+    The table records that shape as ``metadata.draft_steps`` / ``draft_topk`` (``evict-profile
+    --draft-model`` and the zero-config measurement write them); without them ``fallback``. N is the
+    whole tree, capped at the table's largest width so that every width EVICT may pick was measured.
     """
-    note = str(getattr(table, "metadata", {}).get("fixed_ms", "")) if table is not None else ""
-    m = re.search(r"(\d+) forwards x (\d+) tokens", note)
-    if not m:
-        return fallback
-    steps, topk = int(m.group(1)), int(m.group(2))
-    n = min(num_candidates(steps, topk) + 1, max(table.widths))
+    shape = getattr(table, "draft_tree", None) if table is not None else None
+    steps, topk = shape or fallback
+    n = num_candidates(steps, topk) + 1
+    if table is not None:
+        n = min(n, max(table.widths))
     if topk == 1:
         n = min(n, steps + 1)
     return steps, topk, max(n, 2)
@@ -394,20 +393,19 @@ def run_bench(
 
 
 def _load(args: argparse.Namespace, device: str, log=print):
-    from evict.engine.models import TESTBED_DIR, load_testbed  # noqa: PLC0415
-    from evict.profiler.table import CostTable, model_config_hash  # noqa: PLC0415
-    from evict.profiler.torch_backend import device_name  # noqa: PLC0415
+    from evict.models import TESTBED_DIR, load_testbed  # noqa: PLC0415
+    from evict.profiler.auto import AutoGrid, resolve_cost_table  # noqa: PLC0415
+    from evict.profiler.table import CostTable  # noqa: PLC0415
 
     dtype = getattr(torch, args.dtype)
-    target_dir = Path(args.testbed or TESTBED_DIR) / "target"
+    tb = Path(args.testbed or TESTBED_DIR)
     if args.testbed is None:
         target, drafter, tokenizer = load_testbed(dtype=dtype, device=device)
     else:
         from transformers import AutoTokenizer  # noqa: PLC0415
 
-        from evict.engine.models import Eagle3Drafter, Qwen3MoeTarget  # noqa: PLC0415
+        from evict.models import Eagle3Drafter, Qwen3MoeTarget  # noqa: PLC0415
 
-        tb = Path(args.testbed)
         for sub in ("target", "drafter"):
             if not (tb / sub / "config.json").is_file():
                 raise FileNotFoundError(
@@ -416,20 +414,24 @@ def _load(args: argparse.Namespace, device: str, log=print):
         target = Qwen3MoeTarget.from_pretrained(tb / "target", dtype=dtype, device=device)
         drafter = Eagle3Drafter.from_pretrained(tb / "drafter", target, dtype=dtype, device=device)
         tokenizer = AutoTokenizer.from_pretrained(str(tb / "target"))
-    path = args.cost_table or default_cost_table_path()
-    table = None
-    if path is None:
-        log("no cost table found (configs/testbed_cpu_cost_table.json); EVICT is skipped — pass --cost-table")
-    else:
-        table = CostTable.load(path)
-        table.check_compatible(
-            config_hash=model_config_hash(json.loads((target_dir / "config.json").read_text())),
-            device=device_name(torch.device(device)),
-            dtype=args.dtype,
-            allow_mismatch=args.allow_table_mismatch,
-        )
+    tree = args.evict_tree
+    choice = resolve_cost_table(
+        explicit=args.cost_table,
+        model_dir=tb / "target",
+        drafter_dir=tb / "drafter",
+        device=device,
+        dtype=args.dtype,
+        allow_mismatch=args.allow_table_mismatch,
+        grid=AutoGrid.covering(
+            args.batch_sizes, max_width=tree[2] if tree else None, draft_tree=tree[:2] if tree else None
+        ),
+        clock="cpu" if args.clock == "cpu" and torch.get_num_threads() == 1 else "wall",
+        log=log,
+    )
+    table, path = choice.table, choice.path
+    log(f"cost table: {path} ({choice.how})")
     others = [CostTable.load(p) for p in args.extra_cost_table]
-    if table is not None and not args.extra_cost_table:
+    if not args.extra_cost_table and choice.how in ("explicit", "shipped"):
         others = _other_device_tables(table, path, log)
     return target, drafter, tokenizer, table, others, path
 
@@ -466,10 +468,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     from evict.profiler.table import CostTableError  # noqa: PLC0415
+    from evict.profiler.torch_backend import ProfileError  # noqa: PLC0415
 
     try:
         target, drafter, tokenizer, table, others, table_path = _load(args, device)
-    except (CostTableError, FileNotFoundError, ValueError) as exc:
+    except (CostTableError, ProfileError, FileNotFoundError, ValueError) as exc:
         print(f"evict-bench: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     cfg = target.config

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from evict.profiler.table import resolve_widths
 from evict.truncation import TruncationPolicy
 
 from .hooks import ExpertUnionCounter, MoESpecBudget, chain_hooks, verify_router_hook
@@ -245,7 +246,7 @@ class Bench:
                 if self.table is None:
                     raise ValueError("EVICT needs a cost table: pass --cost-table PATH")
                 cost = cost_variant(self.table, mode.cost, self.other_tables)
-                widths = [w for w in self.table.widths if w <= mode.num_draft]
+                widths = resolve_widths(mode.num_draft, table_widths=self.table.widths)
                 decision = mode.decision or self.decision
                 policy = TruncationPolicy(cost, widths=widths, mode=decision, backend=self.backend)
             self._engines[key] = self.engine_factory(mode, policy)

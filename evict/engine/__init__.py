@@ -1,7 +1,7 @@
 """Pure-PyTorch reference engine: EAGLE-3 tree drafting, tree verification, AR / static / EVICT.
 
 The models (``Qwen3MoeTarget``, ``Eagle3Drafter``, ``load_testbed``) live in
-``evict.engine.models``; this package holds the decoding algorithm (see docs/engine.md).
+``evict.models``; this package holds the decoding algorithm (see docs/engine.md).
 """
 
 from .acceptance import AcceptResult, greedy_accept, sampling_accept

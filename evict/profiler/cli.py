@@ -25,7 +25,7 @@ DEFAULT_WIDTHS = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
 def default_model_path() -> Path:
     """The shipped testbed target (``evict/testbed/target``)."""
     try:
-        from evict.engine.models import TESTBED_DIR
+        from evict.models import TESTBED_DIR
 
         return Path(TESTBED_DIR) / "target"
     except Exception:
@@ -246,6 +246,8 @@ def _measure(args: argparse.Namespace, points: list[tuple[int, int]] | None = No
 
         result.fixed_ms = measure_draft_cost(spec, args.draft_model, args.draft_steps, args.draft_topk)
         result.meta["fixed_ms"] = draft_cost_note(args.draft_model, args.draft_steps, args.draft_topk)
+        result.meta["draft_steps"] = args.draft_steps
+        result.meta["draft_topk"] = args.draft_topk
     return result
 
 
@@ -262,12 +264,11 @@ def check_points(batch_sizes: Sequence[int], widths: Sequence[int], n: int) -> l
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from evict.profiler.table import CostTable, model_config_hash
+    from evict.profiler.table import CostTable, checkpoint_config_hash
     from evict.profiler.torch_backend import device_name, read_model_config, resolve_device
 
-    table = CostTable.load(args.check)
-    meta = table.metadata
-    cfg = read_model_config(args.model)
+    meta = CostTable.load(args.check).metadata
+    read_model_config(args.model)  # a clear error for a bad --model before anything is timed
     if args.backend != meta.get("backend", args.backend):
         print(
             f"evict-profile: note: table backend {meta.get('backend')!r}, re-measuring with {args.backend!r}",
@@ -277,8 +278,9 @@ def _run_check(args: argparse.Namespace) -> int:
     args.dtype = args.dtype or meta.get("dtype")
     _default_device_dtype(args)
     device = resolve_device(args.device)
-    table.check_compatible(
-        config_hash=model_config_hash(cfg),
+    table = CostTable.open(
+        args.check,
+        config_hash=checkpoint_config_hash(args.model),
         device=device_name(device),
         tp_size=args.tp_size,
         dtype=args.dtype,

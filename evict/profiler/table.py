@@ -12,7 +12,8 @@ Schema (``schema_version`` 1)::
       "metadata": {"model_id": str, "model_config_hash": str, "device": str, "dtype": str,
                    "tp_size": int, "ep_size": int, "backend": str,
                    "versions": {"torch": str, "transformers": str, "sglang": str, "evict": str},
-                   "date": str, "context_len": int, "repeats": int, "notes": str},
+                   "date": str, "context_len": int, "repeats": int, "notes": str,
+                   "num_threads": int, "draft_steps": int, "draft_topk": int},
       "batch_sizes": [ascending ints >= 1],
       "widths": [ascending ints >= 1],
       "latency_ms": {"median": [[...]], "p10": [[...]], "p90": [[...]]},   # [len(bs)][len(widths)]
@@ -22,6 +23,11 @@ Schema (``schema_version`` 1)::
 
 Required metadata: ``model_id``, ``device``, ``dtype``, ``tp_size``; the rest is optional but kept,
 as are unknown top-level fields (a newer writer's additions survive a load/save round trip).
+``draft_steps`` / ``draft_topk`` name the EAGLE tree whose drafting ``fixed_ms`` measured.
+
+Every front end goes the same route from a file to a policy: :meth:`CostTable.open` (read, validate,
+check against the running setup), :func:`checkpoint_config_hash` (the model's identity) and
+:func:`resolve_widths` (the verify widths, always including the full tree N).
 """
 
 from __future__ import annotations
@@ -40,7 +46,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["SCHEMA_VERSION", "CostTable", "CostTableError", "model_config_hash", "REGENERATE_HINT"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "CostTable",
+    "CostTableError",
+    "model_config_hash",
+    "checkpoint_config_hash",
+    "resolve_widths",
+    "REGENERATE_HINT",
+]
 
 logger = logging.getLogger("evict")
 
@@ -117,6 +131,85 @@ def model_config_hash(config: Mapping[str, Any] | Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def checkpoint_config_hash(model_path: str | os.PathLike[str], revision: str | None = None) -> str | None:
+    """:func:`model_config_hash` of a checkpoint's raw ``config.json`` (a directory or a hub id).
+
+    The one way EVICT names a model: the profiler, the start-up calibration, the reference engine,
+    the benchmark and the plugin all hash the file's JSON, never a loaded config object (transformers
+    renames fields in ``to_dict()`` and SGLang adds derived ones, either of which would change the
+    hash). Hub ids are looked up in the local Hugging Face cache; ``None`` (with a warning) when no
+    config.json can be found, in which case callers skip the architecture check.
+    """
+    path = Path(model_path).expanduser()
+    cfg_file: Path | None = path / "config.json" if path.is_dir() else None
+    if cfg_file is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
+
+            cached = try_to_load_from_cache(str(model_path), "config.json", revision=revision)
+            cfg_file = Path(cached) if isinstance(cached, str) else None
+        except Exception:  # not a hub id, or no huggingface_hub
+            cfg_file = None
+    if cfg_file is None or not cfg_file.is_file():
+        logger.warning(
+            "evict: no config.json found for %s; the cost table's model hash is not checked", model_path
+        )
+        return None
+    try:
+        return model_config_hash(json.loads(cfg_file.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CostTableError(
+            f"cannot read {cfg_file} to identify the model for the cost table ({exc}); fix the checkpoint"
+        ) from exc
+
+
+def resolve_widths(
+    num_draft_tokens: int,
+    requested: Sequence[int] | None = None,
+    table_widths: Sequence[int] | None = None,
+    *,
+    default: Sequence[int] | None = None,
+    within_table: bool = False,
+) -> tuple[int, ...]:
+    """The verify widths a policy may choose: ascending, each in ``[1, N]``, always including ``N``.
+
+    ``N`` (the draft tree's size, root included) is the full tree: the fallback for bad scores and
+    the kill switch, and the baseline EVICT must be able to keep. Without ``requested`` widths the
+    set is ``default`` (the plugin's, where each width costs a CUDA graph) or else the table's widths
+    below N (the reference engine, where a width costs nothing). ``within_table`` refuses widths
+    outside the table's profiled range instead of letting :meth:`CostTable.step_cost` clamp them
+    (the server captures a graph per width, so an unprofiled one is a configuration error there).
+    Raises :class:`CostTableError` naming the problem and the fix.
+    """
+    n = int(num_draft_tokens)
+    if n < 2:
+        raise CostTableError(f"draft tree of {n} token(s): EVICT needs a tree of at least 2 tokens to cut")
+    if requested is not None:
+        too_big = [int(w) for w in requested if int(w) > n]
+        if too_big:
+            raise CostTableError(
+                f"widths {too_big} exceed the draft tree's {n} tokens; widths count verified tokens, "
+                f"so keep them <= {n}"
+            )
+        widths = {int(w) for w in requested if int(w) >= 1}
+    elif default is not None:
+        widths = {int(w) for w in default if 1 <= int(w) < n}
+    else:
+        widths = {int(w) for w in (table_widths or ()) if 1 <= int(w) < n}
+    widths.add(n)
+    out = tuple(sorted(widths))
+    if within_table and table_widths:
+        lo, hi = min(table_widths), max(table_widths)
+        outside = [w for w in out if w < lo or w > hi]
+        if outside:
+            raise CostTableError(
+                f"the cost table covers widths {lo}..{hi} but EVICT would use {list(out)} "
+                f"({outside} outside); measure the table up to width {n} or choose widths inside "
+                "the measured range"
+            )
+    return out
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -176,7 +269,15 @@ class CostTable:
         for key in ("model_id", "device", "dtype"):
             if not isinstance(meta[key], str) or not meta[key]:
                 raise err(f"metadata.{key}", f"must be a non-empty string, got {meta[key]!r}")
-        for key, low in (("tp_size", 1), ("ep_size", 1), ("context_len", 0), ("repeats", 0)):
+        int_fields = (
+            ("tp_size", 1),
+            ("ep_size", 1),
+            ("context_len", 0),
+            ("repeats", 0),
+            ("draft_steps", 1),
+            ("draft_topk", 1),
+        )
+        for key, low in int_fields:
             if key in meta and not (_is_int(meta[key]) and meta[key] >= low):
                 raise err(f"metadata.{key}", f"must be an integer >= {low}, got {meta[key]!r}")
         if "versions" in meta and not isinstance(meta["versions"], Mapping):
@@ -276,6 +377,49 @@ class CostTable:
         except (OSError, UnicodeDecodeError) as exc:
             raise CostTableError(f"cost table {p}: cannot read the file ({exc}); {REGENERATE_HINT}") from exc
         return cls.from_dict(d, source=str(p))
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        model_id: str | None = None,
+        config_hash: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        tp_size: int | None = None,
+        num_threads: int | None = None,
+        allow_mismatch: bool = False,
+    ) -> CostTable:
+        """Read, validate and check a table against the running setup: the one opener.
+
+        Every front end (``evict generate``, ``evict-bench``, ``evict-profile --check``, the SGLang
+        plugin and its start-up calibration cache) opens tables here, so "which table fits" means
+        the same everywhere. ``None`` arguments are not compared, nor are the optional
+        ``model_config_hash`` / ``num_threads`` when the table does not record them (a hand-made
+        table cannot be checked for what it does not say). A mismatch raises
+        :class:`CostTableError`, or with ``allow_mismatch`` logs a warning.
+        """
+        table = cls.load(path)
+        meta = table.metadata
+        table.check_compatible(
+            model_id=model_id,
+            config_hash=config_hash if meta.get("model_config_hash") else None,
+            device=device,
+            tp_size=tp_size,
+            dtype=dtype,
+            num_threads=num_threads if meta.get("num_threads") is not None else None,
+            allow_mismatch=allow_mismatch,
+        )
+        return table
+
+    @property
+    def draft_tree(self) -> tuple[int, int] | None:
+        """``(steps, topk)`` of the EAGLE tree whose drafting ``fixed_ms`` measured, if recorded."""
+        steps, topk = self.metadata.get("draft_steps"), self.metadata.get("draft_topk")
+        if _is_int(steps) and _is_int(topk):
+            return int(steps), int(topk)
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready dict (what :meth:`save` writes and :meth:`from_dict` reads)."""
@@ -380,6 +524,7 @@ class CostTable:
         tp_size: int | None = None,
         dtype: str | None = None,
         allow_mismatch: bool = False,
+        num_threads: int | None = None,
     ) -> list[str]:
         """Compare the table's metadata with the running setup; ``None`` arguments are not checked.
 
@@ -393,13 +538,14 @@ class CostTable:
             "device": device,
             "tp_size": tp_size,
             "dtype": dtype,
+            "num_threads": num_threads,
         }
         problems = []
         for key, want in wanted.items():
             if want is None:
                 continue
             have = meta.get(key)
-            if key == "tp_size":
+            if key in ("tp_size", "num_threads"):
                 same = want == have
             else:  # strings: case- and space-insensitive; dtypes with or without "torch."
                 same = _norm_str(want) == _norm_str(have)

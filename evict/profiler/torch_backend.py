@@ -2,7 +2,7 @@
 
 Why: EVICT's width choice divides expected accepted tokens by the step time T(bs, m), so the cost
 table must describe the verification forward that will actually run. For Qwen3-MoE checkpoints
-that is the reference engine's own target (`evict.engine.models.Qwen3MoeTarget`); other MoE
+that is the reference engine's own target (`evict.models.Qwen3MoeTarget`); other MoE
 architectures (Mixtral, DeepSeek-style, ...) are timed through `transformers.AutoModelForCausalLM`
 with a 4D tree mask and a KV cache.
 
@@ -295,7 +295,7 @@ class EngineRunner(_Runner):
     impl = "evict.engine.Qwen3MoeTarget"
 
     def __init__(self, model_path: Path, dtype: torch.dtype, device: torch.device, cfg: dict) -> None:
-        from evict.engine.models import Qwen3MoeTarget
+        from evict.models import Qwen3MoeTarget
 
         self.model = Qwen3MoeTarget.from_pretrained(model_path, dtype=dtype, device=str(device))
         self.model.eval()
@@ -400,7 +400,7 @@ class HFRunner(_Runner):
 def engine_available() -> bool:
     """True when the reference engine's Qwen3MoeTarget can be imported."""
     try:
-        from evict.engine.models import Qwen3MoeTarget  # noqa: F401
+        from evict.models import Qwen3MoeTarget  # noqa: F401
     except Exception:
         return False
     return True
@@ -418,9 +418,9 @@ def make_runner(model_path: Path, cfg: dict, impl: str, dtype: torch.dtype, devi
             )
         if not engine_available():
             if impl == "engine":
-                raise ProfileError("evict.engine.models.Qwen3MoeTarget is not importable; use --impl hf")
+                raise ProfileError("evict.models.Qwen3MoeTarget is not importable; use --impl hf")
             print(
-                "evict-profile: evict.engine.models.Qwen3MoeTarget unavailable, timing the transformers model",
+                "evict-profile: evict.models.Qwen3MoeTarget unavailable, timing the transformers model",
                 file=sys.stderr,
             )
             return HFRunner(model_path, dtype, device, cfg)
@@ -784,10 +784,10 @@ def measure_draft_cost(spec: ProfileSpec, draft_path: Path, steps: int, topk: in
     from tqdm.auto import tqdm
 
     try:
-        from evict.engine.models import Eagle3Drafter, Qwen3MoeTarget
+        from evict.models import Eagle3Drafter, Qwen3MoeTarget
     except Exception as exc:
         raise ProfileError(
-            f"--draft-model needs evict.engine.models.Eagle3Drafter, which is not importable ({exc})"
+            f"--draft-model needs evict.models.Eagle3Drafter, which is not importable ({exc})"
         ) from exc
     draft_path = Path(draft_path)
     if not (draft_path / "config.json").is_file():

@@ -29,7 +29,7 @@ __all__ = [
     "TESTBED_DIR",
 ]
 
-TESTBED_DIR = Path(__file__).resolve().parent.parent.parent / "testbed"
+TESTBED_DIR = Path(__file__).resolve().parent.parent / "testbed"
 
 
 def load_testbed(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
