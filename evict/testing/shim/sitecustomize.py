@@ -1,0 +1,103 @@
+"""Process start-up patches for serving SGLang 0.5.23 on a CPU without AMX (launcher and workers).
+
+Python imports ``sitecustomize`` at start-up from ``sys.path``; ``evict.testing.cpu_server`` puts
+this directory on ``PYTHONPATH``, so the launcher and every process SGLang spawns (scheduler,
+detokenizer) run this before anything else. It only acts when ``SGLANG_USE_CPU_ENGINE=1``.
+
+It installs an import hook (nothing is imported eagerly) that, once SGLang's module is loaded:
+
+* ``sglang.srt.arg_groups.overrides``: stops ``_attention_backend_platform_fallbacks`` from
+  swapping ``--attention-backend intel_amx`` for ``torch_native`` on CPUs without AMX. The swap
+  exists because the real intel_amx kernels need AMX; the stand-ins do not, and ``torch_native``
+  has no multi-step draft backend, so EAGLE cannot run on it.
+* ``sglang.srt.speculative.eagle_utils`` (only with ``EVICT_CPU_SAMPLING_VERIFY=1``): lifts the
+  ``is_cpu`` term of ``_verify_uses_greedy``, so sampled requests take SGLang's sampling verify
+  path (``tree_speculative_sampling_target_only``, stood in by ``evict.testing.cpu_ops``) instead
+  of being verified greedily.
+
+A previously installed ``sitecustomize`` (shadowed by this one) is not chained; the launcher's
+environment is meant for the server only.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+
+
+def _patch_overrides(module) -> None:
+    original = getattr(module, "_attention_backend_platform_fallbacks", None)
+    passes = getattr(module, "POST_PROCESS_PASSES", None)
+    if original is None or passes is None:
+        raise RuntimeError(
+            "evict.testing shim: sglang.srt.arg_groups.overrides has no "
+            "_attention_backend_platform_fallbacks / POST_PROCESS_PASSES; this shim targets sglang 0.5.23"
+        )
+
+    def _attention_backend_platform_fallbacks(view):
+        if view.attention_backend == "intel_amx" and view.device == "cpu":
+            return {}  # keep intel_amx: the stand-in operators need no AMX
+        return original(view)
+
+    _attention_backend_platform_fallbacks.__qualname__ = original.__qualname__
+    _attention_backend_platform_fallbacks.__module__ = original.__module__
+    passes[:] = [_attention_backend_platform_fallbacks if p is original else p for p in passes]
+    module._attention_backend_platform_fallbacks = _attention_backend_platform_fallbacks
+
+
+def _patch_eagle_utils(module) -> None:
+    original = getattr(module, "_verify_uses_greedy", None)
+    if original is None:
+        raise RuntimeError(
+            "evict.testing shim: sglang.srt.speculative.eagle_utils has no _verify_uses_greedy; "
+            "this shim targets sglang 0.5.23"
+        )
+
+    def _verify_uses_greedy(*, is_all_greedy, is_cpu, is_hip, is_xpu, use_rejection_sampling):
+        return original(
+            is_all_greedy=is_all_greedy,
+            is_cpu=False,
+            is_hip=is_hip,
+            is_xpu=is_xpu,
+            use_rejection_sampling=use_rejection_sampling,
+        )
+
+    module._verify_uses_greedy = _verify_uses_greedy
+
+
+_PATCHES = {"sglang.srt.arg_groups.overrides": _patch_overrides}
+if os.environ.get("EVICT_CPU_SAMPLING_VERIFY", "0") == "1":
+    _PATCHES["sglang.srt.speculative.eagle_utils"] = _patch_eagle_utils
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, inner, patch) -> None:
+        self._inner = inner
+        self._patch = patch
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._inner.exec_module(module)
+        self._patch(module)
+
+
+class _PatchingFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        patch = _PATCHES.get(fullname)
+        if patch is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _PatchingLoader(spec.loader, patch)
+        return spec
+
+
+if os.environ.get("SGLANG_USE_CPU_ENGINE", "0") == "1" and not any(
+    isinstance(f, _PatchingFinder) for f in sys.meta_path
+):
+    sys.meta_path.insert(0, _PatchingFinder())
