@@ -25,6 +25,7 @@ __all__ = [
     "ScoreSink",
     "cut_draft_tree",
     "gather_candidate_scores",
+    "ramp_kept",
     "verify_spec_steps",
 ]
 
@@ -52,12 +53,25 @@ def cut_draft_tree(
     return torch.gather(top_scores_index, 1, kept), torch.gather(draft_tokens, 1, kept)
 
 
+def ramp_kept(bs: int, width: int, device: torch.device | str) -> torch.Tensor:
+    """Kept positions ``[bs, width-1]`` = the first ``width-1`` of the ``N-1`` candidates.
+
+    The fallback cut when a width was agreed but this rank has no decision of its own (its decision
+    failed while the other TP ranks chose ``width``).  Positions are ascending flat indices and
+    every parent precedes its child, so the prefix is ancestor-closed: verification stays lossless.
+    """
+    return torch.arange(max(int(width) - 1, 0), device=device).expand(int(bs), -1)
+
+
 def verify_spec_steps(num_steps: int, width: int) -> int:
     """Depth bound for a width-``width`` verify tree: ``min(num_steps, width - 1)``.
 
-    SGLang sizes ``accept_index`` as ``spec_steps + 1`` columns and compacts it into each request's
-    ``width`` slots, so a tree narrower than ``num_steps + 1`` must declare its smaller depth bound
-    (a tree of ``width`` nodes is at most ``width - 1`` deep).
+    Only ``EagleVerifyInput.spec_steps`` takes this value, after the tree is built: SGLang sizes
+    ``accept_index`` as ``spec_steps + 1`` columns and ``_compact_accept_to_front`` packs them into
+    each request's ``width`` slots, so a tree narrower than ``num_steps + 1`` must declare its
+    smaller depth.  The tree itself is always built with the real ``num_steps``: the CUDA tree
+    kernel takes ``topk * (num_steps - 1) + 1`` as the row stride of ``parent_list`` and refuses any
+    other depth (``tree.cuh``).
     """
     return max(0, min(int(num_steps), int(width) - 1))
 

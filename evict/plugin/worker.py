@@ -2,17 +2,26 @@
 
 Per decode step (SGLang 0.5.23, ``eagle_worker_v2.py``)::
 
-    EvictWorkerV2.forward_batch_generation            (EAGLEWorkerV2's, unchanged)
-      EvictDraftWorker.draft
-        draft_forward (eager or draft CUDA graph)      -> organize_draft_results keeps the top N-1
-          + tap: kept candidates' cumulative scores -> ScoreSink (graph replay refreshes it too)
-        TruncationPolicy.decide(scores [bs, N-1])      -> width m, kept positions [bs, m-1]
-        cut_draft_tree                                 -> top_scores_index, draft_tokens at width m
-        WidthStateSet.activate(m)                      -> target attn backend + verify graph +
-                                                          draft-extend graph captured for m
-        build_eagle_verify_input(num_draft_tokens=m)   (reads the width-m backend's verify mask)
-      verify (run_eagle_verify at width m)             -> accept (greedy or sampling)
+    EAGLEWorkerV2.forward_batch_generation              (SGLang's, unchanged)
+      EvictDraftWorker.draft -> EagleDraftWorker.draft   (SGLang's, unchanged, at the full width N)
+        draft_forward (eager or draft CUDA graph)        -> organize_draft_results keeps the top N-1
+          hook 1: the kept candidates' scores -> ScoreSink (graph replay refreshes it too)
+        build_eagle_verify_input
+          hook 2: EvictDraftWorker.build_verify_input
+            TruncationPolicy.decide(scores [bs, N-1])    -> width m, kept positions [bs, m-1]
+            WidthAgreement.agree (TP > 1 only)           -> the same m on every rank
+            cut_draft_tree                               -> top_scores_index, draft_tokens at width m
+            EvictWorkerV2.use_width(m)                   -> verify + draft-extend state of width m,
+                                                            and the width every later stage reads
+            SGLang's build_eagle_verify_input(num_draft_tokens=m, num_steps=N's)
+      verify (run_eagle_verify at width m)               -> accept (greedy or sampling)
       _draft_extend_for_decode (width m)
+
+The hook surface is two module-level names of ``eagle_worker_v2`` (``organize_draft_results`` and
+``build_eagle_verify_input``), each replaced by a pass-through that acts only while an EVICT draft
+worker is drafting, plus subclass overrides; no SGLang function body is copied.
+``tests/plugin/test_plugin_worker.py`` pins the source of every SGLang function these hooks rely
+on, so an upgrade that changes them fails a test instead of serving silently wrong trees.
 
 The policy is ``evict.truncation.TruncationPolicy`` (shared with the reference engine and the
 benchmark).  With ``EVICT_DISABLE=1`` the policy runs in ``off`` mode: the full tree every step,
@@ -22,18 +31,28 @@ same code path, for A/B runs.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from sglang.srt.distributed.parallel_state import get_tp_group
+from sglang.srt.layers.attention.qsa.config import parse_qsa_profile
 from sglang.srt.layers.moe.utils import speculative_moe_a2a_backend_context, speculative_moe_backend_context
 from sglang.srt.runtime_context import get_exec, get_parallel, get_schedule, get_spec
 from sglang.srt.speculative import eagle_worker_v2 as _eagle_worker_v2
 from sglang.srt.speculative.adaptive_runtime_state import SpecRuntimeState
-from sglang.srt.speculative.eagle_worker_common import build_eagle_verify_input, prepare_for_draft
-from sglang.srt.speculative.eagle_worker_v2 import EagleDraftWorker, EAGLEWorkerV2
+from sglang.srt.speculative.draft_utils import DraftBackendFactory
+from sglang.srt.speculative.eagle_worker_v2 import (
+    Backend,
+    DecodeCudaGraphRunner,
+    EagleDraftWorker,
+    EAGLEWorkerV2,
+    Phase,
+    check_cuda_graph_backend,
+)
 from sglang.srt.speculative.spec_utils import draft_tp_context
 from sglang.srt.utils.common import get_available_gpu_memory, log_info_on_rank0
 
@@ -45,26 +64,34 @@ from evict.plugin.config import (
     target_config_hash,
 )
 from evict.plugin.metrics import EvictMetrics
+from evict.plugin.tp_sync import WidthAgreement
 from evict.plugin.tree_cut import (
     ACTIVE_SCORE_SINK,
     ScoreSink,
     cut_draft_tree,
     gather_candidate_scores,
+    ramp_kept,
     verify_spec_steps,
 )
 from evict.plugin.width_states import WidthStateSet
 
-__all__ = ["EvictDraftWorker", "EvictWorkerV2", "install_score_tap"]
+__all__ = ["EvictDraftWorker", "EvictWorkerV2", "install_hooks"]
 
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
-# Score tap.  ``EagleDraftWorker.draft_forward`` calls the module-level ``organize_draft_results``
-# and drops the cumulative scores.  The tap wraps that one name in ``eagle_worker_v2``: it calls
-# the original and, only while an EVICT draft worker's ScoreSink is active, copies the kept
-# candidates' scores into it.  For EAGLE/EAGLE3 workers (no active sink) it is a pass-through.
+# Hooks.  ``EagleDraftWorker.draft`` calls the module-level ``build_eagle_verify_input`` and
+# ``draft_forward`` calls the module-level ``organize_draft_results`` (which drops the cumulative
+# scores).  Both names are wrapped once, at import: the wrappers call SGLang's originals and act
+# only while an EVICT draft worker is drafting (context variables), so EAGLE/EAGLE3 workers in the
+# same process see SGLang's behaviour unchanged.
 # ---------------------------------------------------------------------------------------------
 _original_organize_draft_results = _eagle_worker_v2.organize_draft_results
+_original_build_eagle_verify_input = _eagle_worker_v2.build_eagle_verify_input
+
+ACTIVE_DRAFT_WORKER: contextvars.ContextVar[EvictDraftWorker | None] = contextvars.ContextVar(
+    "evict_active_draft_worker", default=None
+)
 
 
 def _organize_draft_results_with_score_tap(score_list, token_list, parents_list, num_draft_token):
@@ -77,12 +104,26 @@ def _organize_draft_results_with_score_tap(score_list, token_list, parents_list,
     return parent_list, top_scores_index, draft_tokens
 
 
-def install_score_tap() -> None:
-    """Route ``eagle_worker_v2.organize_draft_results`` through the tap (idempotent)."""
+def _build_eagle_verify_input_with_cut(
+    batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kwargs
+):
+    worker = ACTIVE_DRAFT_WORKER.get()
+    if worker is None:
+        return _original_build_eagle_verify_input(
+            batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kwargs
+        )
+    return worker.build_verify_input(
+        batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kwargs
+    )
+
+
+def install_hooks() -> None:
+    """Route the two ``eagle_worker_v2`` names through EVICT's pass-through wrappers (idempotent)."""
     _eagle_worker_v2.organize_draft_results = _organize_draft_results_with_score_tap
+    _eagle_worker_v2.build_eagle_verify_input = _build_eagle_verify_input_with_cut
 
 
-install_score_tap()
+install_hooks()
 
 
 @contextlib.contextmanager
@@ -94,6 +135,21 @@ def _eagle_draft_worker_cls(cls: type) -> Iterator[None]:
         yield
     finally:
         _eagle_worker_v2.EagleDraftWorker = saved
+
+
+@contextlib.contextmanager
+def _without_draft_decode_graph() -> Iterator[None]:
+    """Make ``EagleDraftWorker._capture_cuda_graphs`` capture only its draft-extend graph.
+
+    It builds the draft-decode runner from the module-level class name; a width state reuses the
+    full state's draft-decode graph, so a second capture would only cost memory.
+    """
+    saved = _eagle_worker_v2.EAGLEDraftCudaGraphRunner
+    _eagle_worker_v2.EAGLEDraftCudaGraphRunner = lambda worker: None
+    try:
+        yield
+    finally:
+        _eagle_worker_v2.EAGLEDraftCudaGraphRunner = saved
 
 
 class EvictDraftWorker(EagleDraftWorker):
@@ -116,94 +172,76 @@ class EvictDraftWorker(EagleDraftWorker):
         self.score_sink = ScoreSink(max_bs, self.full_num_draft_tokens - 1, self.device)
         # Set by EvictWorkerV2 once the width states exist.
         self.truncation_policy: Any = None
-        self.activate_width: Any = None
+        self.use_width: Callable[[int], None] | None = None
+        self.width_agreement: WidthAgreement | None = None  # TP > 1 only
         self.last_decision: Any = None
 
     def draft_forward(self, forward_batch: Any):
+        # Also entered by draft CUDA-graph capture, which then records the score copy.
         with self.score_sink.active():
             return super().draft_forward(forward_batch)
 
     def draft(self, batch: Any, *, with_topology: bool = False):
-        """``EagleDraftWorker.draft`` (0.5.23) with EVICT's cut before the verify input is built."""
-        # draft_forward's eager path organizes the full tree; the width is chosen afterwards.
+        """SGLang's draft at the full width N; the cut happens in :meth:`build_verify_input`."""
+        # The previous step left the verified width here for its draft extend; drafting (and the
+        # KV plan of prepare_for_draft) always runs on the whole tree.
         self.speculative_num_draft_tokens = self.full_num_draft_tokens
-        draft_input = batch.spec_info
-        forward_batch, can_run_decode_cuda_graph, kv_loc_plan = prepare_for_draft(
-            draft_input,
-            self.req_to_token_pool,
-            batch,
-            self.cuda_graph_runner,
-            self.draft_runner,
-            self.topk,
-            self.speculative_num_steps,
-            target_translator=self.target_worker.model_runner.kv_index_translator,
-            num_draft_tokens=self.full_num_draft_tokens,
-        )
-        if (
-            can_run_decode_cuda_graph
-            and not forward_batch.forward_mode.is_idle()
-            and self.seed_dsa_topk_from_draft_extend
-            and draft_input.dsa_topk_indices is None
-        ):
-            can_run_decode_cuda_graph = False
+        token = ACTIVE_DRAFT_WORKER.set(self)
+        try:
+            return super().draft(batch, with_topology=with_topology)
+        finally:
+            ACTIVE_DRAFT_WORKER.reset(token)
 
-        n_inner = self.speculative_num_steps - 1
-        canary_outside_ctx = (
-            c.with_ops_outside_graph(
-                single_forward_indices=list(range(n_inner)),
-                maybe_inaccurate_forward_batch=forward_batch,
-            )
-            if (c := self.draft_runner.canary_manager) is not None
-            else contextlib.nullcontext()
-        )
-        with canary_outside_ctx:
-            if can_run_decode_cuda_graph:
-                parent_list, top_scores_index, draft_tokens, draft_probs = self.cuda_graph_runner.execute(
-                    forward_batch
-                )
-                if draft_probs is not None:
-                    draft_probs = draft_probs.clone()
-            else:
-                if not forward_batch.forward_mode.is_idle() and self.speculative_num_steps > 1:
-                    self.draft_attn_backend.init_forward_metadata(forward_batch)
-                    forward_batch.mark_forward_metadata_ready()
-                parent_list, top_scores_index, draft_tokens, draft_probs = self.draft_forward(forward_batch)
+    def choose_width(self, batch: Any) -> tuple[int, torch.Tensor | None]:
+        """This step's verify width and kept positions ``[bs, m-1]`` (None = the whole tree).
 
-        width = self.full_num_draft_tokens
-        if not batch.forward_mode.is_idle() and self.truncation_policy is not None:
+        Never raises: a failed decision verifies the full tree.  Under TP > 1 the ranks agree on
+        the widest proposal (``WidthAgreement``), so a fallback on one rank is a fallback on every
+        rank; an idle rank (DP attention) proposes the narrowest width and follows the others.
+        """
+        n = self.full_num_draft_tokens
+        policy = self.truncation_policy
+        if policy is None:
+            return n, None
+        idle = batch.forward_mode.is_idle()
+        decision, index = None, 0 if idle else policy.widths.numel() - 1
+        if not idle:
             try:
-                scores = self.score_sink.read(batch.seq_lens.shape[0])
-                decision = self.truncation_policy.decide(scores)
+                decision = policy.decide(self.score_sink.read(batch.seq_lens.shape[0]))
+                index = decision.width_index
             except Exception as exc:  # never fail a request over the cut: verify the full tree
-                self.truncation_policy.record_error(exc, "width decision failed; verifying the full tree")
-                decision = None
-            self.last_decision = decision
-            if decision is not None and decision.width < self.full_num_draft_tokens:
-                width = decision.width
-                top_scores_index, draft_tokens = cut_draft_tree(top_scores_index, draft_tokens, decision.kept)
-        if self.activate_width is not None:
-            # Must precede build_eagle_verify_input: it writes the width-m backend's verify mask.
-            self.activate_width(width)
+                policy.record_error(exc, "width decision failed; verifying the full tree")
+        if self.width_agreement is not None:
+            agreed = self.width_agreement.agree(index)
+            if agreed != index:
+                decision, index = None, agreed
+        elif idle:
+            return n, None
+        self.last_decision = decision
+        width = min(int(policy.widths[index]), n)
+        if width >= n or idle:
+            return width, None
+        if decision is not None:
+            return width, decision.kept
+        return width, ramp_kept(batch.seq_lens.shape[0], width, self.device)
 
-        verify_input = build_eagle_verify_input(
-            batch,
-            draft_input,
-            parent_list,
-            top_scores_index,
-            draft_tokens,
-            draft_probs,
-            target_worker=self.target_worker,
-            topk=self.topk,
-            num_steps=verify_spec_steps(self.speculative_num_steps, width),
-            num_draft_tokens=width,
-            tree_mask_mode=self.tree_mask_mode,
-            device=self.device,
+    def build_verify_input(
+        self, batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kwargs
+    ):
+        """SGLang's ``build_eagle_verify_input`` on the cut tree, after switching to its width."""
+        width, kept = self.choose_width(batch)
+        if kept is not None:
+            top_scores_index, draft_tokens = cut_draft_tree(top_scores_index, draft_tokens, kept)
+        if self.use_width is not None:
+            # Before the build (it writes the width-m backend's verify mask), and on every step:
+            # verify and draft extend read the width from the workers, not from this call.
+            self.use_width(width)
+        kwargs["num_draft_tokens"] = width  # num_steps stays N's: the tree kernel's stride
+        verify_input = _original_build_eagle_verify_input(
+            batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kwargs
         )
-        if kv_loc_plan is not None:
-            verify_input.kv_loc_plan = kv_loc_plan
-            verify_input.prepared_out_cache_loc = kv_loc_plan.write_virtual
-        if with_topology:
-            return verify_input, parent_list, top_scores_index
+        if not batch.forward_mode.is_idle():
+            verify_input.spec_steps = verify_spec_steps(kwargs["num_steps"], width)
         return verify_input
 
     def _draft_extend_for_decode(self, batch: Any, batch_result: Any, *, kv_loc_plan: Any = None):
@@ -283,14 +321,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
                     continue
                 before = get_available_gpu_memory(self.device, self.gpu_id)
                 tic = time.perf_counter()
-                state = self.build_adaptive_runtime_state(
-                    speculative_num_steps=self.speculative_num_steps,
-                    speculative_num_draft_tokens=width,
-                )
-                # Drafting never depends on the width: every state drafts with the full-width
-                # draft-decode backend and graph; dropping the per-width copy frees its graphs.
-                state.draft_attn_backend = full.draft_attn_backend
-                state.cuda_graph_runner = full.cuda_graph_runner
+                state = self.build_width_state(width, full)
                 used = before - get_available_gpu_memory(self.device, self.gpu_id)
                 self.width_states.register(width, state, memory_gb=used)
                 log_info_on_rank0(
@@ -299,15 +330,73 @@ class EvictWorkerV2(EAGLEWorkerV2):
                 )
         # Building states must not have moved the live pointers, but re-point at N to be sure.
         self._apply_width_state(self.full_num_draft_tokens, full)
+        if get_parallel().tp_size > 1:
+            # The target's TP group (not the draft's, which draft_tp_context may patch in).
+            dw.width_agreement = WidthAgreement(get_tp_group().device_group, self.device)
         dw.truncation_policy = self.truncation_policy
-        dw.activate_width = self.width_states.activate
+        dw.use_width = self.use_width
         disabled = ", DISABLED (full tree every step)" if self.evict_config.disable else ""
+        tp = f", widths agreed across {get_parallel().tp_size} TP ranks" if dw.width_agreement else ""
         log_info_on_rank0(
             logger,
             f"EVICT: verify widths {list(self.width_states.widths)} (N={self.full_num_draft_tokens}), "
-            f"decision={self.truncation_policy.mode}, backend={self.truncation_policy.backend}{disabled}; "
+            f"decision={self.truncation_policy.mode}, backend={self.truncation_policy.backend}{disabled}{tp}; "
             f"memory per extra width:\n{self.width_states.memory_report()}",
         )
+
+    def build_width_state(self, width: int, full: SpecRuntimeState) -> SpecRuntimeState:
+        """Target-verify and draft-extend state for ``width``; shares all that the width does not change.
+
+        Unlike SGLang's ``build_adaptive_runtime_state`` (made for changing the number of draft
+        steps), a width state needs no draft-decode backend or graphs (drafting always builds the
+        full tree: ``full``'s are reused) and no workspace of its own (width states never run
+        concurrently, so the target's attention backend reuses the one global workspace instead
+        of allocating another 384 MB per width with ``init_new_workspace=True``).
+        """
+        dw = self._draft_worker
+        target_runner = self._target_worker.model_runner
+        with self._override_worker_state(self.speculative_num_steps, width):
+            dw.draft_attn_backend = dw.draft_runner.draft_attn_backend = full.draft_attn_backend
+            dw.draft_extend_attn_backend = DraftBackendFactory(
+                dw.draft_runner,
+                dw.topk,
+                self.speculative_num_steps,
+                seed_dsa_topk_from_draft_extend=dw.seed_dsa_topk_from_draft_extend,
+                qsa_profile=parse_qsa_profile(dw.draft_runner.model_config.hf_config),
+            ).create_draft_extend_backend()
+            if dw.draft_extend_attn_backend is not None:
+                dw.draft_runner.attn_backend = dw.draft_extend_attn_backend
+            with _without_draft_decode_graph():
+                dw._capture_cuda_graphs()  # the draft-extend graph of this width only
+            target_attn_backend = target_runner._get_attention_backend(init_new_workspace=False)
+            target_graph_runner = None
+            if not check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED):
+                target_graph_runner = DecodeCudaGraphRunner(
+                    target_runner,
+                    attn_backend=target_attn_backend,
+                    speculative_num_steps=self.speculative_num_steps,
+                    speculative_num_draft_tokens=width,
+                )
+            return SpecRuntimeState(
+                speculative_num_steps=self.speculative_num_steps,
+                speculative_num_draft_tokens=width,
+                draft_attn_backend=full.draft_attn_backend,
+                cuda_graph_runner=full.cuda_graph_runner,
+                target_attn_backend=target_attn_backend,
+                target_graph_runner=target_graph_runner,
+                draft_extend_attn_backend=dw.draft_extend_attn_backend,
+                cuda_graph_runner_for_draft_extend=dw.cuda_graph_runner_for_draft_extend,
+            )
+
+    def use_width(self, width: int) -> None:
+        """Verify and draft-extend this step at ``width``: its captured state, and the width itself.
+
+        The state swap happens only when the width changes; the width is written every step,
+        because ``EvictDraftWorker.draft`` resets the draft worker's to N for drafting and draft
+        extend reads it back (``prepare_draft_extend_inputs`` strides by it).
+        """
+        self.width_states.activate(width)
+        self.speculative_num_draft_tokens = self._draft_worker.speculative_num_draft_tokens = width
 
     def _apply_width_state(self, width: int, state: SpecRuntimeState) -> None:
         """Point target verify and draft extend at ``width``'s captured state (draft decode stays)."""
@@ -328,7 +417,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
     ):
         if batch.forward_mode.is_extend() or batch.is_extend_in_batch:
             # Prefill (and mixed chunks) run on the full-width state, as under EAGLE3.
-            self.width_states.activate(self.full_num_draft_tokens)
+            self.use_width(self.full_num_draft_tokens)
         return super().forward_batch_generation(
             batch,
             on_publish=on_publish,

@@ -6,6 +6,7 @@ functions and stand-ins for the GPU parts (attention backends, graph runners, th
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from types import SimpleNamespace
 
@@ -102,7 +103,10 @@ class _Recorder:
 
 
 def make_draft_worker(monkeypatch, rec, policy, n=8, topk=4, steps=3):
-    """An EvictDraftWorker with stand-ins for its GPU parts; draft_forward runs SGLang's tree code."""
+    """An EvictDraftWorker with stand-ins for its GPU parts; SGLang's own ``draft`` runs it.
+
+    ``draft_forward`` runs SGLang's tree code; the tree build (a GPU kernel) is recorded instead.
+    """
     dw = object.__new__(evict_worker.EvictDraftWorker)
     dw.full_num_draft_tokens, dw.speculative_num_draft_tokens = n, 3  # stale width from a previous step
     dw.topk, dw.speculative_num_steps = topk, steps
@@ -114,10 +118,19 @@ def make_draft_worker(monkeypatch, rec, policy, n=8, topk=4, steps=3):
     dw.draft_attn_backend = SimpleNamespace(init_forward_metadata=lambda fb: None)
     dw.tree_mask_mode, dw.device = 0, "cpu"
     dw.truncation_policy = policy
-    dw.activate_width = lambda m: rec.events.append(("activate", m))
+    dw.width_agreement = None
+    dw.last_decision = None
+
+    def use_width(m):
+        rec.events.append(("use", m))
+        dw.speculative_num_draft_tokens = m
+
+    dw.use_width = use_width
     dw.lists = draft_lists(topk=topk, steps=steps)
 
     def fake_draft_forward(forward_batch):
+        if forward_batch.forward_mode.is_idle():
+            return None, None, None, None
         with dw.score_sink.active():
             out = eagle_worker_v2.organize_draft_results(*dw.lists, dw.speculative_num_draft_tokens)
         return (*out, None)
@@ -125,16 +138,17 @@ def make_draft_worker(monkeypatch, rec, policy, n=8, topk=4, steps=3):
     dw.draft_forward = fake_draft_forward
 
     def fake_prepare(draft_input, pool, batch, runner, draft_runner, topk, steps, **kw):
+        rec.events.append(("prepare", kw["num_draft_tokens"]))
         fb = SimpleNamespace(forward_mode=batch.forward_mode, mark_forward_metadata_ready=lambda: None)
         return fb, False, None
 
     def fake_build(batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kw):
         rec.events.append(("build", kw["num_draft_tokens"]))
         rec.build_kwargs = dict(kw, top_scores_index=top_scores_index, draft_tokens=draft_tokens)
-        return SimpleNamespace()
+        return SimpleNamespace(spec_steps=kw["num_steps"])
 
-    monkeypatch.setattr(evict_worker, "prepare_for_draft", fake_prepare)
-    monkeypatch.setattr(evict_worker, "build_eagle_verify_input", fake_build)
+    monkeypatch.setattr(eagle_worker_v2, "prepare_for_draft", fake_prepare)
+    monkeypatch.setattr(evict_worker, "_original_build_eagle_verify_input", fake_build)
     return dw
 
 
@@ -151,16 +165,56 @@ def test_draft_cuts_the_tree_and_switches_width_before_building_the_verify_input
     widths = [2, 4, 8]
     policy = TruncationPolicy([1.0, 5.0, 50.0], widths=widths, mode="immediate")  # steep: narrow wins
     dw = make_draft_worker(monkeypatch, rec, policy)
-    dw.draft(make_batch())
+    verify_input = dw.draft(make_batch())
     m = dw.last_decision.width
     assert m in widths and m < 8
-    assert rec.events == [("activate", m), ("build", m)]
+    # drafting plans the whole tree; the width is applied before the verify input is built
+    assert rec.events == [("prepare", 8), ("use", m), ("build", m)]
     kw = rec.build_kwargs
-    assert kw["num_steps"] == min(3, m - 1)
     ref_parents, ref_idx, ref_tok = _original(*dw.lists, m)
     assert torch.equal(kw["top_scores_index"], ref_idx)
     assert torch.equal(kw["draft_tokens"], ref_tok)
-    assert dw.speculative_num_draft_tokens == 8  # the draft itself always organizes the full tree
+    assert dw.speculative_num_draft_tokens == m  # what draft extend reads after verify
+
+
+def test_the_tree_is_built_with_the_real_depth_and_only_spec_steps_is_lowered(monkeypatch):
+    """Defect 2: the CUDA tree kernel refuses any depth whose parent stride is not topk*(d-1)+1."""
+    rec = _Recorder()
+    for cost, want in (([1.0, 50.0, 60.0], 2), ([1.0, 1.0, 60.0], 4)):
+        policy = TruncationPolicy(cost, widths=[2, 4, 8], mode="immediate")
+        dw = make_draft_worker(monkeypatch, rec, policy, steps=5)
+        verify_input = dw.draft(make_batch())
+        assert dw.last_decision.width == want
+        assert rec.build_kwargs["num_steps"] == 5  # parent_list's real stride
+        assert verify_input.spec_steps == min(5, want - 1)  # accept_index columns fit the width
+
+
+def test_consecutive_steps_at_one_width_leave_that_width_for_draft_extend(monkeypatch):
+    """Defect 1: draft() resets the draft worker to N; every step must set the verified width back.
+
+    Before the fix only a width *change* re-applied the width, so from the second step at the same
+    width, draft extend ran at N on an m-wide verify (a crash in SGLang's draft-extend load_batch).
+    """
+    from evict.plugin.width_states import WidthStateSet
+
+    rec = _Recorder()
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], mode="immediate")
+    dw = make_draft_worker(monkeypatch, rec, policy)
+    w = _fake_evict_worker()
+    w._draft_worker = dw
+    dw.draft_extend_attn_backend = dw.cuda_graph_runner_for_draft_extend = None
+    w.width_states = WidthStateSet(lambda m, state: rec.events.append(("swap", m)))
+    for m in (2, 4, 8):
+        w.width_states.register(m, object())
+    w.width_states.active_width = 8
+    dw.use_width = w.use_width
+    seen = []
+    for _ in range(4):
+        dw.draft(make_batch())
+        seen.append((dw.last_decision.width, dw.speculative_num_draft_tokens, w.speculative_num_draft_tokens))
+    m = seen[0][0]
+    assert m < 8 and seen == [(m, m, m)] * 4
+    assert rec.events.count(("swap", m)) == 1  # the state is swapped once, the width set every step
 
 
 def test_lagged_decision_verifies_this_steps_best_nodes_at_the_previous_steps_width(monkeypatch):
@@ -182,7 +236,7 @@ def test_lagged_decision_verifies_this_steps_best_nodes_at_the_previous_steps_wi
         dw.lists = lists
         rec.events.clear()
         dw.draft(make_batch())
-        assert rec.events == [("activate", m), ("build", m)]
+        assert rec.events == [("prepare", 8), ("use", m), ("build", m)]
         # this step's top m-1 nodes: exactly what SGLang organizes for a width-m tree
         assert torch.equal(rec.build_kwargs["top_scores_index"], _original(*lists, m)[1])
         assert torch.equal(rec.build_kwargs["draft_tokens"], _original(*lists, m)[2])
@@ -200,10 +254,59 @@ def test_a_failing_decision_verifies_the_full_tree_and_is_counted(monkeypatch, c
     with caplog.at_level("ERROR", logger="evict"):
         dw.draft(make_batch())
         dw.draft(make_batch())
-    assert rec.events == [("activate", 8), ("build", 8)] * 2
+    assert rec.events == [("prepare", 8), ("use", 8), ("build", 8)] * 2
     assert torch.equal(rec.build_kwargs["top_scores_index"], _original(*dw.lists, 8)[1])
     assert dw.last_decision is None and policy.stats()["errors"] == 2
     assert sum("verifying the full tree" in r.getMessage() for r in caplog.records) == 1  # logged once
+
+
+class _FakeAgreement:
+    """Stands in for the all-reduce: what the other ranks proposed this step."""
+
+    def __init__(self, others):
+        self.others, self.proposed = list(others), []
+
+    def agree(self, index):
+        self.proposed.append(index)
+        return max(index, self.others.pop(0))
+
+
+def test_tp_ranks_verify_the_widest_proposal_and_a_fallback_anywhere_is_a_fallback_everywhere(monkeypatch):
+    rec = _Recorder()
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], mode="immediate")
+    dw = make_draft_worker(monkeypatch, rec, policy)
+    dw.width_agreement = _FakeAgreement([0, 1, 2])  # other ranks: narrowest, middle, full (their fallback)
+    got = []
+    for _ in range(3):
+        dw.draft(make_batch())
+        got.append(rec.events[-1][1])
+    own_index = dw.width_agreement.proposed[0]
+    assert dw.width_agreement.proposed == [own_index] * 3  # one collective per step
+    assert got == [[2, 4, 8][max(own_index, k)] for k in (0, 1, 2)]
+    # an overruled rank still verifies an ancestor-closed prefix of its kept candidates
+    assert rec.build_kwargs["num_draft_tokens"] == 8
+
+
+def test_a_rank_whose_decision_failed_proposes_the_full_tree(monkeypatch):
+    rec = _Recorder()
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], mode="immediate")
+    dw = make_draft_worker(monkeypatch, rec, policy)
+    monkeypatch.setattr(policy, "decide", lambda scores: 1 / 0)
+    dw.width_agreement = _FakeAgreement([0])
+    dw.draft(make_batch())
+    assert dw.width_agreement.proposed == [2] and rec.events[-1] == ("build", 8)
+
+
+def test_an_overruled_rank_without_a_decision_keeps_the_first_candidates(monkeypatch):
+    rec = _Recorder()
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], mode="immediate")
+    dw = make_draft_worker(monkeypatch, rec, policy)
+    monkeypatch.setattr(policy, "decide", lambda scores: 1 / 0)
+    dw.width_agreement = SimpleNamespace(agree=lambda index: 1)  # the others agreed on width 4
+    dw.draft(make_batch())
+    full_idx = _original(*dw.lists, 8)[1]
+    assert rec.events[-1] == ("build", 4)
+    assert torch.equal(rec.build_kwargs["top_scores_index"], full_idx[:, :3])  # ancestor-closed prefix
 
 
 def test_flat_cost_and_kill_switch_verify_the_full_tree(monkeypatch):
@@ -213,9 +316,9 @@ def test_flat_cost_and_kill_switch_verify_the_full_tree(monkeypatch):
     ):
         rec = _Recorder()
         dw = make_draft_worker(monkeypatch, rec, policy)
-        dw.draft(make_batch())
-        assert rec.events == [("activate", 8), ("build", 8)]
-        assert rec.build_kwargs["num_steps"] == 3
+        verify_input = dw.draft(make_batch())
+        assert rec.events == [("prepare", 8), ("use", 8), ("build", 8)]
+        assert rec.build_kwargs["num_steps"] == 3 and verify_input.spec_steps == 3
         assert torch.equal(rec.build_kwargs["top_scores_index"], _original(*dw.lists, 8)[1])
 
 
@@ -223,11 +326,18 @@ def test_idle_batch_takes_no_decision(monkeypatch):
     rec = _Recorder()
     policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], mode="immediate")
     dw = make_draft_worker(monkeypatch, rec, policy)
-    dw.draft_forward = lambda fb: (None, None, None, None)
-    dw.last_decision = None
     dw.draft(make_batch(idle=True))
     assert dw.last_decision is None and policy.steps == 0
-    assert rec.events == [("activate", 8), ("build", 8)]
+    assert rec.events == [("prepare", 8), ("use", 8), ("build", 8)]
+
+
+def test_eagle3_draft_workers_are_untouched_by_the_hooks(monkeypatch):
+    """Outside an EVICT draft, the hooked name is SGLang's function, called with the same arguments."""
+    seen = []
+    monkeypatch.setattr(evict_worker, "_original_build_eagle_verify_input", lambda *a, **k: seen.append((a, k)))
+    assert eagle_worker_v2.build_eagle_verify_input is evict_worker._build_eagle_verify_input_with_cut
+    eagle_worker_v2.build_eagle_verify_input(1, 2, 3, 4, 5, 6, num_draft_tokens=8, num_steps=3)
+    assert seen == [((1, 2, 3, 4, 5, 6), {"num_draft_tokens": 8, "num_steps": 3})]
 
 
 def _fake_evict_worker(n=8):
@@ -302,3 +412,101 @@ def test_realized_accept_lengths_reach_the_policy_counters():
     w.evict_metrics = evict_worker.EvictMetrics(policy, log_interval=0)
     w.on_verify_complete_cpu([0, 2, 5], batch_size=3)
     assert policy.stats()["mean_realized_accepted"] == pytest.approx((1 + 3 + 6) / 3)
+
+
+# The SGLang 0.5.23 functions EVICT's hooks and overrides rely on, pinned by the hash of their
+# source.  When SGLang changes one of them, re-read it next to evict/plugin/worker.py (which names
+# are looked up at module level, which widths each stage reads) and then update the pin.
+_PINNED_SOURCES = {
+    "eagle_worker_v2.EagleDraftWorker.draft": "bc895b907be4e337",
+    "eagle_worker_v2.EagleDraftWorker.draft_forward": "e1dc83274e26941e",
+    "eagle_worker_v2.EagleDraftWorker._draft_extend_for_decode": "43fac9eb9ad0ac5e",
+    "eagle_worker_v2.EagleDraftWorker._capture_cuda_graphs": "c8de8ece3ae79b4e",
+    "eagle_worker_v2.EagleDraftWorker.init_attention_backend": "78c4d23dcfc2d774",
+    "eagle_worker_v2.EAGLEWorkerV2.build_adaptive_runtime_state": "b8cf55ebbb680cf5",
+    "eagle_worker_v2.EAGLEWorkerV2._override_worker_state": "b348755147c9ee83",
+    "eagle_worker_v2.EAGLEWorkerV2.forward_batch_generation": "e41ad8d8053cf2c0",
+    "eagle_worker_v2.EAGLEWorkerV2.verify": "b411b3e604893569",
+    "eagle_worker_common.build_eagle_verify_input": "710372aeb30979fe",
+}
+
+
+@pytest.mark.parametrize("qualname", sorted(_PINNED_SOURCES))
+def test_the_sglang_code_evict_hooks_into_is_the_code_it_was_written_against(qualname):
+    import hashlib
+    import importlib
+
+    module, *attrs = qualname.split(".")
+    obj = importlib.import_module(f"sglang.srt.speculative.{module}")
+    for a in attrs:
+        obj = getattr(obj, a)
+    obj = getattr(obj, "__wrapped__", obj)
+    digest = hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
+    assert digest == _PINNED_SOURCES[qualname], (
+        f"SGLang's {qualname} changed (installed sglang differs from 0.5.23): re-check EVICT's hooks in "
+        "evict/plugin/worker.py against it, then update _PINNED_SOURCES"
+    )
+
+
+def test_the_hooked_names_are_called_by_name_where_evict_expects_them():
+    """The two hooks work only while SGLang looks these names up in eagle_worker_v2 at call time."""
+    draft_src = inspect.getsource(eagle_worker_v2.EagleDraftWorker.draft)
+    forward_src = inspect.getsource(eagle_worker_v2.EagleDraftWorker.draft_forward)
+    capture_src = inspect.getsource(eagle_worker_v2.EagleDraftWorker._capture_cuda_graphs)
+    assert "verify_input = build_eagle_verify_input(" in draft_src
+    assert "organize_draft_results(" in forward_src
+    assert '"cuda": EAGLEDraftCudaGraphRunner,' in capture_src  # _without_draft_decode_graph swaps it
+    assert "self.speculative_num_draft_tokens" in inspect.getsource(
+        eagle_worker_v2.EagleDraftWorker._draft_extend_for_decode
+    )
+
+
+def test_a_width_state_shares_the_workspace_and_the_draft_decode_graph(monkeypatch):
+    """Defect 4: each extra width used to allocate a new attention workspace and draft-decode graphs."""
+    calls = SimpleNamespace(workspace=[], decode_runner=[], factory=[], verify_graph=[])
+
+    def capture():  # stands in for EagleDraftWorker._capture_cuda_graphs on a GPU
+        calls.decode_runner.append(eagle_worker_v2.EAGLEDraftCudaGraphRunner(dw))
+        dw.cuda_graph_runner, dw.cuda_graph_runner_for_draft_extend = "new-decode-graph", "extend-graph-4"
+
+    class Factory:
+        def __init__(self, runner, topk, steps, **kw):
+            calls.factory.append(steps)
+
+        def create_draft_extend_backend(self):
+            return "extend-backend-4"
+
+    w = _fake_evict_worker()
+    dw = w._draft_worker
+    dw.topk, dw.seed_dsa_topk_from_draft_extend = 4, False
+    dw.draft_runner.model_config = SimpleNamespace(hf_config=SimpleNamespace())
+    dw._capture_cuda_graphs = capture
+    w.speculative_num_steps = 3
+    w._override_worker_state = lambda steps, width: contextlib.nullcontext()
+    w._target_worker.model_runner._get_attention_backend = lambda init_new_workspace: (
+        calls.workspace.append(init_new_workspace) or "verify-backend-4"
+    )
+    monkeypatch.setattr(evict_worker, "DraftBackendFactory", Factory)
+    monkeypatch.setattr(evict_worker, "check_cuda_graph_backend", lambda phase, backend: False)
+    monkeypatch.setattr(
+        evict_worker,
+        "DecodeCudaGraphRunner",
+        lambda runner, attn_backend, speculative_num_steps, speculative_num_draft_tokens: (
+            calls.verify_graph.append((attn_backend, speculative_num_draft_tokens)) or "verify-graph-4"
+        ),
+    )
+    full = w.width_states.state(8)
+    state = w.build_width_state(4, full)
+    assert calls.workspace == [False]  # the global workspace, not another 384 MB
+    assert calls.decode_runner == [None]  # no draft-decode capture for a width state
+    assert eagle_worker_v2.EAGLEDraftCudaGraphRunner is not None and callable(
+        eagle_worker_v2.EAGLEDraftCudaGraphRunner
+    )
+    assert calls.verify_graph == [("verify-backend-4", 4)] and calls.factory == [3]
+    assert (state.draft_attn_backend, state.cuda_graph_runner) == (full.draft_attn_backend, full.cuda_graph_runner)
+    assert (state.target_attn_backend, state.target_graph_runner) == ("verify-backend-4", "verify-graph-4")
+    assert (state.draft_extend_attn_backend, state.cuda_graph_runner_for_draft_extend) == (
+        "extend-backend-4",
+        "extend-graph-4",
+    )
+    assert state.speculative_num_draft_tokens == 4
