@@ -165,7 +165,7 @@ def test_draft_cuts_the_tree_and_switches_width_before_building_the_verify_input
     widths = [2, 4, 8]
     policy = TruncationPolicy([1.0, 5.0, 50.0], widths=widths, mode="immediate")  # steep: narrow wins
     dw = make_draft_worker(monkeypatch, rec, policy)
-    verify_input = dw.draft(make_batch())
+    dw.draft(make_batch())
     m = dw.last_decision.width
     assert m in widths and m < 8
     # drafting plans the whole tree; the width is applied before the verify input is built
@@ -334,7 +334,9 @@ def test_idle_batch_takes_no_decision(monkeypatch):
 def test_eagle3_draft_workers_are_untouched_by_the_hooks(monkeypatch):
     """Outside an EVICT draft, the hooked name is SGLang's function, called with the same arguments."""
     seen = []
-    monkeypatch.setattr(evict_worker, "_original_build_eagle_verify_input", lambda *a, **k: seen.append((a, k)))
+    monkeypatch.setattr(
+        evict_worker, "_original_build_eagle_verify_input", lambda *a, **k: seen.append((a, k))
+    )
     assert eagle_worker_v2.build_eagle_verify_input is evict_worker._build_eagle_verify_input_with_cut
     eagle_worker_v2.build_eagle_verify_input(1, 2, 3, 4, 5, 6, num_draft_tokens=8, num_steps=3)
     assert seen == [((1, 2, 3, 4, 5, 6), {"num_draft_tokens": 8, "num_steps": 3})]
@@ -503,7 +505,10 @@ def test_a_width_state_shares_the_workspace_and_the_draft_decode_graph(monkeypat
         eagle_worker_v2.EAGLEDraftCudaGraphRunner
     )
     assert calls.verify_graph == [("verify-backend-4", 4)] and calls.factory == [3]
-    assert (state.draft_attn_backend, state.cuda_graph_runner) == (full.draft_attn_backend, full.cuda_graph_runner)
+    assert (state.draft_attn_backend, state.cuda_graph_runner) == (
+        full.draft_attn_backend,
+        full.cuda_graph_runner,
+    )
     assert (state.target_attn_backend, state.target_graph_runner) == ("verify-backend-4", "verify-graph-4")
     assert (state.draft_extend_attn_backend, state.cuda_graph_runner_for_draft_extend) == (
         "extend-backend-4",
