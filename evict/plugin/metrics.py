@@ -43,9 +43,13 @@ class EvictMetrics:
         log_interval: int,
         log_fn: Callable[[str], None] | None = None,
         switches_fn: Callable[[], int] | None = None,
+        logging_rank: bool = True,
     ) -> None:
         self.policy = policy
         self.log_interval = int(log_interval)
+        # Only one rank (TP rank 0) logs: reading the counters moves device tensors to the host, a
+        # sync every other rank would pay for a line it never prints.
+        self.logging_rank = bool(logging_rank)
         self._log = log_fn if log_fn is not None else logger.info
         self._switches = switches_fn if switches_fn is not None else (lambda: 0)
         self.steps = 0
@@ -53,7 +57,7 @@ class EvictMetrics:
     def on_decode_step(self) -> None:
         """Call once per verified decode step; logs on every ``log_interval``-th."""
         self.steps += 1
-        if self.log_interval > 0 and self.steps % self.log_interval == 0:
+        if self.logging_rank and self.log_interval > 0 and self.steps % self.log_interval == 0:
             self.log_now()
 
     def record_num_correct_drafts(self, num_correct_drafts_per_req: Sequence[int]) -> None:

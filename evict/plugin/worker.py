@@ -272,6 +272,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
             self.evict_config.log_interval,
             log_fn=lambda line: log_info_on_rank0(logger, line),
             switches_fn=lambda: self.width_states.switches,
+            logging_rank=get_parallel().tp_rank == 0,
         )
 
     # -- start-up -------------------------------------------------------------------------------

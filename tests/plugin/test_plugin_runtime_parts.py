@@ -136,3 +136,31 @@ def test_metrics_log_every_interval_with_predicted_and_realized():
     assert "mean_width=4.00" in line and "realized=3.00" in line and "width_switches=5" in line
     assert "errors=0" in line
     assert EvictMetrics(policy, log_interval=0, log_fn=lines.append).log_interval == 0
+
+
+def test_log_interval_zero_never_logs_and_never_divides_by_zero():
+    policy = TruncationPolicy([1.0], widths=[4], mode="off")
+    lines: list[str] = []
+    metrics = EvictMetrics(policy, log_interval=0, log_fn=lines.append)
+    for _ in range(5):
+        policy.decide(torch.ones(1, 3))
+        metrics.on_decode_step()
+    assert lines == [] and metrics.steps == 5
+
+
+def test_only_the_logging_rank_reads_the_counters():
+    class CountingPolicy(TruncationPolicy):
+        reads = 0
+
+        def stats(self):
+            CountingPolicy.reads += 1
+            return super().stats()
+
+    lines: list[str] = []
+    for rank0 in (True, False):
+        policy = CountingPolicy([1.0], widths=[4], mode="off")
+        metrics = EvictMetrics(policy, log_interval=1, log_fn=lines.append, logging_rank=rank0)
+        for _ in range(3):
+            policy.decide(torch.ones(1, 3))
+            metrics.on_decode_step()
+    assert CountingPolicy.reads == 3 and len(lines) == 3  # rank 0's three lines; the other rank read nothing
