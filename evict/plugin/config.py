@@ -3,14 +3,16 @@
 SGLang's ``ServerArgs`` is a sealed struct (a plugin cannot add CLI flags), so the plugin reads its
 settings from the environment.  Everything is parsed and validated here, once, at start-up: an
 unknown ``EVICT_*`` name (usually a typo) or a bad value is a clear error instead of a silently
-ignored setting, and a missing or mismatched cost table stops the server with the command that
-makes one.  This module is importable without sglang so it can be unit-tested anywhere.
+ignored setting, and a given but malformed or mismatched cost table stops the server with the fix.
+Without ``EVICT_COST_TABLE`` the server calibrates its own table at start-up from its captured
+graphs (:mod:`evict.plugin.calibration`) and caches it.  Opening, checking and width resolution are
+the shared route of :mod:`evict.profiler.table`; this module only names the plugin's knobs in the
+errors.  Importable without sglang so it can be unit-tested anywhere.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -26,14 +28,17 @@ __all__ = [
     "EvictConfigError",
     "parse_env",
     "resolve_widths",
-    "missing_table_message",
     "load_cost_table",
     "target_config_hash",
 ]
 
 # name -> (default shown in docs, meaning).  docs/serving.md carries the same table.
 ENV_VARS: dict[str, tuple[str, str]] = {
-    "EVICT_COST_TABLE": ("(required)", "path of the JSON cost table made by `evict-profile`"),
+    "EVICT_COST_TABLE": (
+        "(calibrated at start-up)",
+        "JSON cost table to use instead of the start-up calibration; checked against the model, GPU, "
+        "TP size and dtype. Unset: the server times its own captured graphs once and caches the table",
+    ),
     "EVICT_WIDTHS": (
         "2,4,8,16,32,64 below N, plus N",
         "comma-separated verify widths (root included) to capture one CUDA graph state each; "
@@ -51,6 +56,11 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     ),
     "EVICT_BACKEND": ("torch", "`torch` or `triton`: implementation of the per-step width choice"),
     "EVICT_LOG_INTERVAL": ("100", "log EVICT metrics every N decode steps (0 = never)"),
+    "EVICT_RECALIBRATE": ("0", "1 = ignore the cached start-up calibration and measure the table again"),
+    "EVICT_CACHE_DIR": (
+        "$XDG_CACHE_HOME/evict",
+        "where calibrated cost tables are cached (default ~/.cache/evict when XDG_CACHE_HOME is unset)",
+    ),
 }
 
 logger = logging.getLogger(__name__)
@@ -63,9 +73,9 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
 PROFILE_HINT = (
-    "make one on this machine with `evict-profile --model <target model path> --backend sglang "
-    "--out <table.json>` (same GPU type, --tp-size and dtype as the server), then start the server "
-    "with EVICT_COST_TABLE=<table.json>; or set EVICT_DISABLE=1 to serve the full EAGLE-3 tree"
+    "unset EVICT_COST_TABLE and the server calibrates its own table at start-up (timed on its "
+    "captured graphs, cached for the next start), or give a table made for this model, GPU, TP size "
+    "and dtype; EVICT_DISABLE=1 serves the full EAGLE-3 tree"
 )
 
 
@@ -84,6 +94,7 @@ class EvictConfig:
     allow_table_mismatch: bool
     backend: str  # "torch" | "triton"
     log_interval: int
+    recalibrate: bool = False  # EVICT_RECALIBRATE: ignore a cached calibration
 
     @property
     def policy_mode(self) -> str:
@@ -133,8 +144,8 @@ def parse_env(environ: Mapping[str, str] | None = None) -> EvictConfig:
     """Parse and validate the ``EVICT_*`` variables of ``environ`` (default ``os.environ``).
 
     Raises :class:`EvictConfigError` for an unknown ``EVICT_*`` name (with the closest known name)
-    or a malformed value.  Whether a table is *required* is decided by the caller
-    (:func:`missing_table_message`), because the kill switch does not need one.
+    or a malformed value.  No variable is required: without ``EVICT_COST_TABLE`` the server
+    calibrates at start-up.
     """
     env = os.environ if environ is None else environ
     unknown = sorted(k for k in env if k.startswith("EVICT_") and k not in ENV_VARS)
@@ -167,14 +178,7 @@ def parse_env(environ: Mapping[str, str] | None = None) -> EvictConfig:
         allow_table_mismatch=_bool("EVICT_ALLOW_TABLE_MISMATCH", env.get("EVICT_ALLOW_TABLE_MISMATCH", "0")),
         backend=_choice("EVICT_BACKEND", env.get("EVICT_BACKEND", "torch"), _BACKENDS),
         log_interval=log_interval,
-    )
-
-
-def missing_table_message() -> str:
-    """The start-up error when EVICT runs (not disabled) without ``EVICT_COST_TABLE``."""
-    return (
-        "EVICT needs a cost table (verify latency by batch size and width) and EVICT_COST_TABLE is not "
-        "set; " + PROFILE_HINT
+        recalibrate=_bool("EVICT_RECALIBRATE", env.get("EVICT_RECALIBRATE", "0")),
     )
 
 
@@ -185,38 +189,27 @@ def resolve_widths(
 ) -> tuple[int, ...]:
     """The widths to capture: ascending, each in ``[1, N]``, always including ``N``.
 
-    ``N`` (``--speculative-num-draft-tokens``) is added when missing because it is the full tree:
-    the fallback for bad scores and the kill switch.  With a table, every width must lie inside the
-    table's profiled range (outside it the cost would be extrapolated, which picks wrong widths).
+    :func:`evict.profiler.table.resolve_widths` with the plugin's default set
+    (:data:`DEFAULT_WIDTHS` below N, since every width costs a CUDA-graph state) and, when a table is
+    given, the rule that every captured width lies in its measured range; errors name the plugin's
+    knobs (``EVICT_WIDTHS``, ``--speculative-num-draft-tokens``).
     """
-    n = int(num_draft_tokens)
-    if n < 2:
+    from evict.profiler.table import CostTableError  # noqa: PLC0415 (keep import light)
+    from evict.profiler.table import resolve_widths as _resolve  # noqa: PLC0415
+
+    try:
+        return _resolve(num_draft_tokens, requested, table_widths, default=DEFAULT_WIDTHS, within_table=True)
+    except CostTableError as exc:
         raise EvictConfigError(
-            f"--speculative-num-draft-tokens={n}: EVICT needs a draft tree of at least 2 tokens to cut"
-        )
-    if requested is None:
-        widths = {w for w in DEFAULT_WIDTHS if w < n}
-    else:
-        too_big = [w for w in requested if w > n]
-        if too_big:
-            raise EvictConfigError(
-                f"EVICT_WIDTHS has {too_big} above --speculative-num-draft-tokens={n}; "
-                f"widths count verified tokens, so keep them <= {n}"
+            f"EVICT_WIDTHS={','.join(map(str, requested)) if requested else '(default)'} with "
+            f"--speculative-num-draft-tokens={num_draft_tokens}: {exc}"
+            + (
+                " (EVICT_WIDTHS, or unset EVICT_COST_TABLE so that the start-up calibration measures "
+                "exactly the captured widths)"
+                if table_widths
+                else ""
             )
-        widths = {int(w) for w in requested if int(w) >= 1}
-    widths.add(n)
-    out = tuple(sorted(widths))
-    if table_widths:
-        lo, hi = min(table_widths), max(table_widths)
-        outside = [w for w in out if w < lo or w > hi]
-        if outside:
-            raise EvictConfigError(
-                f"the cost table covers widths {lo}..{hi} but EVICT would capture {list(out)} "
-                f"({outside} outside); re-profile up to width {n} "
-                f"(`evict-profile --model <target> --backend sglang --out <table.json>`) "
-                "or set EVICT_WIDTHS inside the profiled range"
-            )
-    return out
+        ) from exc
 
 
 def load_cost_table(
@@ -228,24 +221,26 @@ def load_cost_table(
     tp_size: int | None = None,
     dtype: str | None = None,
 ) -> Any:
-    """Load ``EVICT_COST_TABLE`` and check it against the running setup.
+    """Open ``EVICT_COST_TABLE`` with :meth:`CostTable.open` and check it against the running setup.
 
-    Returns the ``CostTable``.  A missing variable, missing/malformed file or a metadata mismatch
-    raises :class:`EvictConfigError` with how to make a matching table (a mismatch only warns under
-    ``EVICT_ALLOW_TABLE_MISMATCH=1``).  ``None`` arguments are not compared.
+    Returns the ``CostTable``, or ``None`` when the variable is unset: the server then calibrates
+    its own table after capturing its graphs (:func:`evict.plugin.calibration.calibrate_or_load`).
+    A missing/malformed file or a metadata mismatch raises :class:`EvictConfigError` with the fix
+    (a mismatch only warns under ``EVICT_ALLOW_TABLE_MISMATCH=1``). ``None`` arguments are not compared.
     """
     from evict.profiler.table import CostTable, CostTableError  # noqa: PLC0415 (keep import light)
 
     if config.cost_table is None:
-        raise EvictConfigError(missing_table_message())
+        return None
     try:
-        table = CostTable.load(config.cost_table)
+        CostTable.load(config.cost_table)
     except CostTableError as exc:
         raise EvictConfigError(
             f"EVICT_COST_TABLE={config.cost_table}: {exc}. To fix: {PROFILE_HINT}"
         ) from exc
     try:
-        table.check_compatible(
+        return CostTable.open(
+            config.cost_table,
             model_id=model_id,
             config_hash=config_hash,
             device=device,
@@ -258,37 +253,17 @@ def load_cost_table(
             f"EVICT_COST_TABLE={config.cost_table}: {exc}. To fix: {PROFILE_HINT}. If you know the table "
             "fits this setup, EVICT_ALLOW_TABLE_MISMATCH=1 turns this error into a warning"
         ) from exc
-    return table
 
 
 def target_config_hash(model_path: str, revision: str | None = None) -> str | None:
-    """``model_config_hash`` of the target's raw ``config.json``, as ``evict-profile`` computes it.
+    """The target's identity for cost tables: :func:`evict.profiler.table.checkpoint_config_hash`
+    (the raw ``config.json``'s architecture hash, as the profiler and the calibration cache use).
 
-    The profiler hashes the file's JSON, not a loaded config object (SGLang's ``ModelConfig``
-    adds derived fields such as ``v_head_dim`` to its ``hf_config``, which would change the hash).
-    Hub ids are looked up in the local Hugging Face cache; ``None`` (with a warning) if the file
-    cannot be found, in which case the architecture check is skipped.
+    ``None`` (with a warning) when no config.json is found; the architecture check is then skipped.
     """
-    from evict.profiler.table import model_config_hash  # noqa: PLC0415
+    from evict.profiler.table import CostTableError, checkpoint_config_hash  # noqa: PLC0415
 
-    path = Path(model_path).expanduser()
-    cfg_file: Path | None = path / "config.json" if path.is_dir() else None
-    if cfg_file is None:
-        try:
-            from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
-
-            cached = try_to_load_from_cache(str(model_path), "config.json", revision=revision)
-            cfg_file = Path(cached) if isinstance(cached, str) else None
-        except Exception:  # not a hub id, or no huggingface_hub
-            cfg_file = None
-    if cfg_file is None or not cfg_file.is_file():
-        logger.warning(
-            "EVICT: no config.json found for %s; the cost table's model hash is not checked", model_path
-        )
-        return None
     try:
-        return model_config_hash(json.loads(cfg_file.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EvictConfigError(
-            f"cannot read the target's {cfg_file} to check the cost table ({exc})"
-        ) from exc
+        return checkpoint_config_hash(model_path, revision=revision)
+    except CostTableError as exc:
+        raise EvictConfigError(str(exc)) from exc

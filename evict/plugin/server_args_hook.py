@@ -5,8 +5,10 @@ hands a plugin algorithm's ``handle_server_args`` a write-recording stand-in (EA
 cannot declare on it) and compares the algorithm *name* with ``"EAGLE3"`` in several places
 (rejection sampling, block verification, draft window size, DP prefill coordination).  To get
 exactly EAGLE-3's defaults and validation, the hook below declares ``EAGLE3`` for the duration of
-the built-in step and ``EVICT`` again afterwards, then applies EVICT's own checks and loads the
-cost table, so a bad configuration stops ``launch_server`` before any model is loaded.
+the built-in step and ``EVICT`` again afterwards, then applies EVICT's own checks and, when
+``EVICT_COST_TABLE`` is given, opens and checks it, so a bad configuration stops ``launch_server``
+before any model is loaded. Without a table nothing is required here: the scheduler calibrates
+one at start-up from its captured graphs (:mod:`evict.plugin.calibration`).
 """
 
 from __future__ import annotations
@@ -85,15 +87,16 @@ def validate_evict_server_args(server_args: Any, config: EvictConfig | None = No
             "--enable-dp-attention: DP ranks would choose different verify widths while SGLang pads them to "
             "one uniform width; EVICT does not support DP attention yet (TP and EP are supported)"
         )
-    table_widths = None
+    table = None
     if not config.disable:
-        table = load_cost_table(
-            config,
-            config_hash=_config_hash(server_args),
-            tp_size=view.tp_size,
-        )
-        table_widths = table.widths
-    widths = resolve_widths(config.widths, n, table_widths)
+        table = load_cost_table(config, config_hash=_config_hash(server_args), tp_size=view.tp_size)
+    widths = resolve_widths(config.widths, n, table.widths if table is not None else None)
+    if config.disable:
+        source = ", DISABLED (full tree every step)"
+    elif table is None:
+        source = ", no EVICT_COST_TABLE: the server calibrates its table at start-up (cached)"
+    else:
+        source = f", table={config.cost_table}"
     logger.info(
         "EVICT: widths %s of N=%d (topk=%d, steps=%d), decision=%s, backend=%s%s",
         list(widths),
@@ -102,7 +105,7 @@ def validate_evict_server_args(server_args: Any, config: EvictConfig | None = No
         view.speculative_num_steps,
         config.decision,
         config.backend,
-        ", DISABLED (full tree every step)" if config.disable else f", table={config.cost_table}",
+        source,
     )
     return widths
 

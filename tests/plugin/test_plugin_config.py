@@ -14,7 +14,6 @@ from evict.plugin.config import (
     EvictConfig,
     EvictConfigError,
     load_cost_table,
-    missing_table_message,
     parse_env,
     resolve_widths,
 )
@@ -54,6 +53,7 @@ def test_defaults_from_empty_environment():
         allow_table_mismatch=False,
         backend="torch",
         log_interval=DEFAULT_LOG_INTERVAL,
+        recalibrate=False,
     )
     assert cfg.policy_mode == "immediate"
 
@@ -68,8 +68,11 @@ def test_all_variables_parsed():
             "EVICT_ALLOW_TABLE_MISMATCH": "true",
             "EVICT_BACKEND": "triton",
             "EVICT_LOG_INTERVAL": "7",
+            "EVICT_RECALIBRATE": "1",
+            "EVICT_CACHE_DIR": "/tmp/somewhere",
         }
     )
+    assert cfg.recalibrate
     assert cfg.cost_table == Path("t.json")
     assert cfg.widths == (4, 8, 16)
     assert (cfg.decision, cfg.disable, cfg.allow_table_mismatch, cfg.backend, cfg.log_interval) == (
@@ -100,6 +103,7 @@ def test_unknown_variable_names_the_closest_known_one():
         ("EVICT_WIDTHS", ",", "empty"),
         ("EVICT_LOG_INTERVAL", "ten", "not an integer"),
         ("EVICT_LOG_INTERVAL", "-1", "negative"),
+        ("EVICT_RECALIBRATE", "always", "not a boolean"),
     ],
 )
 def test_bad_values_are_clear_errors(name, value, needle):
@@ -122,7 +126,9 @@ def test_resolve_widths_default_adds_full_tree():
 
 
 def test_resolve_widths_rejects_too_wide_and_tiny_trees():
-    with pytest.raises(EvictConfigError, match="above --speculative-num-draft-tokens=8"):
+    with pytest.raises(
+        EvictConfigError, match=r"EVICT_WIDTHS=4,16 with --speculative-num-draft-tokens=8.*\[16\]"
+    ):
         resolve_widths((4, 16), 8)
     with pytest.raises(EvictConfigError, match="at least 2"):
         resolve_widths(None, 1)
@@ -130,25 +136,26 @@ def test_resolve_widths_rejects_too_wide_and_tiny_trees():
 
 def test_resolve_widths_must_stay_inside_the_profiled_range():
     assert resolve_widths(None, 32, table_widths=[1, 2, 4, 8, 16, 32]) == (2, 4, 8, 16, 32)
-    with pytest.raises(EvictConfigError, match=r"covers widths 1\.\.16.*\[32\] outside.*evict-profile"):
+    with pytest.raises(
+        EvictConfigError, match=r"covers widths 1\.\.16.*\[32\] outside.*unset EVICT_COST_TABLE"
+    ):
         resolve_widths(None, 32, table_widths=[1, 2, 4, 8, 16])
     with pytest.raises(EvictConfigError, match=r"\[1\] outside"):
         resolve_widths((1, 8), 8, table_widths=[2, 4, 8])
 
 
-def test_missing_table_says_how_to_make_one():
-    msg = missing_table_message()
-    assert "EVICT_COST_TABLE" in msg and "evict-profile --model" in msg and "EVICT_DISABLE=1" in msg
-    with pytest.raises(EvictConfigError, match="evict-profile"):
-        load_cost_table(parse_env({}))
+def test_without_a_table_the_server_calibrates():
+    """EVICT_COST_TABLE is optional: unset means "calibrate at start-up", not an error."""
+    assert load_cost_table(parse_env({}), config_hash="abc", tp_size=1) is None
+    assert resolve_widths(None, 24, None) == (2, 4, 8, 16, 24)  # no table: no range to respect
 
 
 def test_table_file_missing_or_malformed(tmp_path):
-    with pytest.raises(EvictConfigError, match="file not found.*evict-profile"):
+    with pytest.raises(EvictConfigError, match="file not found.*unset EVICT_COST_TABLE.*calibrates"):
         load_cost_table(parse_env({"EVICT_COST_TABLE": str(tmp_path / "nope.json")}))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(EvictConfigError, match="invalid JSON.*evict-profile"):
+    with pytest.raises(EvictConfigError, match="invalid JSON.*EVICT_DISABLE=1"):
         load_cost_table(parse_env({"EVICT_COST_TABLE": str(bad)}))
     d = make_table_dict()
     d["latency_ms"]["median"][0][1] = -1.0
@@ -168,7 +175,7 @@ def test_matching_table_loads(tmp_path):
 def test_mismatched_table_stops_unless_allowed(tmp_path, caplog):
     p = write_table(tmp_path, make_table_dict(model_config_hash="abc", tp_size=2))
     env = {"EVICT_COST_TABLE": str(p)}
-    with pytest.raises(EvictConfigError, match=r"tp_size.*evict-profile.*EVICT_ALLOW_TABLE_MISMATCH=1"):
+    with pytest.raises(EvictConfigError, match=r"tp_size.*calibrates.*EVICT_ALLOW_TABLE_MISMATCH=1"):
         load_cost_table(parse_env(env), config_hash="abc", tp_size=1)
     with pytest.raises(EvictConfigError, match="model_config_hash"):
         load_cost_table(parse_env(env), config_hash="other", tp_size=2)

@@ -181,9 +181,12 @@ def test_adaptive_falls_back_to_static_as_for_eagle3(models, clean_env):
     assert resolution_result(ref, "speculative_adaptive") is False
 
 
-def test_missing_table_stops_resolution_with_the_profile_command(models, clean_env):
-    with pytest.raises(EvictConfigError, match=r"EVICT_COST_TABLE is not set.*evict-profile --model"):
-        resolve(models, "EVICT", *TREE)
+def test_without_a_table_resolution_passes_and_leaves_the_costs_to_calibration(models, clean_env):
+    from evict.plugin.server_args_hook import validate_evict_server_args
+
+    got = resolve(models, "EVICT", *TREE)
+    assert resolution_result(got, "speculative_algorithm") == "EVICT"
+    assert validate_evict_server_args(got) == (2, 4, 8)  # the default widths below N, plus N
 
 
 def test_unknown_evict_variable_stops_resolution(models, clean_env):
