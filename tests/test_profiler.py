@@ -456,7 +456,7 @@ def test_unknown_backend_is_an_argparse_error(capsys):
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--context-len", "0"], "--context-len must be >= 1"),
         (["--tolerance", "0"], "--tolerance must be > 0"),
-        (["--tp-size", "2"], "--tp-size > 1 needs --backend sglang"),
+        (["--tp-size", "2"], "--tp-size > 1: the torch backend runs on one device"),
     ],
 )
 def test_bad_numeric_arguments(tiny_model, argv, needle):
@@ -500,11 +500,8 @@ def test_unloadable_weights(tiny_model, tmp_path, impl):
     assert "could not load" in msg and str(tmp_path) in msg
 
 
-def test_sglang_backend_needs_a_gpu_and_sglang(tiny_model, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this checks the CPU failure path")
-    msg = cli_error(
-        ["--model", str(tiny_model), "--backend", "sglang", "--quiet", "--out", str(tmp_path / "t.json")]
-    )
-    assert "sglang backend" in msg and ("GPU" in msg or "sglang" in msg)
-    assert "--backend torch" in msg
+def test_sglang_backend_is_retired_in_favour_of_the_start_up_calibration(tiny_model, tmp_path):
+    out = tmp_path / "t.json"
+    msg = cli_error(["--model", str(tiny_model), "--backend", "sglang", "--quiet", "--out", str(out)])
+    assert "--backend sglang is retired" in msg and "without EVICT_COST_TABLE" in msg
+    assert "calibrates its own table at start-up" in msg and not out.exists()

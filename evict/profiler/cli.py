@@ -4,11 +4,16 @@ Why a separate tool: EVICT's width rule needs T(bs, m) for the model, device, dt
 layout that serve traffic; this command measures it once (offline) and writes the JSON table that
 the plugin, the reference engine and the benchmark load (schema in :mod:`evict.profiler.table`).
 
-    evict-profile --model PATH [--backend torch|sglang] [--batch-sizes 1,4,16]
+    evict-profile --model PATH [--batch-sizes 1,4,16]
                   [--widths 1,2,4,8,16,32,64] [--context-len 256] [--repeats 10] [--out FILE]
     evict-profile --check TABLE --model PATH [--tolerance 0.25]
 
 All argument problems end in ``SystemExit`` with a one-line message (no traceback).
+
+An SGLang server needs no table from here: without ``EVICT_COST_TABLE`` it calibrates its own at
+start-up from its captured graphs (:mod:`evict.plugin.calibration`). ``--backend sglang`` is
+retired, with a message saying so: its eager forward was not what the server runs (graph replay per
+width, the server's attention backend and TP group) and it left out drafting and draft-extend.
 """
 
 from __future__ import annotations
@@ -69,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="HF checkpoint directory (default: the shipped testbed target)",
     )
     p.add_argument(
-        "--backend", choices=["torch", "sglang"], default="torch", help="timing backend (sglang: GPU only)"
+        "--backend",
+        choices=["torch", "sglang"],
+        default="torch",
+        help="timing backend: torch (sglang is retired: an SGLang server calibrates its own table at start-up)",
     )
     p.add_argument("--batch-sizes", nargs="+", default=None, help="batch sizes, e.g. 1,4,16 (default 1,4,16)")
     p.add_argument(
@@ -110,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         "tenants on a shared machine (needs OMP_NUM_THREADS=1)",
     )
     p.add_argument("--model-id", default=None, help="model id stored in the table (default: from the path)")
-    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size (sglang backend only)")
+    p.add_argument(
+        "--tp-size",
+        type=int,
+        default=1,
+        help="tensor-parallel size: 1 (a TP server calibrates its own table at start-up)",
+    )
     p.add_argument(
         "--draft-model",
         type=Path,
@@ -160,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SGLANG_RETIRED = (
+    "--backend sglang is retired: a separate profiler does not time what the server runs (its CUDA "
+    "graph per width, attention backend, TP group, drafting and draft-extend). Start the server with "
+    "--speculative-algorithm EVICT and without EVICT_COST_TABLE: it calibrates its own table at start-up "
+    "from its captured graphs and caches it (EVICT_CACHE_DIR; EVICT_RECALIBRATE=1 measures again)"
+)
+
+
 def _fail(msg: str) -> SystemExit:
     return SystemExit(f"evict-profile: error: {msg}")
 
@@ -189,8 +210,13 @@ def _validate(args: argparse.Namespace) -> None:
             )
     if args.draft_model is not None and not (args.draft_model / "config.json").is_file():
         raise _fail(f"--draft-model {args.draft_model} has no config.json; pass an EAGLE-3 drafter directory")
-    if args.backend == "torch" and args.tp_size != 1:
-        raise _fail("--tp-size > 1 needs --backend sglang (the torch backend runs on one device)")
+    if args.backend == "sglang":
+        raise _fail(SGLANG_RETIRED)
+    if args.tp_size != 1:
+        raise _fail(
+            "--tp-size > 1: the torch backend runs on one device; a TP server calibrates its own table "
+            "at start-up (leave EVICT_COST_TABLE unset)"
+        )
 
 
 def _default_device_dtype(args: argparse.Namespace) -> None:
@@ -234,10 +260,6 @@ def _measure(args: argparse.Namespace, points: list[tuple[int, int]] | None = No
         progress=not args.quiet,
         points=points,
     )
-    if args.backend == "sglang":
-        from evict.profiler.sglang_backend import profile_sglang
-
-        return profile_sglang(spec, tp_size=args.tp_size)
     from evict.profiler.torch_backend import profile
 
     result = profile(spec)
