@@ -41,6 +41,7 @@ __all__ = [
     "Timer",
     "calibrate",
     "calibrate_or_load",
+    "calibration_key",
     "cuda_event_timer",
     "default_batch_sizes",
     "evict_version",
@@ -110,6 +111,42 @@ class CalibrationKey:
         """``<cache>/calibration/<model>-tp<N>-<digest>.json`` (the readable part is for people)."""
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model_id).strip("_")[-60:] or "model"
         return (folder or cache_dir()) / CALIBRATION_SUBDIR / f"{slug}-tp{self.tp_size}-{self.digest()}.json"
+
+
+def calibration_key(
+    *,
+    model_path: str,
+    revision: str | None,
+    gpu_name: str,
+    tp_size: int,
+    dtype: str,
+    widths: Sequence[int],
+    batch_sizes: Sequence[int],
+    draft_steps: int,
+    draft_topk: int,
+) -> CalibrationKey:
+    """The key of a server's calibration, from what the worker knows after capturing its graphs.
+
+    The model is named by :func:`evict.profiler.table.checkpoint_config_hash` (the same hash an
+    ``EVICT_COST_TABLE`` is checked with) plus its path or hub id for people reading the folder;
+    ``dtype`` may be given as ``torch.bfloat16`` or ``bfloat16``.
+    """
+    from evict.profiler.table import checkpoint_config_hash  # noqa: PLC0415
+
+    path = str(model_path).rstrip("/")
+    model_id = path if not Path(path).is_absolute() else Path(path).name
+    return CalibrationKey(
+        model_id=model_id or "model",
+        config_hash=checkpoint_config_hash(model_path, revision=revision),
+        device=str(gpu_name),
+        tp_size=int(tp_size),
+        dtype=str(dtype).replace("torch.", ""),
+        widths=tuple(sorted({int(w) for w in widths})),
+        batch_sizes=tuple(sorted({int(b) for b in batch_sizes})),
+        draft_steps=int(draft_steps),
+        draft_topk=int(draft_topk),
+        evict_version=evict_version(),
+    )
 
 
 def default_batch_sizes(captured: Sequence[int], count: int = 6) -> tuple[int, ...]:

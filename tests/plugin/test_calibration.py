@@ -15,6 +15,7 @@ from evict.plugin.calibration import (
     GraphReplay,
     calibrate,
     calibrate_or_load,
+    calibration_key,
     default_batch_sizes,
     tp_max_reduce,
 )
@@ -256,3 +257,26 @@ def test_default_batch_sizes_spread_over_the_captured_ones():
     assert picked[0] == 1 and picked[-1] == 160 and len(picked) == 6 and set(picked) <= set(caps)
     with pytest.raises(ValueError, match="capture"):
         default_batch_sizes([])
+
+
+def test_calibration_key_from_what_the_worker_knows(tmp_path):
+    from evict.profiler.table import model_config_hash
+
+    cfg = {"model_type": "qwen3_moe", "hidden_size": 64, "num_experts": 8, "num_experts_per_tok": 2}
+    model = tmp_path / "Qwen3-Tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(cfg))
+    key = calibration_key(
+        model_path=str(model) + "/",
+        revision=None,
+        gpu_name="NVIDIA H100 80GB HBM3",
+        tp_size=2,
+        dtype="torch.bfloat16",
+        widths=[8, 2, 4, 8],
+        batch_sizes=[4, 1],
+        draft_steps=5,
+        draft_topk=8,
+    )
+    assert key.model_id == "Qwen3-Tiny" and key.config_hash == model_config_hash(cfg)
+    assert (key.dtype, key.widths, key.batch_sizes, key.tp_size) == ("bfloat16", (2, 4, 8), (1, 4), 2)
+    assert key.path(tmp_path).name.startswith("Qwen3-Tiny-tp2-")
