@@ -106,6 +106,7 @@ def test_the_cache_key_changes_with_what_the_table_was_measured_for():
         {"num_threads": 1},
         {"grid": AutoGrid(widths=(1, 2, 20))},
         {"grid": AutoGrid(draft_steps=4)},
+        {"clock": "cpu"},
     ):
         assert auto.cache_key(**{**base, **change}) != key, change
 

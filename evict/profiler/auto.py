@@ -121,9 +121,10 @@ def cache_key(
     dtype: str,
     num_threads: int,
     grid: AutoGrid,
+    clock: str = "wall",
 ) -> str:
     """16 hex chars naming everything a measured table depends on (model, drafter, device, threads,
-    dtype, grid, torch and evict versions); a change in any of them measures a new table."""
+    dtype, grid, clock, torch and evict versions); a change in any of them measures a new table."""
     fields = {
         "model_config_hash": config_hash,
         "drafter_config_hash": drafter_hash,
@@ -132,6 +133,7 @@ def cache_key(
         "num_threads": int(num_threads),
         "grid": [list(grid.batch_sizes), list(grid.widths), grid.repeats, grid.warmup, grid.context_len],
         "draft_tree": [grid.draft_steps, grid.draft_topk],
+        "clock": clock,
         "torch": torch.__version__,
         "evict": _evict_version(),
     }
@@ -248,6 +250,7 @@ def resolve_cost_table(
         dtype=dtype,
         num_threads=threads or 0,
         grid=grid,
+        clock=clock,
     )
     from evict.profiler.torch_backend import model_id_for, read_model_config  # noqa: PLC0415
 

@@ -555,8 +555,9 @@ class CostTable:
             msg = (
                 f"cost table {self.source} was profiled for another setup: "
                 + "; ".join(problems)
-                + f". Re-profile on this setup ({REGENERATE_HINT}), or pass allow_mismatch=True "
-                "to use it anyway (costs, hence widths, may then be wrong)"
+                + f". Re-profile on this setup ({REGENERATE_HINT}; or give no table and let EVICT measure "
+                "this machine's), or allow the mismatch (allow_mismatch=True, --allow-table-mismatch, "
+                "EVICT_ALLOW_TABLE_MISMATCH=1) to use it anyway (costs, hence widths, may then be wrong)"
             )
             if not allow_mismatch:
                 raise CostTableError(msg)
