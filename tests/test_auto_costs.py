@@ -50,12 +50,14 @@ def _table_dict(device: str = HERE, threads: int | None = None, **meta) -> dict:
 class FakeMeasure:
     """Stands in for the profiler where a test is about the route, not about timing."""
 
-    def __init__(self) -> None:
+    def __init__(self, spread: float = 1.0) -> None:
         self.calls: list[AutoGrid] = []
+        self.spread = spread
 
     def __call__(self, model_dir, drafter_dir, *, device, dtype, grid, clock, progress, source):
         self.calls.append(grid)
         d = _table_dict(date=f"call {len(self.calls)}")
+        d["latency_ms"]["p90"] = [[v * self.spread for v in row] for row in d["latency_ms"]["median"]]
         return CostTable.from_dict(d, source=source)
 
 
@@ -132,6 +134,19 @@ def test_a_broken_cache_file_is_ignored_with_a_warning_and_measured_again(damage
     assert CostTable.load(path).metadata["date"] == "call 2"  # the cache holds the new table
 
 
+def test_a_noisy_measurement_is_used_but_not_cached(caplog):
+    """Repeats spread 10x (a busy machine): this run uses the table, the next one measures again."""
+    noisy, lines = FakeMeasure(spread=10.0), []
+    with caplog.at_level(logging.WARNING, logger="evict"):
+        first = _resolve(noisy, lines=lines)
+    assert first.how == "measured, not cached" and not first.path.exists()
+    assert "busy while measuring" in caplog.text and any("not cached" in line for line in lines)
+    assert auto.table_spread(first.table) == pytest.approx(10.0)
+    quiet = FakeMeasure()
+    assert _resolve(quiet).how == "measured" and len(quiet.calls) == 1  # measured again, then cached
+    assert _resolve(quiet).how == "cached"
+
+
 def test_a_shipped_table_made_for_this_setup_is_used_without_measuring(tmp_path):
     shipped = tmp_path / "shipped.json"
     shipped.write_text(json.dumps(_table_dict()))
@@ -185,6 +200,9 @@ def test_bench_on_a_foreign_shipped_table_exits_0_with_this_machines_measured_ta
     monkeypatch.setattr(auto, "AUTO_WIDTHS", (1, 2, 4))
     monkeypatch.setattr(auto, "AUTO_REPEATS", 2)
     monkeypatch.setattr(auto, "AUTO_WARMUP", 1)
+    # the load of the machine running the tests must not decide whether it is cached (that rule has
+    # its own test above)
+    monkeypatch.setattr(auto, "NOISY_SPREAD", float("inf"))
     argv = ["--batch-sizes", "1", "--seeds", "0", "--num-prompts", "1", "--prompt-tokens", "16"]
     argv += ["--max-new-tokens", "4", "--no-sweep", "--no-ablation", "--evict-tree", "2,2,6"]
     rc = cli.main(argv + ["--device", "cpu", "--out", str(tmp_path / "out")])

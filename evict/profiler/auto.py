@@ -10,7 +10,9 @@ not a default to replace.
 
 Route (:func:`resolve_cost_table`): explicit table -> shipped table if it fits -> cached table if it
 fits -> measure, save to the cache, use. A cache file that cannot be read or no longer fits is
-ignored with a warning and measured again.
+ignored with a warning and measured again. A measurement whose repeats spread widely (other jobs
+held the cores) is used for the run but not cached, with a warning, so a busy moment is not
+frozen into every later run.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "cached_table_path",
     "measure_table",
     "resolve_cost_table",
+    "table_spread",
 ]
 
 logger = logging.getLogger("evict")
@@ -52,6 +55,10 @@ AUTO_REPEATS = 5
 AUTO_WARMUP = 2
 AUTO_CONTEXT_LEN = 256
 DEFAULT_DRAFT_TREE: tuple[int, int] = (5, 4)  # (steps, topk) of the bench's EVICT tree
+# Median p90/p10 ratio over the grid above which a measurement is called noisy. On a quiet 2-core
+# machine the testbed's points spread by 1.0-1.3x; with other jobs competing for the cores they
+# spread by 10x and more and whole rows are inflated, which prices widths wrongly.
+NOISY_SPREAD = 1.5
 CACHE_SUBDIR = "cost_tables"
 
 
@@ -288,13 +295,32 @@ def resolve_cost_table(
         source=str(path),
     )
     table.source = str(path)
+    elapsed = time.perf_counter() - t0
+    spread = table_spread(table)
+    if spread > NOISY_SPREAD:
+        # A table measured while other jobs held the cores would misprice widths on every later run
+        # too; use it for this run (the run is timed under the same load) but do not keep it.
+        msg = (
+            f"the machine was busy while measuring (repeats spread {spread:.1f}x, p90/p10, against about 1.1x "
+            "when quiet), so the table may misprice widths; it is used for this run but not cached and the "
+            "next run measures again (or measure on a quiet machine with `evict-profile` and pass --cost-table)"
+        )
+        logger.warning("evict: %s", msg)
+        log(f"warning: cost table measured in {elapsed:.0f} s, but {msg}")
+        return TableChoice(table, path, "measured, not cached")
     try:
         table.save(path)
-        log(f"cost table: measured in {time.perf_counter() - t0:.0f} s, saved to {path}")
+        log(f"cost table: measured in {elapsed:.0f} s, saved to {path}")
     except OSError as exc:  # a read-only cache must not stop the run; next time measures again
         logger.warning("evict: could not cache the measured cost table at %s (%s)", path, exc)
         log(f"warning: could not cache the measured cost table at {path} ({exc}); set EVICT_CACHE_DIR")
     return TableChoice(table, path, "measured")
+
+
+def table_spread(table: CostTable) -> float:
+    """Median over the grid of p90 / p10: about 1 for a steady measurement, far above on a busy machine."""
+    ratios = sorted(hi / lo for r10, r90 in zip(table.p10, table.p90) for lo, hi in zip(r10, r90) if lo > 0)
+    return ratios[len(ratios) // 2] if ratios else 1.0
 
 
 def _mismatch_summary(exc: CostTableError, path: Path) -> str:
