@@ -56,6 +56,13 @@ from sglang.srt.speculative.eagle_worker_v2 import (
 from sglang.srt.speculative.spec_utils import draft_tp_context
 from sglang.srt.utils.common import get_available_gpu_memory, log_info_on_rank0
 
+from evict.plugin.calibration import (
+    GraphReplay,
+    calibrate_or_load,
+    calibration_key,
+    default_batch_sizes,
+    tp_max_reduce,
+)
 from evict.plugin.config import (
     EvictConfigError,
     load_cost_table,
@@ -74,6 +81,7 @@ from evict.plugin.tree_cut import (
     verify_spec_steps,
 )
 from evict.plugin.width_states import WidthStateSet
+from evict.truncation import TruncationPolicy
 
 __all__ = ["EvictDraftWorker", "EvictWorkerV2", "install_hooks"]
 
@@ -150,6 +158,27 @@ def _without_draft_decode_graph() -> Iterator[None]:
         yield
     finally:
         _eagle_worker_v2.EAGLEDraftCudaGraphRunner = saved
+
+
+class _NoGraphs(RuntimeError):
+    """No captured graphs to replay (CPU, ``--disable-cuda-graph``)."""
+
+
+def _graph_sizes(runner: Any) -> list[int]:
+    """Batch sizes a graph runner captured (SGLang 0.5.23: ``runner.backend._graphs`` by ShapeKey)."""
+    graphs = getattr(getattr(runner, "backend", None), "_graphs", None)
+    if not graphs:
+        return []
+    return sorted({int(k.size) for k in graphs if getattr(k, "stream_idx", None) in (None, 0)})
+
+
+def _replay_graph(runner: Any, bs: int) -> Any:
+    """Replay ``runner``'s graph for batch size ``bs`` on its static buffers (timing only)."""
+    backend = runner.backend
+    for key in backend._graphs:
+        if int(key.size) == bs and getattr(key, "stream_idx", None) in (None, 0):
+            return backend.replay(key, None)
+    raise _NoGraphs(f"no graph captured for batch size {bs}")
 
 
 class EvictDraftWorker(EagleDraftWorker):
@@ -277,25 +306,108 @@ class EvictWorkerV2(EAGLEWorkerV2):
 
     # -- start-up -------------------------------------------------------------------------------
     def _build_policy(self) -> Any:
-        from evict.truncation import TruncationPolicy  # noqa: PLC0415
-
+        """The policy from ``EVICT_COST_TABLE``; without one, a full-tree placeholder until calibration."""
         cfg = self.evict_config
         n = self.full_num_draft_tokens
+        self.needs_calibration = False
         if cfg.disable:
             # Kill switch: only the full tree is captured and verified; same code path otherwise.
             self.evict_widths = (n,)
             return TruncationPolicy([1.0], widths=[n], mode="off", backend="torch")
-        model_config = self._target_worker.model_runner.model_config
         table = load_cost_table(
             cfg,
             config_hash=target_config_hash(self.server_args.model_path, self.server_args.revision),
-            device=torch.cuda.get_device_name(self.gpu_id) if torch.cuda.is_available() else None,
+            device=self._gpu_name(),
             tp_size=get_parallel().tp_size,
-            dtype=str(model_config.dtype).replace("torch.", ""),
+            dtype=self._dtype_name(),
         )
-        widths = resolve_widths(cfg.widths, n, table.widths)
-        self.evict_widths = widths
-        return TruncationPolicy(table, widths=widths, mode=cfg.policy_mode, backend=cfg.backend)
+        self.evict_widths = resolve_widths(cfg.widths, n, table.widths if table is not None else None)
+        if table is None:
+            # No table given: init_cuda_graphs measures one from the captured graphs.
+            self.needs_calibration = True
+            return TruncationPolicy([1.0], widths=[n], mode="off", backend="torch")
+        return TruncationPolicy(table, widths=self.evict_widths, mode=cfg.policy_mode, backend=cfg.backend)
+
+    def _gpu_name(self) -> str | None:
+        return torch.cuda.get_device_name(self.gpu_id) if torch.cuda.is_available() else None
+
+    def _dtype_name(self) -> str:
+        return str(self._target_worker.model_runner.model_config.dtype).replace("torch.", "")
+
+    def _calibrate_policy(self) -> TruncationPolicy:
+        """Measure this server's cost table from its own captured graphs (or the cache).
+
+        Never stops the server: without CUDA graphs (CPU, ``--disable-cuda-graph``) there is
+        nothing to replay, and a failed calibration is logged; both verify the full tree, and the
+        log says how to give a table instead.
+        """
+        cfg, n = self.evict_config, self.full_num_draft_tokens
+        full_tree = TruncationPolicy([1.0], widths=[n], mode="off", backend="torch")
+        try:
+            replay, batch_sizes = self._graph_replay()
+        except _NoGraphs as exc:
+            logger.warning(
+                "EVICT: no EVICT_COST_TABLE and %s, so there is nothing to calibrate from; verifying the "
+                "full tree. Give a table (evict-profile --model ... --out T.json; EVICT_COST_TABLE=T.json)",
+                exc,
+            )
+            return full_tree
+        tp = get_parallel().tp_size
+        key = calibration_key(
+            model_path=self.server_args.model_path,
+            revision=self.server_args.revision,
+            gpu_name=self._gpu_name() or "unknown",
+            tp_size=tp,
+            dtype=self._dtype_name(),
+            widths=self.width_states.widths,
+            batch_sizes=batch_sizes,
+            draft_steps=self.speculative_num_steps,
+            draft_topk=self.topk,
+        )
+        try:
+            table = calibrate_or_load(
+                replay,
+                key=key,
+                recalibrate=cfg.recalibrate,
+                reduce=tp_max_reduce(get_tp_group().device_group) if tp > 1 else None,
+                write_cache=get_parallel().tp_rank == 0,
+                log=lambda line: log_info_on_rank0(logger, line),
+            )
+        except Exception as exc:  # with TP > 1 every rank replays the same graphs and fails alike
+            logger.error(
+                "EVICT: start-up calibration failed (%r); verifying the full tree", exc, exc_info=exc
+            )
+            return full_tree
+        return TruncationPolicy(
+            table, widths=self.width_states.widths, mode=cfg.policy_mode, backend=cfg.backend
+        )
+
+    def _graph_replay(self) -> tuple[GraphReplay, tuple[int, ...]]:
+        """Replays of the captured draft-decode, target-verify(m) and draft-extend(m) graphs."""
+        full = self.width_states.state(self.full_num_draft_tokens)
+        if full.target_graph_runner is None or full.cuda_graph_runner is None:
+            raise _NoGraphs("no CUDA graphs were captured")
+        states = {w: self.width_states.state(w) for w in self.width_states.widths}
+        captured = set(_graph_sizes(full.target_graph_runner))
+        for state in states.values():
+            captured &= set(_graph_sizes(state.target_graph_runner))
+            if state.cuda_graph_runner_for_draft_extend is not None:
+                captured &= set(_graph_sizes(state.cuda_graph_runner_for_draft_extend))
+        captured &= set(_graph_sizes(full.cuda_graph_runner))
+        if not captured:
+            raise _NoGraphs("the captured graphs share no batch size")
+
+        def extend(width: int, bs: int) -> None:
+            runner = states[width].cuda_graph_runner_for_draft_extend
+            if runner is not None:
+                _replay_graph(runner, bs)
+
+        replay = GraphReplay(
+            draft=lambda bs: _replay_graph(full.cuda_graph_runner, bs),
+            verify=lambda width, bs: _replay_graph(states[width].target_graph_runner, bs),
+            draft_extend=extend,
+        )
+        return replay, default_batch_sizes(sorted(captured))
 
     def init_cuda_graphs(self):
         super().init_cuda_graphs()
@@ -334,6 +446,8 @@ class EvictWorkerV2(EAGLEWorkerV2):
         if get_parallel().tp_size > 1:
             # The target's TP group (not the draft's, which draft_tp_context may patch in).
             dw.width_agreement = WidthAgreement(get_tp_group().device_group, self.device)
+        if self.needs_calibration:
+            self.truncation_policy = self.evict_metrics.policy = self._calibrate_policy()
         dw.truncation_policy = self.truncation_policy
         dw.use_width = self.use_width
         disabled = ", DISABLED (full tree every step)" if self.evict_config.disable else ""

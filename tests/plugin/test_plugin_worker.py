@@ -515,3 +515,68 @@ def test_a_width_state_shares_the_workspace_and_the_draft_decode_graph(monkeypat
         "extend-graph-4",
     )
     assert state.speculative_num_draft_tokens == 4
+
+
+class _Key(tuple):
+    size = property(lambda self: self[0])
+    stream_idx = property(lambda self: None)
+
+
+class _FakeGraphRunner:
+    """A graph runner whose backend 'replays' graphs by counting (SGLang's ShapeKey has ``size``)."""
+
+    def __init__(self, sizes, log, name):
+        self.backend = SimpleNamespace(
+            _graphs={_Key((b,)): None for b in sizes},
+            replay=lambda key, fb: log.append((name, key.size)),
+        )
+
+
+def _calibrating_worker(tmp_path, with_graphs=True):
+    from evict.plugin.config import parse_env
+
+    w = _fake_evict_worker()
+    log = []
+    for m in w.width_states.widths:
+        state = w.width_states.state(m)
+        if with_graphs:
+            state.target_graph_runner = _FakeGraphRunner([1, 2, 4], log, f"verify-{m}")
+            state.cuda_graph_runner_for_draft_extend = _FakeGraphRunner([1, 2, 4, 8], log, f"extend-{m}")
+            state.cuda_graph_runner = _FakeGraphRunner([1, 2, 4], log, "draft")
+        else:
+            state.target_graph_runner = state.cuda_graph_runner = None
+    w.evict_config = parse_env({"EVICT_CACHE_DIR": str(tmp_path)})
+    w.server_args = SimpleNamespace(model_path=str(tmp_path / "model"), revision=None)
+    w.speculative_num_steps, w.topk, w.gpu_id = 3, 4, 0
+    w._target_worker.model_runner.model_config = SimpleNamespace(dtype=torch.float32)
+    return w, log
+
+
+def test_without_a_table_the_server_calibrates_from_its_captured_graphs(monkeypatch, tmp_path):
+    from evict.plugin import calibration
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(
+        evict_worker,
+        "calibrate_or_load",
+        lambda replay, **kw: calibration.calibrate_or_load(
+            replay, timer=lambda fn: (fn(), float(next(clock) % 7 + 1))[1], cache_folder=tmp_path, repeats=3, **kw
+        ),
+    )
+    monkeypatch.setattr(evict_worker, "get_parallel", lambda: SimpleNamespace(tp_size=1, tp_rank=0))
+    w, log = _calibrating_worker(tmp_path)
+    policy = w._calibrate_policy()
+    assert policy.mode == "immediate" and policy.widths.tolist() == [4, 8]
+    # every width's verify and draft-extend graph, and the draft graph, replayed at the shared sizes
+    assert {name for name, _ in log} == {"draft", "verify-4", "verify-8", "extend-4", "extend-8"}
+    assert {bs for _, bs in log} == {1, 2, 4}
+    assert list(tmp_path.glob("calibration/*.json"))  # cached for the next start
+
+
+def test_without_a_table_or_graphs_the_server_verifies_the_full_tree_and_says_why(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(evict_worker, "get_parallel", lambda: SimpleNamespace(tp_size=1, tp_rank=0))
+    w, log = _calibrating_worker(tmp_path, with_graphs=False)
+    with caplog.at_level("WARNING"):
+        policy = w._calibrate_policy()
+    assert policy.mode == "off" and policy.widths.tolist() == [8] and log == []
+    assert any("nothing to calibrate from" in r.getMessage() for r in caplog.records)
