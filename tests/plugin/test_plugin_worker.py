@@ -560,7 +560,11 @@ def test_without_a_table_the_server_calibrates_from_its_captured_graphs(monkeypa
         evict_worker,
         "calibrate_or_load",
         lambda replay, **kw: calibration.calibrate_or_load(
-            replay, timer=lambda fn: (fn(), float(next(clock) % 7 + 1))[1], cache_folder=tmp_path, repeats=3, **kw
+            replay,
+            timer=lambda fn: (fn(), float(next(clock) % 7 + 1))[1],
+            cache_folder=tmp_path,
+            repeats=3,
+            **kw,
         ),
     )
     monkeypatch.setattr(evict_worker, "get_parallel", lambda: SimpleNamespace(tp_size=1, tp_rank=0))
@@ -573,7 +577,9 @@ def test_without_a_table_the_server_calibrates_from_its_captured_graphs(monkeypa
     assert list(tmp_path.glob("calibration/*.json"))  # cached for the next start
 
 
-def test_without_a_table_or_graphs_the_server_verifies_the_full_tree_and_says_why(monkeypatch, tmp_path, caplog):
+def test_without_a_table_or_graphs_the_server_verifies_the_full_tree_and_says_why(
+    monkeypatch, tmp_path, caplog
+):
     monkeypatch.setattr(evict_worker, "get_parallel", lambda: SimpleNamespace(tp_size=1, tp_rank=0))
     w, log = _calibrating_worker(tmp_path, with_graphs=False)
     with caplog.at_level("WARNING"):
