@@ -1,0 +1,921 @@
+"""The multi-step rig (issue 12): EVICT's per-step decode path through SGLang 0.5.23's own code, on CPU.
+
+Each test drives ``EvictWorkerV2.forward_batch_generation`` (EVICT's worker over SGLang's
+``EAGLEWorkerV2``) for 60 decode steps at batch size 3, with the verify width forced through a
+scripted sequence that repeats, rises, falls and reaches 1 and N.  The width comes from EVICT's
+real ``TruncationPolicy`` (``ScriptedCostPolicy`` only makes the scripted width the one affordable
+width), so the worker's ``choose_width`` -> ``cut_draft_tree`` -> ``use_width`` ->
+``build_verify_input`` path runs as it does when serving.
+
+Real SGLang code on the path: ``EagleDraftWorker.draft`` / ``draft_forward`` (with
+``select_top_k_tokens`` and ``organize_draft_results``), ``prepare_for_draft``,
+``build_eagle_verify_input`` and ``build_tree_kernel_efficient``, ``run_eagle_verify`` (with
+``eagle_prepare_for_verify``, ``eagle_sample``, ``fill_bonus_tokens``,
+``move_accept_tokens_to_target_kvcache`` and ``_compact_accept_to_front``),
+``_draft_extend_for_decode`` (its CPU branch computes ``select_index`` from the draft worker's
+``speculative_num_draft_tokens``) with ``prepare_for_draft_extend``, and
+``eagle_prepare_for_decode`` with a real ``ReqToTokenPool``, ``TokenToKVPoolAllocator`` and
+``MHATokenToKVPool``, so every KV slot is allocated, moved and freed by SGLang's own pool code.
+
+Stand-ins, for what only a GPU or a model provides:
+
+- the sgl-kernel CPU operators come from ``evict.testing.cpu_ops`` (registered with
+  ``torch.library`` and bound where SGLang's modules bind them when ``is_cpu()``); its tree builder
+  keeps the CUDA kernel's host checks (``tree.cuh``: ``depth > 0`` and
+  ``depth == 1 || parent_width == topk*(depth-1)+1``) and ``parent_list`` row stride, so a
+  configuration a GPU refuses fails here too;
+- ``tree_speculative_sampling_target_only`` (a CUDA-only JIT kernel) is ported to torch below;
+- the draft and target models return seeded random logits; the target leans towards one child
+  of each node so that acceptances of every length occur;
+- ``ForwardBatch.init_new`` copies the handful of batch fields the code under test reads;
+- attention backends are per-width objects that check the width of every batch they are given.
+
+At every step the rig asserts that verify and draft extend ran at the scripted width (the
+backends, ``prepare_for_draft_extend``'s ``num_draft_tokens``, ``select_index``'s stride), that the
+KV slots allocated equal the committed ("kept") plus reserved plus freed slots and that the
+accepted KV landed in the committed slots, and that the accepted tokens are what the reference
+engine's acceptance (``evict.engine.acceptance``) gives on the same tree, built independently
+from the draft lists by ``evict.engine.tree_layout``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("sglang")
+
+import torch  # noqa: E402
+from sglang.kernels.ops.speculative import cache_locs, spec_tree  # noqa: E402
+from sglang.kernels.ops.speculative import eagle as eagle_kernels  # noqa: E402
+from sglang.kernels.ops.speculative.eagle import prepare_draft_extend_inputs  # noqa: E402
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput  # noqa: E402
+from sglang.srt.mem_cache import allocation  # noqa: E402
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode  # noqa: E402
+from sglang.srt.speculative import eagle_utils, eagle_worker_common, eagle_worker_v2, spec_utils  # noqa: E402
+from sglang.srt.speculative.adaptive_runtime_state import SpecRuntimeState  # noqa: E402
+from sglang.srt.speculative.eagle_info import EagleDraftInput  # noqa: E402
+from sglang.srt.speculative.eagle_utils import TreeMaskMode, eagle_prepare_for_decode  # noqa: E402
+from transformers import PretrainedConfig  # noqa: E402
+
+from evict.engine.acceptance import greedy_accept, sampling_accept  # noqa: E402
+from evict.engine.tree_layout import DraftTree, select_verify_tree, sglang_parents  # noqa: E402
+from evict.plugin import worker as evict_worker  # noqa: E402
+from evict.plugin.metrics import EvictMetrics  # noqa: E402
+from evict.plugin.tree_cut import ScoreSink  # noqa: E402
+from evict.plugin.width_states import WidthStateSet  # noqa: E402
+from evict.testing import cpu_ops  # noqa: E402
+from evict.truncation import TruncationPolicy  # noqa: E402
+
+pytestmark = pytest.mark.sglang
+
+BS, TOPK, STEPS, N = 3, 4, 5, 16  # parent_list is topk*(steps-1)+1 = 17 wide: depths 2..4 are refused
+WIDTHS = (1, 2, 3, 4, 5, 8, 16)
+VOCAB, HIDDEN, CONTEXT, POOL = 64, 4, 192, 4096
+# repeats (4 4 4, 1 1, 16 16, 2 2, 3 3), a rise 1..16, a fall 16..1, and 1 and N next to each other
+WIDTH_SCRIPT = [
+    16,
+    4,
+    4,
+    4,
+    1,
+    1,
+    2,
+    3,
+    5,
+    8,
+    16,
+    16,
+    8,
+    5,
+    3,
+    2,
+    1,
+    4,
+    8,
+    2,
+    2,
+    16,
+    1,
+    16,
+    3,
+    3,
+    5,
+    4,
+    2,
+    8,
+] * 2
+
+_select_later = getattr(
+    spec_utils._select_top_k_tokens_later,
+    "_torchdynamo_orig_callable",
+    getattr(spec_utils._select_top_k_tokens_later, "__wrapped__", spec_utils._select_top_k_tokens_later),
+)
+
+TARGET_CONFIG = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 512,
+    "torch_dtype": "bfloat16",
+}
+DRAFT_CONFIG = {
+    "architectures": ["LlamaForCausalLMEagle3"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "draft_vocab_size": VOCAB,
+    "max_position_embeddings": 512,
+    "torch_dtype": "bfloat16",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stand-ins
+# ---------------------------------------------------------------------------------------------
+def tree_speculative_sampling_target_only_cpu(
+    predicts,
+    accept_index,
+    accept_token_num,
+    candidates,
+    retrive_index,
+    retrive_next_token,
+    retrive_next_sibling,
+    uniform_samples,
+    uniform_samples_for_final_sampling,
+    target_probs,
+    draft_probs,
+    threshold_single=1.0,
+    threshold_acc=1.0,
+    deterministic=True,
+):
+    """Torch port of SGLang's ``tree_speculative_sampling_target_only`` (CUDA only).
+
+    Copies ``kernels/jit/csrc/speculative/sampling.cuh`` (host checks) and
+    ``kernels/jit/include/sgl_kernel/speculative/sampling.cuh`` (``TreeSpeculativeSamplingTargetOnly``):
+    from the root, try the children in sibling order with a running sum of their target
+    probabilities; accept the first child whose sum exceeds the node's coin (or whose probability
+    reaches ``threshold_single``); at the last accepted node, sample from ``relu(target - draft)``
+    where ``draft`` holds the target probabilities of the rejected children (none after a
+    full-depth path) with the final coin.
+    """
+    bs, n = candidates.shape
+    spec_tokens = accept_index.shape[1]
+    vocab = target_probs.shape[-1]
+    if not (n > 0 and spec_tokens > 0 and vocab > 0):  # CHECK_HOST in sampling.cuh
+        raise RuntimeError(f"tree sampling: draft_tokens={n}, spec_tokens={spec_tokens}, vocab={vocab}")
+    if tuple(target_probs.shape) != (bs, n, vocab) or tuple(draft_probs.shape) != (bs, n, vocab):
+        raise RuntimeError(
+            f"tree sampling: probs {tuple(target_probs.shape)} do not match candidates {(bs, n)}"
+        )
+    if predicts.numel() != bs * n or tuple(uniform_samples.shape) != (bs, n):
+        raise RuntimeError("tree sampling: predicts / uniform_samples do not match candidates")
+    if not (0 <= threshold_single <= 1 and 0 <= threshold_acc <= 1):
+        raise RuntimeError("tree sampling: thresholds must lie in [0, 1]")
+    threshold_acc = max(float(threshold_acc), 1e-9)
+    for b in range(bs):
+        cur_node = 0
+        coin = float(uniform_samples[b, 0])
+        last = int(retrive_index[b, 0])
+        accept_index[b, 0] = last
+        accepted = 0
+        prob_acc = 0.0
+        cur = 0
+        for _ in range(1, spec_tokens):
+            cur = int(retrive_next_token[b, cur])
+            while cur != -1:
+                token = int(candidates[b, cur])
+                p = float(target_probs[b, cur_node, token])
+                prob_acc = float(torch.tensor(prob_acc + p, dtype=torch.float32))
+                if p > 0 and (coin < prob_acc / threshold_acc or p >= threshold_single):
+                    prob_acc = 0.0
+                    cur_node = cur
+                    coin = float(uniform_samples[b, cur])
+                    predicts[last] = token
+                    accepted += 1
+                    accept_index[b, accepted] = int(retrive_index[b, cur])
+                    last = int(retrive_index[b, cur])
+                    break
+                draft_probs[b, cur_node, token] = target_probs[b, cur_node, token]
+                cur = int(retrive_next_sibling[b, cur])
+            if cur == -1:
+                break
+        accept_token_num[b] = accepted
+        q = target_probs[b, cur_node]
+        p = draft_probs[b, cur_node] if accepted != spec_tokens - 1 else torch.zeros_like(q)
+        residual = (q - p).clamp(min=0)
+        u = float(uniform_samples_for_final_sampling[b]) * float(residual.sum())
+        csum = residual.cumsum(0)
+        hit = ((csum > u) & (residual > 0)).nonzero()
+        valid = (residual > 0).nonzero()
+        predicts[last] = int(hit[0]) if hit.numel() else (int(valid[-1]) if valid.numel() else vocab - 1)
+
+
+class ForwardBatchStandIn(SimpleNamespace):
+    """The fields of SGLang's ``ForwardBatch`` that the code under test reads, taken from the batch."""
+
+    @classmethod
+    def init_new(cls, batch, model_runner, capture_hidden_mode=None, **_kw):
+        spec = batch.spec_info
+        positions = getattr(spec, "positions", None)
+        return cls(
+            forward_mode=batch.forward_mode,
+            batch_size=len(batch.seq_lens),
+            input_ids=batch.input_ids,
+            out_cache_loc=batch.out_cache_loc,
+            seq_lens=batch.seq_lens.clone(),
+            seq_lens_cpu=None if batch.seq_lens_cpu is None else batch.seq_lens_cpu.clone(),
+            seq_lens_sum=batch.seq_lens_sum,
+            req_pool_indices=batch.req_pool_indices,
+            spec_info=spec,
+            sampling_info=batch.sampling_info,
+            positions=None if positions is None else positions.clone(),
+            extend_seq_lens=getattr(batch, "extend_lens", None),
+            extend_num_tokens=getattr(batch, "extend_num_tokens", None),
+            capture_hidden_mode=capture_hidden_mode,
+            moe_num_token_non_padded=None,
+            metadata_ready=False,
+        )
+
+    def mark_forward_metadata_ready(self):
+        self.metadata_ready = True
+
+
+class WidthBackend:
+    """An attention backend of one width state; it refuses a batch of any other width."""
+
+    def __init__(self, role: str, width: int, step=lambda: -1) -> None:
+        self.role, self.width, self.step = role, width, step
+        self.verify_mask = None
+        self.max_context_len = CONTEXT
+        self.attn_backends = [self] * STEPS
+
+    def init_forward_metadata(self, fb) -> None:
+        if self.role == "draft extend":
+            got = sorted(set(fb.extend_seq_lens))
+            assert got == [self.width], (
+                f"step {self.step()}: draft extend: the width-{self.width} backend was given {got} "
+                "tokens per request"
+            )
+
+
+class ScriptedCostPolicy(TruncationPolicy):
+    """EVICT's policy, over a step cost under which only the scripted width is affordable."""
+
+    def __init__(self) -> None:
+        super().__init__([1.0] * len(WIDTHS), widths=list(WIDTHS), mode="immediate")
+        self.want = N
+
+    def step_cost(self, batch_size, device="cpu"):
+        cost = torch.full((len(WIDTHS),), 1e6)
+        cost[WIDTHS.index(self.want)] = 1.0
+        return cost.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment: a published SGLang context and the CPU kernels bound where SGLang looks for them
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sglang_context(tmp_path_factory):
+    from sglang.srt.arg_groups.pipeline import run_resolution_pipeline
+    from sglang.srt.runtime_context import get_spec, publish, reset_context
+    from sglang.srt.server_args import prepare_server_args
+
+    root = tmp_path_factory.mktemp("models")
+    for name, cfg in (("target", TARGET_CONFIG), ("draft", DRAFT_CONFIG)):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(cfg))
+    server_args = prepare_server_args(
+        [
+            "--model-path", str(root / "target"),
+            "--speculative-algorithm", "EAGLE3",
+            "--speculative-draft-model-path", str(root / "draft"),
+            "--device", "cpu",
+            "--skip-tokenizer-init",
+            "--speculative-num-steps", str(STEPS),
+            "--speculative-eagle-topk", str(TOPK),
+            "--speculative-num-draft-tokens", str(N),
+        ]
+    )  # fmt: skip
+    run_resolution_pipeline(server_args)
+    publish(server_args, role="test")
+    try:
+        assert get_spec().speculative_num_draft_tokens == N
+        assert not get_spec().speculative_use_rejection_sampling
+        yield
+    finally:
+        reset_context()
+
+
+_PLATFORM_FLAGS = ("_is_cuda", "_is_hip", "_is_musa", "_is_xpu", "_is_npu")
+
+
+def _as_cpu_platform(monkeypatch, module, **ops) -> None:
+    """Make ``module`` take its CPU branch, with the stand-ins bound under SGLang's names."""
+    for flag in _PLATFORM_FLAGS:
+        if hasattr(module, flag):
+            monkeypatch.setattr(module, flag, False)
+    monkeypatch.setattr(module, "_is_cpu", True)
+    for name, op in ops.items():
+        monkeypatch.setattr(module, name, op, raising=False)
+
+
+@pytest.fixture
+def cpu_kernels(monkeypatch, sglang_context):
+    cpu_ops.register()
+    ops = torch.ops.sgl_kernel
+    _as_cpu_platform(
+        monkeypatch,
+        spec_tree,
+        sgl_build_tree_kernel_efficient_cpu=ops.build_tree_kernel_efficient_cpu,
+        sgl_verify_tree_greedy_cpu=ops.verify_tree_greedy_cpu,
+    )
+    _as_cpu_platform(
+        monkeypatch,
+        cache_locs,
+        assign_draft_cache_locs_contiguous_cpu=ops.assign_draft_cache_locs_contiguous_cpu,
+        assign_extend_cache_locs_cpu=ops.assign_extend_cache_locs_cpu,
+    )
+    _as_cpu_platform(
+        monkeypatch,
+        eagle_kernels,
+        fill_bonus_tokens_cpu=ops.fill_bonus_tokens_cpu,
+        fill_accept_out_cache_loc_cpu=ops.fill_accept_out_cache_loc_cpu,
+    )
+    _as_cpu_platform(monkeypatch, allocation, assign_req_to_token_pool_cpu=ops.assign_req_to_token_pool_cpu)
+    # Verify samples like a GPU: SGLang forces greedy verification on CPU (``is_all_greedy or
+    # is_cpu``); lifting that predicate sends sampled batches to the tree-sampling kernel.
+    for flag in ("_is_cpu", *_PLATFORM_FLAGS):
+        if hasattr(eagle_utils, flag):
+            monkeypatch.setattr(eagle_utils, flag, False)
+    monkeypatch.setattr(
+        eagle_utils, "tree_speculative_sampling_target_only", tree_speculative_sampling_target_only_cpu
+    )
+    for flag in _PLATFORM_FLAGS:
+        if hasattr(eagle_worker_v2, flag):
+            monkeypatch.setattr(eagle_worker_v2, flag, False)
+    monkeypatch.setattr(spec_utils, "_select_top_k_tokens_later", _select_later)  # eager, not compiled
+    monkeypatch.setattr(eagle_worker_common, "ForwardBatch", ForwardBatchStandIn)
+    from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_uniform_func
+    from sglang.srt.speculative.spec_utils import prepare_mamba_track_for_verify
+
+    monkeypatch.setattr(
+        eagle_utils,
+        "_PREPARE_FOR_VERIFY_DEPS",
+        (
+            assign_extend_cache_locs_uniform_func,
+            CaptureHiddenMode,
+            ForwardBatchStandIn,
+            ForwardMode,
+            prepare_mamba_track_for_verify,
+        ),
+    )
+    monkeypatch.setenv("SGLANG_NATIVE_MOVE_KV_CACHE", "1")  # move_kv_cache in torch, read by the pool
+    from sglang.srt.runtime_context import get_parallel
+
+    # one rank: eagle_sample's sampling branch asks the TP group whether to broadcast its result
+    with get_parallel().override(tp_group=SimpleNamespace(world_size=1)):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The rig
+# ---------------------------------------------------------------------------------------------
+class StepRecord(SimpleNamespace):
+    pass
+
+
+class Rig:
+    """Scheduler, models and pools around a real ``EvictWorkerV2`` for one decode run."""
+
+    def __init__(self, monkeypatch, *, sampling: bool, mask_mode: TreeMaskMode, seed: int) -> None:
+        self.g = torch.Generator().manual_seed(seed)
+        self.sampling = sampling
+        self.rec = StepRecord()
+        self.step = 0
+        self._install_recorders(monkeypatch)
+
+        # KV: SGLang's pools (page size 1), with every slot counted as it is allocated or freed
+        self.kv = MHATokenToKVPool(
+            size=POOL,
+            page_size=1,
+            dtype=torch.float32,
+            head_num=1,
+            head_dim=2,
+            layer_num=1,
+            device="cpu",
+            enable_memory_saver=False,
+            enable_alt_stream=False,
+        )
+        self.allocator = TokenToKVPoolAllocator(POOL, torch.float32, "cpu", self.kv, need_sort=False)
+        self.req_to_token_pool = ReqToTokenPool(
+            size=8, max_context_len=CONTEXT, device="cpu", enable_memory_saver=False
+        )
+        self.slots_allocated = self.slots_freed = 0
+        alloc, free = self.allocator.alloc, self.allocator.free
+
+        def counted_alloc(need):
+            out = alloc(need)
+            self.slots_allocated += 0 if out is None else int(out.numel())
+            return out
+
+        def counted_free(index):
+            self.slots_freed += int(index.numel())
+            return free(index)
+
+        self.allocator.alloc, self.allocator.free = counted_alloc, counted_free
+        self.tree_cache = SimpleNamespace(
+            token_to_kv_pool_allocator=self.allocator, supports_prefix_sharing=lambda: False
+        )
+
+        self.worker = self._build_worker(mask_mode)
+        self.policy = self.worker.truncation_policy
+        self.reqs = [self._admit(i) for i in range(BS)]
+        self.finished = 0
+        self.emitted = 0
+        self.accepted_at: collections.Counter[tuple[int, int]] = (
+            collections.Counter()
+        )  # (width, accept length)
+        self.batch = self._build_batch()
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def _install_recorders(self, monkeypatch) -> None:
+        rec = self.rec
+        organize, build = (
+            evict_worker._original_organize_draft_results,
+            evict_worker._original_build_eagle_verify_input,
+        )
+        prepare_extend = eagle_worker_v2.prepare_for_draft_extend
+
+        def organize_recorded(score_list, token_list, parents_list, num_draft_token):
+            rec.lists = (
+                [s.clone() for s in score_list],
+                [t.clone() for t in token_list],
+                [p.clone() for p in parents_list],
+            )
+            rec.organized_width = num_draft_token
+            return organize(score_list, token_list, parents_list, num_draft_token)
+
+        def build_recorded(
+            batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kw
+        ):
+            rec.build = dict(
+                kw, top_scores_index=top_scores_index.clone(), bonus=draft_input.bonus_tokens.clone()
+            )
+            rec.verify_width = kw["num_draft_tokens"]
+            rec.verify_input = build(
+                batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kw
+            )
+            return rec.verify_input
+
+        def prepare_extend_recorded(draft_extend_input, batch, predict, num_draft_tokens, *args, **kw):
+            rec.extend_width = num_draft_tokens
+            rec.extend_tokens_per_req = draft_extend_input.num_tokens_per_req
+            return prepare_extend(draft_extend_input, batch, predict, num_draft_tokens, *args, **kw)
+
+        monkeypatch.setattr(evict_worker, "_original_organize_draft_results", organize_recorded)
+        monkeypatch.setattr(evict_worker, "_original_build_eagle_verify_input", build_recorded)
+        monkeypatch.setattr(eagle_worker_v2, "prepare_for_draft_extend", prepare_extend_recorded)
+        sample = eagle_utils.tree_speculative_sampling_target_only
+
+        def sample_recorded(**kw):
+            rec.sampled = {
+                k: kw[k].clone()
+                for k in ("target_probs", "uniform_samples", "uniform_samples_for_final_sampling")
+            }
+            return sample(**kw)
+
+        monkeypatch.setattr(eagle_utils, "tree_speculative_sampling_target_only", sample_recorded)
+        eagle_sample = eagle_worker_common.eagle_sample
+
+        def eagle_sample_recorded(*args, **kw):
+            out = eagle_sample(*args, **kw)
+            rec.accept_index = out[2].clone()
+            return out
+
+        monkeypatch.setattr(eagle_worker_common, "eagle_sample", eagle_sample_recorded)
+
+    def _build_worker(self, mask_mode):
+        draft_model = SimpleNamespace(
+            forward=self._draft_model_forward,
+            attn_backend=None,
+            model_config=SimpleNamespace(
+                hf_config=SimpleNamespace(architectures=["LlamaForCausalLMEagle3"]),
+                model_is_mrope=False,
+                vocab_size=VOCAB,
+            ),
+            canary_manager=None,
+            spec_algorithm=SimpleNamespace(is_standalone=lambda: False),
+        )
+        target_runner = SimpleNamespace(
+            attn_backend=None,
+            decode_cuda_graph_runner=None,
+            kv_index_translator=None,
+            watermark_state=None,
+            spec_algorithm=SimpleNamespace(is_standalone=lambda: False),
+            model_config=SimpleNamespace(
+                model_is_mrope=False,
+                vocab_size=VOCAB,
+                is_draft_model=False,
+                hf_config=PretrainedConfig(architectures=["Qwen3MoeForCausalLM"]),
+                linear_attn_registry_result=None,  # no mamba-style state to commit after verify
+            ),
+        )
+        target = SimpleNamespace(
+            model_runner=target_runner,
+            model_config=SimpleNamespace(vocab_size=VOCAB),
+            forward_batch_generation=self._target_model_forward,
+        )
+
+        dw = object.__new__(evict_worker.EvictDraftWorker)
+        dw.full_num_draft_tokens = dw.speculative_num_draft_tokens = N
+        dw.topk, dw.speculative_num_steps = TOPK, STEPS
+        dw.score_sink = ScoreSink(rows=BS, cols=N - 1, device="cpu")
+        dw.req_to_token_pool = self.req_to_token_pool
+        dw.draft_runner, dw.target_worker = draft_model, target
+        dw.cuda_graph_runner = dw.cuda_graph_runner_for_draft_extend = None
+        dw.draft_attn_backend = WidthBackend("draft decode", N)
+        dw.draft_extend_attn_backend = None
+        dw.seed_dsa_topk_from_draft_extend = dw.index_share_for_mtp_iteration = False
+        dw.hot_token_id = None
+        dw.plan_stream, dw.plan_stream_ctx = None, contextlib.nullcontext()
+        dw.parallel_layout = SimpleNamespace(tp_group=None)
+        dw.tree_mask_mode, dw.device = mask_mode, "cpu"
+        dw.width_agreement, dw.last_decision = None, None
+
+        w = object.__new__(evict_worker.EvictWorkerV2)
+        w._draft_worker, w._target_worker = dw, target
+        w.full_num_draft_tokens = w.speculative_num_draft_tokens = N
+        w.speculative_num_steps, w.topk, w.page_size, w.device = STEPS, TOPK, 1, "cpu"
+        w.req_to_token_pool, w.token_to_kv_pool_allocator = self.req_to_token_pool, self.allocator
+        w.plan_stream, w.plan_stream_ctx = None, contextlib.nullcontext()
+        w.adaptive_controller = None
+        w.enable_dp_spec_prefill_coordination = False
+        w.evict_widths = WIDTHS
+        w.truncation_policy = ScriptedCostPolicy()
+        # one captured state per width, as EvictWorkerV2.init_cuda_graphs registers them
+        w.width_states = WidthStateSet(w._apply_width_state)
+        for m in WIDTHS:
+            w.width_states.register(
+                m,
+                SpecRuntimeState(
+                    speculative_num_steps=STEPS,
+                    speculative_num_draft_tokens=m,
+                    draft_attn_backend=dw.draft_attn_backend,
+                    cuda_graph_runner=None,
+                    target_attn_backend=WidthBackend("verify", m, lambda: self.step),
+                    target_graph_runner=None,
+                    draft_extend_attn_backend=WidthBackend("draft extend", m, lambda: self.step),
+                    cuda_graph_runner_for_draft_extend=None,
+                ),
+            )
+        w._apply_width_state(N, w.width_states.state(N))
+        w.width_states.active_width = N
+        w.evict_metrics = EvictMetrics(w.truncation_policy, log_interval=0)
+        dw.truncation_policy, dw.use_width = w.truncation_policy, w.use_width
+        return w
+
+    # -- requests -------------------------------------------------------------------------------
+    def _admit(self, index: int) -> SimpleNamespace:
+        """A request after its prefill: prompt KV written, first draft input from a draft extend."""
+        prompt = int(torch.randint(4, 24, (1,), generator=self.g))
+        row = self.req_to_token_pool.alloc_rows(1)[0]
+        slots = self.allocator.alloc(prompt)
+        self.req_to_token_pool.req_to_token[row, :prompt] = slots.to(torch.int32)
+        self.kv.k_buffer[0][slots] = -1.0
+        topk_p, topk_index = torch.softmax(torch.randn(1, VOCAB, generator=self.g) * 3, -1).topk(TOPK, dim=-1)
+        return SimpleNamespace(
+            rid=f"r{self.step}-{index}",
+            kv=SimpleNamespace(req_pool_idx=row, kv_allocated_len=prompt, kv_committed_len=prompt),
+            decode_batch_idx=0,
+            prompt_len=prompt,
+            max_new=int(torch.randint(25, 70, (1,), generator=self.g)),
+            topk_p=topk_p,
+            topk_index=topk_index,
+            hidden=torch.randn(1, HIDDEN, generator=self.g),
+            bonus=torch.randint(0, VOCAB, (1,), generator=self.g).to(torch.int32),
+        )
+
+    def _build_batch(self) -> SimpleNamespace:
+        temps = torch.full((BS, 1), 0.8 if self.sampling else 1.0)
+        return SimpleNamespace(
+            reqs=self.reqs,
+            forward_mode=ForwardMode.DECODE,
+            is_extend_in_batch=False,
+            device="cpu",
+            req_to_token_pool=self.req_to_token_pool,
+            token_to_kv_pool_allocator=self.allocator,
+            tree_cache=self.tree_cache,
+            model_config=SimpleNamespace(vocab_size=VOCAB),
+            sampling_info=SimpleNamespace(
+                is_all_greedy=not self.sampling,
+                temperatures=temps,
+                top_ks=torch.full((BS,), VOCAB, dtype=torch.int32),
+                top_ps=torch.ones(BS),
+                need_top_k_sampling=False,
+                need_top_p_sampling=False,
+                need_min_p_sampling=False,
+                acc_additive_penalties=None,
+                acc_scaling_penalties=None,
+                logit_bias=None,
+                sampling_seed=None,
+                has_watermark_candidates=False,
+                penalizer_orchestrator=SimpleNamespace(is_required=False),
+            ),
+            maybe_evict_swa=lambda: None,
+            hisparse_coordinator=None,
+            has_grammar=False,
+            return_logprob=False,
+            mamba_track_indices=None,
+            multimodal_inputs=[None] * BS,
+            chunked_req=None,
+            input_ids=None,
+            out_cache_loc=None,
+            spec_info=None,
+        )
+
+    def _sync_batch_from_reqs(self) -> None:
+        b = self.batch
+        b.req_pool_indices = torch.tensor([r.kv.req_pool_idx for r in self.reqs], dtype=torch.int64)
+        b.seq_lens = torch.tensor([r.kv.kv_committed_len for r in self.reqs], dtype=torch.int64)
+        b.seq_lens_cpu = b.seq_lens.clone()
+        b.seq_lens_sum = int(b.seq_lens.sum())
+        b.forward_mode = ForwardMode.DECODE
+        b.input_ids = b.out_cache_loc = None
+
+    # -- models ---------------------------------------------------------------------------------
+    def _draft_model_forward(self, fb):
+        rows = int(fb.input_ids.numel())
+        logits = torch.randn(rows, VOCAB, generator=self.g) * 3
+        hidden = torch.randn(rows, HIDDEN, generator=self.g)
+        if fb.forward_mode == ForwardMode.DRAFT_EXTEND_V2:
+            m = self.rec.verify_width
+            assert fb.extend_num_tokens == rows == fb.out_cache_loc.numel() == BS * m, (
+                f"draft extend ran {fb.extend_num_tokens} tokens over {rows} ids and "
+                f"{fb.out_cache_loc.numel()} KV slots; verify ran {BS} x {m}"
+            )
+            # the draft model writes its KV into the verify window's slots, in the committed order
+            assert torch.equal(fb.out_cache_loc, self.rec.verify_out_cache_loc)
+            # hidden states arrive compacted: row b*m+j holds the j-th accepted node of request b
+            got = fb.spec_info.hidden_states[:, 0].long().view(BS, m)
+            for b in range(BS):
+                n_acc = int(fb.spec_info.num_accept_tokens[b])
+                assert got[b, :n_acc].tolist() == self.rec.accept_index[b, :n_acc].tolist()
+            hidden[:, 0] = torch.arange(rows, dtype=hidden.dtype)  # row marker: shows select_index
+        else:
+            if self.rec.draft_calls == 0:  # the draft writes topk*steps slots past each prefix, all owned
+                b, span = self.batch, TOPK * STEPS
+                for i, r in enumerate(self.reqs):
+                    seq = int(b.seq_lens[i])
+                    assert seq + span <= r.kv.kv_allocated_len
+                    want = self.req_to_token_pool.req_to_token[r.kv.req_pool_idx, seq : seq + span].long()
+                    assert torch.equal(b.out_cache_loc.view(BS, span)[i], want)
+            self.rec.draft_calls += 1
+            assert rows == BS * TOPK and fb.out_cache_loc.numel() == BS * TOPK
+        return SimpleNamespace(
+            logits_output=LogitsProcessorOutput(next_token_logits=logits, hidden_states=hidden)
+        )
+
+    def _target_model_forward(self, batch=None, forward_batch=None, is_verify=False, pp_proxy_tensors=None):
+        fb, v = forward_batch, forward_batch.spec_info
+        m = v.draft_token_num
+        assert is_verify and fb.forward_mode == ForwardMode.TARGET_VERIFY
+        assert self.worker._target_worker.model_runner.attn_backend.width == m, (
+            "verify ran on another width's backend"
+        )
+        assert fb.input_ids.numel() == fb.out_cache_loc.numel() == BS * m
+        self.rec.verify_out_cache_loc = fb.out_cache_loc.clone()
+        # the target writes the KV of every tree node: marker (step, b*m + node)
+        marks = torch.stack(
+            [torch.full((BS * m,), float(self.step)), torch.arange(BS * m, dtype=torch.float32)], 1
+        )
+        self.kv.k_buffer[0][fb.out_cache_loc, 0] = marks
+        # logits: random, leaning at most nodes towards one of the node's children
+        logits = torch.randn(BS * m, VOCAB, generator=self.g)
+        tokens = v.draft_token.view(BS, m)
+        nxt, sib = v.retrieve_next_token, v.retrieve_next_sibling
+        for b in range(BS):
+            for j in range(m):
+                kids, c = [], int(nxt[b, j])
+                while c != -1:
+                    kids.append(c)
+                    c = int(sib[b, c])
+                if kids and float(torch.rand((), generator=self.g)) < 0.8:
+                    pick = kids[int(torch.randint(len(kids), (1,), generator=self.g))]
+                    logits[b * m + j, int(tokens[b, pick])] += 6.0
+        self.rec.target_logits = logits.clone()
+        hidden = torch.zeros(BS * m, HIDDEN)
+        hidden[:, 0] = torch.arange(BS * m, dtype=torch.float32)  # node marker
+        out = LogitsProcessorOutput(next_token_logits=logits, hidden_states=hidden)
+        return SimpleNamespace(logits_output=out, routed_experts_output=None, indexer_topk_output=None)
+
+    # -- one decode step --------------------------------------------------------------------------
+    def run_step(self, want: int) -> None:
+        rec, b = self.rec, self.batch
+        rec.__dict__.clear()
+        rec.draft_calls = 0
+        self._sync_batch_from_reqs()
+        b.spec_info = EagleDraftInput(
+            topk_p=torch.cat([r.topk_p for r in self.reqs]),
+            topk_index=torch.cat([r.topk_index for r in self.reqs]),
+            hidden_states=torch.cat([r.hidden for r in self.reqs]),
+            bonus_tokens=torch.cat([r.bonus for r in self.reqs]),
+            capture_hidden_mode=CaptureHiddenMode.LAST,
+        )
+        allocated_before = [r.kv.kv_allocated_len for r in self.reqs]
+        eagle_prepare_for_decode(b)  # SGLang's KV reservation for this step
+        for r, before in zip(self.reqs, allocated_before):
+            assert r.kv.kv_allocated_len >= max(before, r.kv.kv_committed_len + max(N, TOPK * STEPS))
+        self._check_kv_accounting("after the step's reservation")
+        seq = b.seq_lens.clone()
+        rows = b.req_pool_indices
+        self.policy.want = want
+
+        result = self.worker.forward_batch_generation(b)
+
+        m = want
+        ctx = f"step {self.step} (width {m})"
+        # -- the width: chosen, verified, and drafted-extended at the same m ---------------------
+        assert self.worker._draft_worker.last_decision is not None
+        assert self.worker._draft_worker.last_decision.width == m, ctx
+        assert rec.organized_width == N, f"{ctx}: drafting must organize the full tree"
+        assert rec.draft_calls == STEPS - 1, ctx
+        assert rec.build["num_steps"] == STEPS, (
+            f"{ctx}: the verify tree was built with depth {rec.build['num_steps']}"
+        )
+        assert rec.verify_width == m and result.speculative_num_draft_tokens == m, ctx
+        assert rec.extend_width == m, f"{ctx}: verify ran at width {m}, draft extend at {rec.extend_width}"
+        assert rec.extend_tokens_per_req == m, ctx
+        accept_lens, accept_index = result.accept_lens.long(), result.accept_index.long()
+        spec_steps = min(STEPS, m - 1)
+        assert accept_index.shape == (BS, spec_steps + 1), ctx
+        assert bool((accept_lens >= 1).all()) and bool((accept_lens <= spec_steps + 1).all()), ctx
+        # select_index: the bonus row of each request, stride m (SGLang's kernel computes the same)
+        select = result.next_draft_input.hidden_states[:, 0].long()
+        want_select = torch.arange(BS) * m + accept_lens - 1
+        assert select.tolist() == want_select.tolist(), f"{ctx}: draft extend read rows {select.tolist()}"
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        _, kernel_select, _ = prepare_draft_extend_inputs(
+            result.accept_lens.to(dev), result.next_token_ids.to(dev), rec.verify_width
+        )
+        assert kernel_select.cpu().tolist() == want_select.tolist(), ctx
+
+        # -- the tree SGLang verified is the reference engine's cut of the same draft --------------
+        score_list, token_list, parents_list = rec.lists
+        tree_scores = torch.cat(score_list, 1).flatten(1)
+        tree = DraftTree(
+            tree_scores,
+            torch.cat(token_list, 1),
+            sglang_parents(parents_list, TOPK, tree_scores.shape[1]),
+        )
+        kept = rec.build["top_scores_index"]
+        assert kept.shape == (BS, m - 1), ctx
+        if m > 1:
+            top = torch.topk(tree_scores, m - 1, dim=-1).indices.sort(-1).values
+            assert torch.equal(kept, top), f"{ctx}: the verified nodes are not the top {m - 1} by score"
+        vt = select_verify_tree(tree, kept, rec.build["bonus"].long())
+        v = rec.verify_input
+        assert v.draft_token_num == m and v.spec_steps == spec_steps, ctx
+        assert torch.equal(v.draft_token.view(BS, m), vt.tokens), f"{ctx}: SGLang verified a different tree"
+
+        # -- acceptance -------------------------------------------------------------------------
+        offs = (torch.arange(BS) * m).view(BS, 1)
+        logits = rec.target_logits.view(BS, m, VOCAB)
+        if not self.sampling:
+            ref = greedy_accept(vt.tokens, vt.parent, logits.argmax(-1))
+        else:
+            s = rec.sampled
+            ref = sampling_accept(
+                vt.tokens,
+                vt.parent,
+                s["target_probs"],
+                s["uniform_samples"],
+                s["uniform_samples_for_final_sampling"],
+            )
+            assert torch.allclose(s["target_probs"], torch.softmax(logits / 0.8, -1), atol=1e-6), (
+                f"{ctx}: sampled from other probabilities"
+            )
+        predict = result.next_token_ids.view(BS, m).long()
+        for i in range(BS):
+            n_acc = int(accept_lens[i])
+            path = (accept_index[i, :n_acc] - offs[i]).tolist()
+            # a chain from the root through kept nodes, each the previous node's child
+            assert path[0] == 0 and all(int(vt.parent[i, c]) == p for p, c in zip(path, path[1:])), ctx
+            assert n_acc <= m, ctx
+            assert n_acc == int(ref.num_accepted[i]) + 1, (
+                f"{ctx}: request {i} accepted {n_acc - 1}, reference {int(ref.num_accepted[i])}"
+            )
+            assert path == ref.path[i, :n_acc].tolist(), (
+                f"{ctx}: request {i} accepted {path}, reference {ref.path[i, :n_acc].tolist()}"
+            )
+            emitted = predict[i, :n_acc].tolist()
+            assert emitted[:-1] == vt.tokens[i, path[1:]].tolist(), ctx
+            if not self.sampling:
+                assert emitted == ref.emitted[i, :n_acc].tolist(), f"{ctx}: request {i} emitted {emitted}"
+            assert int(result.next_draft_input.bonus_tokens[i]) == emitted[-1], ctx
+            assert bool(accept_index[i, n_acc:].eq(-1).all()), ctx
+
+        # -- KV: the accepted nodes' KV now sits in the committed slots, in path order ------------
+        k = self.kv.k_buffer[0][:, 0]
+        for i in range(BS):
+            n_acc = int(accept_lens[i])
+            slots = self.req_to_token_pool.req_to_token[
+                int(rows[i]), int(seq[i]) : int(seq[i]) + n_acc
+            ].long()
+            assert torch.equal(slots, rec.verify_out_cache_loc.view(BS, m)[i, :n_acc]), ctx
+            assert k[slots, 0].eq(self.step).all(), ctx
+            assert k[slots, 1].long().tolist() == accept_index[i, :n_acc].tolist(), (
+                f"{ctx}: KV of request {i} not moved"
+            )
+
+        # -- the scheduler's side: commit, finish, admit -------------------------------------------
+        assert torch.equal(result.new_seq_lens, seq + accept_lens), ctx
+        nd = result.next_draft_input
+        for i, r in enumerate(self.reqs):
+            r.kv.kv_committed_len += int(accept_lens[i])
+            r.topk_p, r.topk_index = nd.topk_p[i : i + 1], nd.topk_index[i : i + 1]
+            r.hidden, r.bonus = nd.hidden_states[i : i + 1], nd.bonus_tokens[i : i + 1]
+        self.emitted += int(accept_lens.sum())
+        self.accepted_at.update((m, int(a)) for a in accept_lens)
+        self._check_kv_accounting(ctx)
+        for i, r in enumerate(self.reqs):
+            if r.kv.kv_committed_len - r.prompt_len >= r.max_new:
+                row = r.kv.req_pool_idx
+                self.allocator.free(
+                    self.req_to_token_pool.req_to_token[row, : r.kv.kv_allocated_len].long().clone()
+                )
+                self.req_to_token_pool.free_rows([row])
+                self.reqs[i] = self._admit(i)
+                self.finished += 1
+        self.batch.reqs = self.reqs
+        self._check_kv_accounting(f"{ctx}, after finishing requests")
+        self.step += 1
+
+    def _check_kv_accounting(self, ctx: str) -> None:
+        """Allocated = kept (committed) + reserved (allocated, not committed) + freed; no slot twice."""
+        kept = sum(r.kv.kv_committed_len for r in self.reqs)
+        reserved = sum(r.kv.kv_allocated_len - r.kv.kv_committed_len for r in self.reqs)
+        assert all(0 <= r.kv.kv_committed_len <= r.kv.kv_allocated_len <= CONTEXT for r in self.reqs), ctx
+        assert self.slots_allocated == kept + reserved + self.slots_freed, (
+            f"{ctx}: {self.slots_allocated} slots allocated, but {kept} kept + {reserved} reserved + "
+            f"{self.slots_freed} freed"
+        )
+        assert POOL - self.allocator.available_size() == kept + reserved, ctx
+        owned = torch.cat(
+            [
+                self.req_to_token_pool.req_to_token[r.kv.req_pool_idx, : r.kv.kv_allocated_len].long()
+                for r in self.reqs
+            ]
+        )
+        assert owned.unique().numel() == owned.numel(), f"{ctx}: a KV slot is owned twice"
+        assert not bool(torch.isin(owned, self.allocator.free_pages).any()), f"{ctx}: an owned slot is free"
+
+
+def _run(monkeypatch, *, sampling: bool, mask_mode: TreeMaskMode, seed: int) -> Rig:
+    rig = Rig(monkeypatch, sampling=sampling, mask_mode=mask_mode, seed=seed)
+    for want in WIDTH_SCRIPT:
+        rig.run_step(want)
+    return rig
+
+
+def _check_coverage(rig: Rig) -> None:
+    assert rig.step == len(WIDTH_SCRIPT) >= 50
+    assert rig.policy.steps == len(WIDTH_SCRIPT)
+    assert rig.finished >= 2, "requests finish and free their KV during the run"
+    assert rig.worker.width_states.switches >= 20
+    # acceptance of every kind: none at all, and the whole depth at narrow and full widths
+    assert any(a == 1 for (m, a) in rig.accepted_at if m > 1)
+    for m in (3, 4):
+        assert (m, m) in rig.accepted_at, f"no full-depth acceptance at width {m}"
+    assert max(a for (m, a) in rig.accepted_at if m == N) >= 4
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_greedy_multistep_decode_follows_the_scripted_widths(monkeypatch):
+    rig = _run(monkeypatch, sampling=False, mask_mode=TreeMaskMode.FULL_MASK, seed=1)
+    _check_coverage(rig)
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_sampling_multistep_decode_follows_the_scripted_widths(monkeypatch):
+    rig = _run(monkeypatch, sampling=True, mask_mode=TreeMaskMode.QLEN_ONLY, seed=2)
+    _check_coverage(rig)
