@@ -29,7 +29,13 @@ from evict.plugin.config import (
 )
 from evict.plugin.spec_algo import EVICT_ALGORITHM_NAME
 
-__all__ = ["handle_speculative_decoding_evict", "validate_evict_server_args", "is_evict"]
+__all__ = [
+    "handle_speculative_decoding_evict",
+    "validate_evict_server_args",
+    "is_evict",
+    "reserve_width_graph_memory",
+    "width_graph_reserve_mb",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +61,9 @@ def handle_speculative_decoding_evict(server_args: Any, previous: Callable[[Any]
             exc.add_note("(raised while resolving --speculative-algorithm EVICT with EAGLE3's rules)")
         raise
     declare_resolution(server_args, _SOURCE, speculative_algorithm=EVICT_ALGORITHM_NAME)
-    validate_evict_server_args(server_args, config)
+    widths = validate_evict_server_args(server_args, config)
+    # The kill switch captures N only; otherwise every resolved width gets a graph state.
+    reserve_width_graph_memory(server_args, widths[-1:] if config.disable else widths)
 
 
 def validate_evict_server_args(server_args: Any, config: EvictConfig | None = None) -> tuple[int, ...]:
@@ -114,3 +122,64 @@ def _config_hash(server_args: Any) -> str | None:
     """Architecture hash of the target's raw config.json (the table's ``model_config_hash``)."""
     cfg = resolving_view(server_args)
     return target_config_hash(cfg.model_path, revision=cfg.revision)
+
+
+def width_graph_reserve_mb(widths: tuple[int, ...], num_draft_tokens: int, max_bs: int) -> float:
+    """Memory (MB) to keep free for the graphs of the widths below N.
+
+    SGLang reserves ``max_bs * 2`` MB for a set of decode graphs (``reserve_for_graph_mb``); each
+    extra width captures one more set (target verify and draft extend; its draft-decode graphs and
+    attention workspace are shared with N's), so each gets the same reserve.  A heuristic from
+    SGLang's own: the start-up log reports what each width really took.
+    """
+    extra = sum(1 for w in widths if w != num_draft_tokens)
+    return float(extra * max(int(max_bs), 1) * 2)
+
+
+def _decode_graph_max_bs(view: Any) -> int | None:
+    """``max_bs`` of the decode CUDA graphs, or None when none are captured (off, or not a GPU)."""
+    from sglang.srt.model_executor.cuda_graph_config import Backend  # noqa: PLC0415
+
+    decode = view.cuda_graph_config.decode
+    if (
+        str(view.device) != "cuda"
+        or decode is None
+        or decode.backend == Backend.DISABLED
+        or view.disable_cuda_graph
+    ):
+        return None
+    return decode.max_bs
+
+
+def reserve_width_graph_memory(server_args: Any, widths: tuple[int, ...]) -> float | None:
+    """Lower an automatic ``--mem-fraction-static`` so the extra widths' graphs fit.
+
+    Why here: SGLang sizes the KV pool from ``mem_fraction_static`` before any graph is captured,
+    and its automatic value leaves room for one set of decode graphs only.  A value the user gave
+    is kept (and the start-up log shows what the widths took).  Returns the new fraction, or None
+    when nothing changed (user value, no graphs, no GPU, no extra width).
+    """
+    if getattr(server_args, "mem_fraction_static", None) is not None:  # the user's own value
+        return None
+    view = resolved_view(server_args)
+    fraction = view.mem_fraction_static
+    max_bs = _decode_graph_max_bs(view)
+    if fraction is None or max_bs is None:
+        return None
+    from sglang.srt.utils.common import get_device_memory_capacity  # noqa: PLC0415
+
+    gpu_mem = get_device_memory_capacity(view.device)
+    reserve = width_graph_reserve_mb(widths, view.speculative_num_draft_tokens, max_bs)
+    if not gpu_mem or reserve <= 0:
+        return None
+    lowered = round(fraction - reserve / gpu_mem, 3)
+    declare_resolution(server_args, _SOURCE, mem_fraction_static=lowered)
+    logger.info(
+        "EVICT: --mem-fraction-static %.3f -> %.3f to keep %.0f MB free for the graphs of %d extra "
+        "verify widths (pass --mem-fraction-static to choose it yourself)",
+        fraction,
+        lowered,
+        reserve,
+        sum(1 for w in widths if w != view.speculative_num_draft_tokens),
+    )
+    return lowered

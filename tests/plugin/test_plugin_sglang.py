@@ -261,3 +261,23 @@ def test_scoped_width_override_keeps_the_kv_reservation_at_n(models, clean_env):
         assert get_spec().speculative_num_draft_tokens == 8
     finally:
         reset_context()
+
+
+def test_an_automatic_memory_fraction_leaves_room_for_the_extra_widths_graphs(models, clean_env):
+    """Defect 4: the KV pool is sized before the extra widths' graphs are captured."""
+    from evict.plugin import server_args_hook
+
+    clean_env.setenv("EVICT_WIDTHS", "2,4")
+    clean_env.setattr("sglang.srt.utils.common.get_device_memory_capacity", lambda device=None: 80 * 1024)
+    clean_env.setattr(server_args_hook, "_decode_graph_max_bs", lambda view: 64)
+    auto = resolve(models, "EVICT", *TREE)
+    given = resolve(models, "EVICT", *TREE, "--mem-fraction-static", "0.7")
+    clean_env.setenv("EVICT_DISABLE", "1")
+    eagle = resolve(models, "EAGLE3", *TREE)
+    # widths 2, 4 and N=8: two extra graph sets of 64 x 2 MB each, out of 80 GB
+    assert resolution_result(auto, "mem_fraction_static") == pytest.approx(
+        round(resolution_result(eagle, "mem_fraction_static") - 2 * 64 * 2 / (80 * 1024), 3)
+    )
+    assert resolution_result(given, "mem_fraction_static") == 0.7  # the user's value is kept
+    assert server_args_hook.width_graph_reserve_mb((2, 4, 8), 8, 64) == 256.0
+    assert server_args_hook.width_graph_reserve_mb((8,), 8, 64) == 0.0
