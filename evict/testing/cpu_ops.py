@@ -43,6 +43,7 @@ __all__ = [
     "decode_attention_cpu",
     "extend_attention_cpu",
     "rotate_input_ids_cpu",
+    "murmur_hash32_cpu",
 ]
 
 FULL_MASK = 0
@@ -244,6 +245,48 @@ def rotate_input_ids_cpu(
             input_ids[s : s + n - 1] = input_ids[s + 1 : s + n].clone()
         if n > 0:
             input_ids[sel[i] if sel is not None else s + n - 1] = new[i]
+
+
+_U32 = 0xFFFFFFFF
+
+
+def _rotl32(x: torch.Tensor, r: int) -> torch.Tensor:
+    return ((x << r) | (x >> (32 - r))) & _U32
+
+
+def _murmur3_mix(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    # products of two 32-bit values wrap in int64; the low 32 bits, all that is kept, are exact
+    k = (k * 0xCC9E2D51) & _U32
+    k = _rotl32(k, 15)
+    k = (k * 0x1B873593) & _U32
+    h = _rotl32(h ^ k, 13)
+    return (h * 5 + 0xE6546B64) & _U32
+
+
+def murmur_hash32_cpu(seed: torch.Tensor, positions: torch.Tensor, col_indices: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3 (32-bit) of (seed, position, column): the per-request sampling noise.
+
+    Copies ``kernels/ops/sampling/murmur_hash.py::murmur_hash32_kernel``, which SGLang uses for
+    per-request seeded sampling (``--enable-deterministic-inference``; ``seed`` in the request):
+    row i, column j hashes the blocks seed_low, seed_high, ``positions[i]`` and
+    ``col_indices[j]``, then finalizes with length 16. Returns ``[n, m]`` uint32.
+    """
+    s = seed.reshape(-1)
+    s = s.view(torch.int64) if s.dtype == torch.uint64 else s.to(torch.int64)
+    pos = positions.reshape(-1).to(torch.int64) & _U32
+    col = col_indices.reshape(-1).to(torch.int64) & _U32
+    h = torch.zeros_like(s)
+    h = _murmur3_mix(h, s & _U32)
+    h = _murmur3_mix(h, (s >> 32) & _U32)
+    h = _murmur3_mix(h, pos)
+    h = _murmur3_mix(h.unsqueeze(1), col.unsqueeze(0))
+    h = h ^ 16
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _U32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _U32
+    h = h ^ (h >> 16)
+    return h.to(torch.uint32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,6 +724,10 @@ OPERATORS: dict[str, tuple[str, object]] = {
         "(Tensor(a!) input_ids, Tensor extend_start_loc, Tensor extend_seq_lens, Tensor topk_index, "
         "Tensor? select_index=None) -> ()",
         rotate_input_ids_cpu,
+    ),
+    "murmur_hash32_cpu": (
+        "(Tensor seed, Tensor positions, Tensor col_indices) -> Tensor",
+        murmur_hash32_cpu,
     ),
 }
 

@@ -19,6 +19,7 @@ pytest.importorskip("sglang")
 
 import torch  # noqa: E402
 from sglang.kernels.ops.kvcache import cache_move  # noqa: E402
+from sglang.kernels.ops.sampling import murmur_hash  # noqa: E402
 from sglang.kernels.ops.speculative import cache_locs, eagle, multi_layer_eagle, spec_tree  # noqa: E402
 from sglang.srt.mem_cache import allocation  # noqa: E402
 from sglang.srt.speculative import spec_utils  # noqa: E402
@@ -296,6 +297,19 @@ def test_copy_all_layer_kv_cache_moves_rows_in_every_buffer():
     assert cache_move.copy_all_layer_kv_cache_func is not None  # the call site this op serves
 
 
+def test_murmur_hash_equals_sglang_triton_kernel():
+    """The noise of per-request seeded sampling (sampler.multinomial_with_seed)."""
+    seed = torch.tensor([0, 1, 42, 2**40 + 7, 2**63 - 1], dtype=torch.int64).to(torch.uint64)
+    positions = torch.tensor([0, 5, 17, 4095, 123456], dtype=torch.int64)
+    cols = torch.arange(300, dtype=torch.int64)
+    ref = torch.empty((5, 300), dtype=torch.uint32)
+    interpreted(murmur_hash.murmur_hash32_kernel)[(5, 1)](seed, positions, cols, ref, 5, 300, BLOCK_SIZE=512)
+    got = torch.ops.sgl_kernel.murmur_hash32_cpu(seed, positions, cols)
+    assert got.dtype == torch.uint32 and got.shape == (5, 300)
+    assert torch.equal(got.to(torch.int64), ref.to(torch.int64))
+    assert len(set(got.to(torch.int64).flatten().tolist())) > 1490  # it is a hash: no structure
+
+
 def reference_attention(q, k, v, visible, scale):
     """Plain softmax attention, q [Lq, H, D], k/v [Lk, Hkv, D], visible [Lq, Lk]."""
     group = q.shape[1] // k.shape[1]
@@ -400,7 +414,7 @@ def test_register_is_idempotent_and_covers_every_operator():
     cpu_ops.register()
     assert cpu_ops.register() == []
     assert sorted(cpu_ops.registered()) == sorted(cpu_ops.OPERATORS)
-    assert len(cpu_ops.OPERATORS) == 12
+    assert len(cpu_ops.OPERATORS) == 13
 
 
 def test_shim_loads_sgl_kernel_and_keeps_intel_amx_on_a_cpu_without_amx():

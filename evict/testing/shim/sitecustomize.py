@@ -9,7 +9,12 @@ It installs an import hook (nothing is imported eagerly) that, once SGLang's mod
 * ``sglang.srt.arg_groups.overrides``: stops ``_attention_backend_platform_fallbacks`` from
   swapping ``--attention-backend intel_amx`` for ``torch_native`` on CPUs without AMX. The swap
   exists because the real intel_amx kernels need AMX; the stand-ins do not, and ``torch_native``
-  has no multi-step draft backend, so EAGLE cannot run on it.
+  has no multi-step draft backend, so EAGLE cannot run on it. Likewise lets
+  ``_deterministic_attention_backend`` accept intel_amx, so ``--enable-deterministic-inference``
+  (which per-request ``seed`` needs) runs on CPU.
+* ``sglang.srt.model_executor.model_runner``: skips ``maybe_enable_batch_invariant_mode`` on CPU,
+  where SGLang has no batch-invariant kernels to register (it raises); deterministic inference
+  then means per-request seeded sampling, without batch invariance.
 * ``sglang.srt.speculative.eagle_utils`` (only with ``EVICT_CPU_SAMPLING_VERIFY=1``): lifts the
   ``is_cpu`` term of ``_verify_uses_greedy``, so sampled requests take SGLang's sampling verify
   path (``tree_speculative_sampling_target_only``, stood in by ``evict.testing.cpu_ops``) instead
@@ -27,24 +32,49 @@ import os
 import sys
 
 
-def _patch_overrides(module) -> None:
-    original = getattr(module, "_attention_backend_platform_fallbacks", None)
+def _keep_intel_amx(module, name: str) -> None:
+    """Wrap pass ``name`` so that it leaves ``--attention-backend intel_amx`` on CPU alone."""
+    original = getattr(module, name, None)
     passes = getattr(module, "POST_PROCESS_PASSES", None)
     if original is None or passes is None:
         raise RuntimeError(
-            "evict.testing shim: sglang.srt.arg_groups.overrides has no "
-            "_attention_backend_platform_fallbacks / POST_PROCESS_PASSES; this shim targets sglang 0.5.23"
+            f"evict.testing shim: sglang.srt.arg_groups.overrides has no {name} / POST_PROCESS_PASSES; "
+            "this shim targets sglang 0.5.23"
         )
 
-    def _attention_backend_platform_fallbacks(view):
+    def patched(view):
         if view.attention_backend == "intel_amx" and view.device == "cpu":
-            return {}  # keep intel_amx: the stand-in operators need no AMX
+            return {}  # the stand-in operators need no AMX, and are deterministic
         return original(view)
 
-    _attention_backend_platform_fallbacks.__qualname__ = original.__qualname__
-    _attention_backend_platform_fallbacks.__module__ = original.__module__
-    passes[:] = [_attention_backend_platform_fallbacks if p is original else p for p in passes]
-    module._attention_backend_platform_fallbacks = _attention_backend_platform_fallbacks
+    patched.__qualname__ = original.__qualname__
+    patched.__module__ = original.__module__
+    patched.__name__ = original.__name__
+    passes[:] = [patched if p is original else p for p in passes]
+    setattr(module, name, patched)
+
+
+def _patch_overrides(module) -> None:
+    _keep_intel_amx(module, "_attention_backend_platform_fallbacks")
+    # --enable-deterministic-inference (per-request sampling seeds) accepts only GPU backends
+    _keep_intel_amx(module, "_deterministic_attention_backend")
+
+
+def _patch_model_runner(module) -> None:
+    runner = getattr(module, "ModelRunner", None)
+    original = getattr(runner, "maybe_enable_batch_invariant_mode", None)
+    if original is None:
+        raise RuntimeError(
+            "evict.testing shim: ModelRunner.maybe_enable_batch_invariant_mode is missing; "
+            "this shim targets sglang 0.5.23"
+        )
+
+    def maybe_enable_batch_invariant_mode(self):
+        if str(getattr(self, "device", "")) == "cpu":
+            return  # SGLang registers batch-invariant kernels for accelerators only (raises on CPU)
+        return original(self)
+
+    runner.maybe_enable_batch_invariant_mode = maybe_enable_batch_invariant_mode
 
 
 def _patch_eagle_utils(module) -> None:
@@ -67,7 +97,10 @@ def _patch_eagle_utils(module) -> None:
     module._verify_uses_greedy = _verify_uses_greedy
 
 
-_PATCHES = {"sglang.srt.arg_groups.overrides": _patch_overrides}
+_PATCHES = {
+    "sglang.srt.arg_groups.overrides": _patch_overrides,
+    "sglang.srt.model_executor.model_runner": _patch_model_runner,
+}
 if os.environ.get("EVICT_CPU_SAMPLING_VERIFY", "0") == "1":
     _PATCHES["sglang.srt.speculative.eagle_utils"] = _patch_eagle_utils
 
