@@ -13,7 +13,7 @@ import torch
 from engine_fixtures import greedy_reference, oracle_pair, random_pair
 
 from evict.engine import SpecEngine
-from evict.truncation import TruncationPolicy
+from evict.truncation import AcceptanceEstimator, TruncationPolicy
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 3, 3]]
 NEW = 14
@@ -64,6 +64,33 @@ def test_evict_matches_target_greedy(pair_and_reference, policy_mode):
         assert widths == {15}  # the largest width (16) clamped to K + 1 = 15: the full tree
     elif kind == "oracle" and policy_mode == "immediate":
         assert any(1 < w < 15 for w in widths), widths  # intermediate widths really occur
+
+
+@pytest.mark.parametrize("policy_mode", ["immediate", "lagged"])
+def test_evict_with_acceptance_estimator_matches_target_greedy(pair_and_reference, policy_mode):
+    """Calibrated scores (learned from past outcomes, across generate calls) change the cut, never the text."""
+    kind, target, drafter, ref = pair_and_reference
+    policy = TruncationPolicy(STAIRCASE, widths=WIDTHS, mode=policy_mode)
+    est = AcceptanceEstimator(topk=2, max_depth=4, prior_strength=2.0, half_life=64.0)
+    engine = SpecEngine(target, drafter, mode="evict", steps=4, topk=2, policy=policy, acceptance=est)
+    for _ in range(3):  # the estimator keeps learning across calls
+        res = engine.generate(PROMPTS, NEW)
+        assert res.tokens == ref
+    assert sum(r["trials"] for r in est.reliability()) > 20  # it really saw outcomes
+    if kind == "oracle":  # and they moved its estimate away from the raw drafter
+        assert any(abs(r["calibrated"] - r["raw"]) > 0.05 for r in est.reliability())
+
+
+def test_oracle_cut_matches_target_greedy(pair_and_reference):
+    _, target, drafter, ref = pair_and_reference
+    res = SpecEngine(target, drafter, mode="oracle", steps=4, topk=2).generate(PROMPTS, NEW)
+    assert res.tokens == ref
+    full = SpecEngine(target, drafter, mode="static", steps=4, topk=2).generate(PROMPTS, NEW)
+    # the oracle accepts what the full tree accepts while verifying only the longest path
+    assert res.mean_accepted_length == pytest.approx(full.mean_accepted_length)
+    for s in res.steps:
+        assert s.width == max(s.accepted)
+    assert res.lookahead_s > 0
 
 
 def test_evict_steep_cost_degrades_to_plain_decoding(pair_and_reference):

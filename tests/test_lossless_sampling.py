@@ -17,7 +17,7 @@ import torch
 from engine_fixtures import oracle_pair
 
 from evict.engine import SpecEngine, target_probs
-from evict.truncation import TruncationPolicy
+from evict.truncation import AcceptanceEstimator, TruncationPolicy
 
 PROMPT = [1, 2, 3, 4]
 COPIES = 2000
@@ -74,19 +74,22 @@ def pair():
     return oracle_pair(0)
 
 
-@pytest.mark.parametrize("mode", ["static", "evict"])
+@pytest.mark.parametrize("mode", ["static", "evict", "evict-calibrated"])
 def test_first_tokens_follow_the_target_distribution(pair, mode):
     target, drafter = pair
     policy = (
-        TruncationPolicy([1.0, 1.35, 1.8, 2.6, 4.0], widths=[1, 2, 4, 8, 16]) if mode == "evict" else None
+        TruncationPolicy([1.0, 1.35, 1.8, 2.6, 4.0], widths=[1, 2, 4, 8, 16]) if "evict" in mode else None
     )
+    # calibrated: steps 2 and 3 rank the tree by what step 1's (and 2's) coins accepted
+    est = AcceptanceEstimator(topk=2, max_depth=3, half_life=512.0) if mode == "evict-calibrated" else None
     engine = SpecEngine(
         target,
         drafter,
-        mode=mode,
+        mode=mode.split("-")[0],
+        acceptance=est,
         steps=3,
         topk=2,
-        num_draft_tokens=None if mode == "evict" else 7,
+        num_draft_tokens=None if "evict" in mode else 7,
         policy=policy,
         temperature=TEMP,
         top_p=TOP_P,
@@ -94,6 +97,8 @@ def test_first_tokens_follow_the_target_distribution(pair, mode):
     )
     res = engine.generate([PROMPT] * COPIES, 3)
     assert res.mean_accepted_length > 1.3  # trees are really accepted, not just the bonus token
+    if est is not None:  # the estimator really learned from the coins of earlier steps
+        assert sum(r["trials"] for r in est.reliability()) > 1000
     prefixes = sorted({tuple(s[:d]) for s in res.tokens for d in range(3)})
     probs = conditional_probs(target, prefixes, TEMP, TOP_P)
     for depth in range(3):

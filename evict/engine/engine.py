@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from evict.truncation import keep_top
+from evict.truncation import AcceptanceEstimator, flat_outcomes, keep_top
 
 from .acceptance import AcceptResult, greedy_accept, sampling_accept
 from .drafting import draft_tree
@@ -36,7 +36,7 @@ from .verify import commit_path, verify_forward
 
 __all__ = ["MODES", "SpecEngine", "StepStats", "GenerationResult"]
 
-MODES = ("ar", "static", "evict")
+MODES = ("ar", "static", "evict", "oracle")
 
 
 @dataclass
@@ -54,6 +54,8 @@ class StepStats:
     predicted_accepted: list[float] | None = None  # EVICT: B_r(m*) per active request
     predicted_step_ms: float | None = None  # EVICT: T(bs, m*) from the policy's cost
     fallback: int = 0  # EVICT: requests whose scores were not finite (full tree used)
+    lookahead_s: float = 0.0  # oracle: the full-tree verify that finds the accepted path (not charged)
+    lookahead_cpu_s: float = 0.0  # oracle: the same, in this process's CPU time
 
 
 @dataclass
@@ -86,6 +88,15 @@ class GenerationResult:
         return sum(sum(s.accepted) for s in self.steps) / n if n else float("nan")
 
     @property
+    def lookahead_s(self) -> float:
+        """Oracle mode: seconds spent finding the accepted path, to leave out of its timing."""
+        return sum(s.lookahead_s for s in self.steps)
+
+    @property
+    def lookahead_cpu_s(self) -> float:
+        return sum(s.lookahead_cpu_s for s in self.steps)
+
+    @property
     def mean_width(self) -> float:
         return sum(s.width for s in self.steps) / len(self.steps) if self.steps else float("nan")
 
@@ -112,13 +123,19 @@ class SpecEngine:
     Args:
         target, drafter: the model pair (docs/ARCHITECTURE.md model contract); ``drafter`` may be
             None for ``mode="ar"``.
-        mode: ``"ar"`` (target only), ``"static"`` (top N-1 candidates) or ``"evict"``
-            (``policy.decide`` picks the width m <= N and the kept nodes each step).
+        mode: ``"ar"`` (target only), ``"static"`` (top N-1 candidates), ``"evict"``
+            (``policy.decide`` picks the width m <= N and the kept nodes each step) or ``"oracle"``
+            (greedy only, a benchmark ceiling: an untimed full-tree look-ahead finds the path the
+            target accepts, then the step verifies just that path, padded to one batch width with
+            the best-scored other nodes; ``GenerationResult.lookahead_s`` is what to leave out).
         steps, topk, num_draft_tokens: SGLang's ``speculative_num_steps``,
             ``speculative_eagle_topk`` and ``speculative_num_draft_tokens`` (N, root included;
             default the whole tree, K + 1).
         policy: a ``TruncationPolicy`` (required for ``evict``); its widths, clamped to K + 1, must
             not exceed N.
+        acceptance: an ``AcceptanceEstimator`` (``evict`` only): the policy ranks the draft tree by
+            calibrated scores learned from past verifications (None or disabled: raw drafter scores).
+            It persists across ``generate`` calls, so it keeps learning like a server's would.
         temperature, top_p: 0 = greedy; otherwise SGLang's sampling acceptance.
         seed: seeds the generator of all coins (reproducible sampling).
         eos_token_id: stops a request after it emits this token (None: only max_new_tokens).
@@ -139,6 +156,7 @@ class SpecEngine:
         seed: int = 0,
         eos_token_id: int | None = None,
         router_hook: Any = None,
+        acceptance: AcceptanceEstimator | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -173,6 +191,15 @@ class SpecEngine:
         self.temperature, self.top_p, self.seed = float(temperature), float(top_p), int(seed)
         self.eos_token_id = eos_token_id
         self.router_hook = router_hook
+        if acceptance is not None and mode != "evict":
+            raise ValueError(f"acceptance= calibrates EVICT's scores; mode {mode!r} does not use it")
+        if acceptance is not None and acceptance.topk != topk:
+            raise ValueError(
+                f"the acceptance estimator was built for topk {acceptance.topk}, the engine drafts {topk}"
+            )
+        if mode == "oracle" and temperature != 0.0:
+            raise ValueError("mode 'oracle' is a greedy benchmark ceiling; use temperature 0")
+        self.acceptance = acceptance
 
     # -- helpers --------------------------------------------------------------------------------
     @property
@@ -240,6 +267,8 @@ class SpecEngine:
         out = self.target(ids, pos, st.tcache, attn_mask=mask)
         st.tcache.commit(pos, plen)
         st.root = self._pick(out.logits[rows, plen - 1], gen)  # [bs]
+        if self._calibrating:
+            st.recent = self.acceptance.initial_recent(bs, device)
         if self.mode != "ar":
             st.dcache = self.drafter.new_cache(bs, max_len)
             dids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
@@ -275,11 +304,17 @@ class SpecEngine:
             _sync(device)
         t2 = time.perf_counter()
         stats.draft_s = t2 - t1
+        feats = None
         if self.mode == "static":
             kept = keep_top(tree.scores, self.num_draft_tokens)
         elif self.mode == "evict":
-            kept = self._decide(tree.scores, stats)
+            scores = tree.scores
+            if self._calibrating:  # rank by calibrated scores; the rule is unchanged
+                scores, feats = self.acceptance.calibrate(scores, tree.parents, st.recent)
+            kept = self._decide(scores, stats)
             _sync(device)
+        elif self.mode == "oracle":
+            kept = self._oracle_kept(st, tree, stats)
         t3 = time.perf_counter()
         stats.decision_s = t3 - t2
 
@@ -298,12 +333,43 @@ class SpecEngine:
         stats.emitted = self._emit(res, st.req, acc.emitted, produced, max_new_tokens)
         if self.mode == "evict":
             self.policy.record_accepted(stats.accepted)
+            if feats is not None:  # learn from this step's outcomes (used from the next step on)
+                verified, accepted = flat_outcomes(kept, acc.path, tree.scores.shape[1])
+                st.recent = self.acceptance.update(feats, verified, accepted, st.recent)
         if self.mode != "ar":
             st.root_logits, st.root_hidden = self._extend(st.dcache, base, out.aux_hidden, acc)
             _sync(device)
         st.root = acc.bonus
         stats.extend_s = time.perf_counter() - t4
         return stats
+
+    @property
+    def _calibrating(self) -> bool:
+        return self.mode == "evict" and self.acceptance is not None and self.acceptance.enabled
+
+    def _oracle_kept(self, st: _State, tree: Any, stats: StepStats) -> torch.Tensor:
+        """Oracle cut: the target's accepted path in the full tree, padded to one batch width.
+
+        A full-tree verify forward (no router hook, no commit: the real verify overwrites its K/V
+        slots) finds each request's greedy path; the kept set is that path plus, to fill the
+        batch's width ``max path length + 1``, the best-scored other nodes.  Path nodes rank
+        in (0.5, 1], the others in [0, 0.49], each by score, so every prefix of the ranking is
+        ancestor-closed and the path always fits.
+        """
+        c0, t0 = time.process_time(), time.perf_counter()
+        k = tree.scores.shape[1]
+        full = torch.arange(k, device=tree.scores.device).expand(tree.scores.shape[0], k)
+        vfull = select_verify_tree(tree, full, st.root)
+        out = verify_forward(self.target, st.tcache, vfull)
+        acc = greedy_accept(vfull.tokens, vfull.parent, out.logits.argmax(dim=-1))
+        _, on_path = flat_outcomes(full, acc.path, k)
+        width = int(acc.num_accepted.max()) + 1
+        s = tree.scores.float().clamp(0.0, 1.0)
+        kept = keep_top(torch.where(on_path, 0.5 + 0.5 * s, 0.49 * s), width)
+        _sync(st.root.device)
+        stats.lookahead_s = time.perf_counter() - t0
+        stats.lookahead_cpu_s = time.process_time() - c0
+        return kept
 
     def _decide(self, scores: torch.Tensor, stats: StepStats) -> torch.Tensor:
         """Exactly one ``policy.decide`` call per step; returns kept [bs, m-1]."""
@@ -372,6 +438,7 @@ class _State:
     root: torch.Tensor | None = None  # [bs] last emitted token (not yet in the target cache)
     root_logits: torch.Tensor | None = None  # [bs, Vd] drafter logits after the root
     root_hidden: torch.Tensor | None = None  # [bs, H] drafter hidden state at the root's entry
+    recent: torch.Tensor | None = None  # [bs] recent acceptance per request (acceptance estimator)
 
     def compact(self, res: GenerationResult) -> _State:
         """Drop the rows of finished requests (as a server's batch shrinks)."""
@@ -390,6 +457,7 @@ class _State:
             root=sel(self.root),
             root_logits=sel(self.root_logits),
             root_hidden=sel(self.root_hidden),
+            recent=sel(self.recent),
         )
 
 

@@ -4,6 +4,7 @@ Public API, shared by the SGLang plugin, the reference engine and the benchmark 
 ``docs/ARCHITECTURE.md``).
 """
 
+from .acceptance import ACCEPTANCE_CHOICES, AcceptanceEstimator, AcceptanceFeatures, flat_outcomes
 from .policy import BACKENDS, MODES, TruncationPolicy
 from .rule import (
     WidthDecision,
@@ -19,6 +20,10 @@ from .rule import (
 from .tree import is_ancestor_closed, validate_parents
 
 __all__ = [
+    "ACCEPTANCE_CHOICES",
+    "AcceptanceEstimator",
+    "AcceptanceFeatures",
+    "flat_outcomes",
     "BACKENDS",
     "MODES",
     "TruncationPolicy",
