@@ -99,9 +99,9 @@ def servers(tmp_path_factory):
                 s.stop()
                 out[name] = e
         yield out
-    finally:
-        for s in specs.values():
-            s.stop()
+    finally:  # in parallel: each stop waits for SGLang's own shutdown (several seconds)
+        with ThreadPoolExecutor(len(specs)) as pool:
+            list(pool.map(CpuServer.stop, specs.values()))
 
 
 def get(servers, name: str) -> CpuServer:
