@@ -620,7 +620,9 @@ def test_cli_exits_non_zero_and_still_writes_the_report_when_lossless_fails(tmp_
         cli, "_load", lambda args, device: (target, None, ByteTokenizer(), FakeTable(), [], None)
     )
     monkeypatch.setattr(
-        cli, "_engine_factory", lambda t, d, dev: lambda m, p: FakeEngine(m, target, wrong=m.name == "evict")
+        cli,
+        "_engine_factory",
+        lambda t, d, dev, prior=None: lambda m, p: FakeEngine(m, target, wrong=m.name == "evict"),
     )
     argv = ["--quick", "--batch-sizes", "1", "--no-sweep", "--no-ablation", "--max-new-tokens", "4"]
     rc = cli.main(
@@ -630,3 +632,33 @@ def test_cli_exits_non_zero_and_still_writes_the_report_when_lossless_fails(tmp_
     assert "LOSSLESS CHECK FAILED" in capsys.readouterr().err
     assert "Lossless check: FAILED" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.json").is_file() and (tmp_path / "throughput.png").is_file()
+
+
+def test_calibrated_evict_oracle_cut_and_out_of_domain_prompts_on_the_reference_engine():
+    pytest.importorskip("evict.engine")
+    from evict.bench.cli import _engine_factory, run_bench
+
+    target, drafter = _tiny_pair()
+    bench = Bench(_engine_factory(target, drafter, "cpu"), target, num_experts=8, table=_tiny_table())
+    args = _args(
+        batch_sizes=[1], seeds=[0], num_prompts=1, no_ablation=True, moe_spec_budget=0, max_new_tokens=6,
+        acceptance="both", no_oracle=False, ood_prompts=1,
+    )  # fmt: skip
+    data, err = run_bench(args, bench, ByteTokenizer(), log=lambda s: None)
+    assert err is None, err  # calibrated EVICT and the oracle cut are lossless too
+    assert data.meta["prompt_domains"] == ["code", "prose", "code-ood", "prose-ood"]
+    summary = summarize(data)
+    rows = {r["mode"]: r for r in summary["batch_sizes"]["1"]["rows"]}
+    assert rows["evict+cal"]["role"] == "evict-cal" and rows["oracle-cut"]["role"] == "oracle"
+    assert rows["evict+cal"]["predicted_accepted"]["n"] == 1
+    # the oracle verifies only the accepted path: width = accepted length at bs 1
+    assert rows["oracle-cut"]["mean_width"]["mean"] == pytest.approx(
+        rows["oracle-cut"]["accepted_length"]["mean"]
+    )
+    assert rows["evict"]["oracle_over_this"]["mean"] > 0
+    rel = data.meta["acceptance_reliability"]["evict+cal"]
+    assert all(0 <= r["realized"] <= 1 and r["trials"] > 0 for r in rel)
+    assert bool(rel) == (rows["evict+cal"]["mean_width"]["mean"] > 1)  # trials only when the tree is verified
+    assert data.acceptance_priors["evict+cal"]["format"] == "evict-acceptance-prior"
+    md = render_markdown(summary)
+    assert "Oracle cut (bs 1" in md and "EVICT calibrated" in md

@@ -38,7 +38,7 @@ from .modes import (
     static_mode,
     sweep_grid,
 )
-from .prompts import build_prompts
+from .prompts import build_ood_prompts, build_prompts
 from .runner import Bench, BenchData, ablation_names
 from .stats import LosslessError, check_lossless
 
@@ -153,6 +153,29 @@ def build_parser() -> argparse.ArgumentParser:
         default="torch",
         help="EVICT's decision code: the torch rule, or the Triton kernel (on CUDA; the rule elsewhere)",
     )
+    p.add_argument(
+        "--acceptance",
+        choices=["raw", "calibrated", "both"],
+        default="both",
+        help="EVICT's node scores: raw drafter probabilities, calibrated by the online acceptance "
+        "estimator, or both side by side (default; the calibrated row is 'evict+cal')",
+    )
+    p.add_argument(
+        "--acceptance-prior",
+        type=Path,
+        default=None,
+        help="warm-start the acceptance estimator from this JSON prior (a bench run writes acceptance_prior.json)",
+    )
+    p.add_argument(
+        "--no-oracle", action="store_true", help="skip the oracle-cut row (the ceiling of any cut)"
+    )
+    p.add_argument(
+        "--ood-prompts",
+        type=int,
+        default=None,
+        help="out-of-domain prompts per domain from installed third-party packages, next to the held-out "
+        "stdlib ones (default: as many as --num-prompts; 0 = none)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
@@ -181,6 +204,9 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.batch_sizes = args.batch_sizes or ([1, 4] if q else [1, 4, 16])
     args.seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])
     args.num_prompts = args.num_prompts or (2 if q else 8)
+    args.ood_prompts = args.num_prompts if args.ood_prompts is None else args.ood_prompts
+    if args.ood_prompts < 0:
+        raise ValueError("--ood-prompts must be >= 0")
     args.prompt_tokens = args.prompt_tokens or (48 if q else 64)
     args.max_new_tokens = args.max_new_tokens or (32 if q else 64)
     args.chain_steps = args.chain_steps or (3 if q else 5)
@@ -193,11 +219,12 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{name.replace('_', '-')} needs at least one value")
     if min(args.batch_sizes) < 1 or args.num_prompts < 1 or args.max_new_tokens < 1:
         raise ValueError("batch sizes, --num-prompts and --max-new-tokens must be >= 1")
-    n = 2 * args.num_prompts
+    n = 2 * args.num_prompts + 2 * args.ood_prompts
     if max(args.batch_sizes) > n:
         raise ValueError(
             f"batch size {max(args.batch_sizes)} needs at least that many prompts but there are {n} "
-            f"(2 domains x --num-prompts {args.num_prompts}); raise --num-prompts"
+            f"(2 domains x (--num-prompts {args.num_prompts} + --ood-prompts {args.ood_prompts})); "
+            "raise --num-prompts"
         )
     if args.max_batches < 0:
         raise ValueError("--max-batches must be >= 0 (0 = all prompt batches)")
@@ -234,8 +261,26 @@ def build_modes(
     if best_static is not None:
         add_static(best_static, "best-static")
     s, k, n = args.evict_tree
+    acceptance = getattr(args, "acceptance", "raw")
     if with_evict:
-        modes.append(ModeSpec(name="evict", kind="evict", steps=s, topk=k, num_draft=n, role="evict"))
+        main = "calibrated" if acceptance == "calibrated" else "raw"
+        modes.append(
+            ModeSpec(name="evict", kind="evict", steps=s, topk=k, num_draft=n, role="evict", acceptance=main)
+        )
+        if acceptance == "both":
+            modes.append(
+                ModeSpec(
+                    name="evict+cal",
+                    kind="evict",
+                    steps=s,
+                    topk=k,
+                    num_draft=n,
+                    role="evict-cal",
+                    acceptance="calibrated",
+                )
+            )
+    if not getattr(args, "no_oracle", True):
+        modes.append(ModeSpec(name="oracle-cut", kind="oracle", steps=s, topk=k, num_draft=n, role="oracle"))
     for a in with_ablation if with_evict else []:
         kind, _, arg = a.partition(":")
         variant = {"decision": arg} if kind == "decision" else {"cost": a}
@@ -276,15 +321,26 @@ def machine_description(device: str) -> str:
     return desc + f", device {device}"
 
 
-def _engine_factory(target: Any, drafter: Any, device: str):
-    """Build reference engines (``evict.engine.SpecEngine``) for the modes."""
+def _engine_factory(target: Any, drafter: Any, device: str, acceptance_prior: Path | None = None):
+    """Build reference engines (``evict.engine.SpecEngine``) for the modes.
+
+    A calibrated EVICT mode gets its own ``AcceptanceEstimator`` (cold, or warm from
+    ``acceptance_prior``); the engine is cached by the bench, so the estimator keeps learning over
+    the whole run, prompts and batch sizes in the order they are decoded, as a server's would.
+    """
     from evict.engine import SpecEngine  # noqa: PLC0415 (heavy; only for real runs)
+    from evict.truncation import AcceptanceEstimator  # noqa: PLC0415
 
     def factory(mode: ModeSpec, policy: Any) -> Any:
         kind = "static" if mode.kind == "moe-spec" else mode.kind
         kw: dict[str, Any] = {}
         if kind != "ar":
             kw.update(steps=mode.steps, topk=mode.topk, num_draft_tokens=mode.num_draft)
+        if kind == "evict" and mode.acceptance == "calibrated":
+            est = AcceptanceEstimator(mode.topk, mode.steps, device=device)
+            if acceptance_prior is not None:
+                est.load(acceptance_prior)
+            kw["acceptance"] = est
         return SpecEngine(target, drafter, mode=kind, policy=policy, **kw)
 
     return factory
@@ -316,11 +372,19 @@ def run_bench(
         args.evict_tree = evict_tree_for(bench.table)
         log(f"EVICT draft tree (steps, topk, N) = {args.evict_tree}")
     prompts = build_prompts(tokenizer, args.num_prompts, args.prompt_tokens)
+    ood = getattr(args, "ood_prompts", 0)
+    if ood:
+        try:
+            prompts += build_ood_prompts(tokenizer, ood, args.prompt_tokens)
+        except RuntimeError as exc:
+            log(f"no out-of-domain prompts: {exc}")
+            ood = 0
     prompt_ids = [list(p.ids) for p in prompts]
     data = BenchData()
     data.meta.update(
         num_prompts=len(prompts),
-        domains=f"{args.num_prompts} code + {args.num_prompts} prose",
+        domains=f"{args.num_prompts} code + {args.num_prompts} prose"
+        + (f" held-out stdlib, {ood} code + {ood} prose out-of-domain (third-party packages)" if ood else ""),
         prompt_tokens=args.prompt_tokens,
         max_new_tokens=args.max_new_tokens,
         seeds=list(args.seeds),
@@ -377,6 +441,8 @@ def run_bench(
             )
             log(f"[seed {seed} bs {bs}] timed pass in {time.time() - t0:.0f}s")
     data.meta["elapsed_s"] = time.time() - t_start
+    if hasattr(bench, "acceptance_reports"):
+        data.meta["acceptance_reliability"], data.acceptance_priors = bench.acceptance_reports()
     outputs = {}
     for r in data.instrumented + data.records:
         for p, o in zip(r.prompt_ids, r.outputs):
@@ -477,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     cfg = target.config
     bench = Bench(
-        _engine_factory(target, drafter, device),
+        _engine_factory(target, drafter, device, args.acceptance_prior),
         target,
         num_experts=int(getattr(cfg, "num_experts", 0) or getattr(cfg, "num_local_experts", 0)),
         table=table,
@@ -510,6 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.md").write_text(md)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     files = save_plots(summary, args.out)
+    for name, prior in data.acceptance_priors.items():  # the learned state: a warm-start prior
+        (args.out / "acceptance_prior.json").write_text(json.dumps(prior) + "\n")
+        print(f"wrote {args.out / 'acceptance_prior.json'} (learned by {name}; --acceptance-prior to reuse)")
+        break
     print(f"wrote {args.out / 'results.md'}, results.json and {', '.join(f.name for f in files)}")
     if err:
         print("\n" + err, file=sys.stderr)

@@ -58,11 +58,15 @@ class ModeSpec:
     """One decoding mode of the comparison.
 
     ``kind``: ``ar`` (target only), ``static`` (fixed tree), ``evict`` (tree drafted with
-    ``(steps, topk, N)`` then cut to the cost-effective width) or ``moe-spec`` (static tree with the
-    lossy expert budget ``budget`` during verification). ``cost`` names the cost table variant for
+    ``(steps, topk, N)`` then cut to the cost-effective width), ``oracle`` (the same tree cut to
+    exactly the path the target accepts: the ceiling of any cut, found by an untimed look-ahead) or
+    ``moe-spec`` (static tree with the lossy expert budget ``budget`` during verification).
+    ``acceptance``: EVICT ranks nodes by ``raw`` drafter scores or ``calibrated`` ones (the online
+    acceptance estimator). ``cost`` names the cost table variant for
     EVICT (``profiled`` or an ablation, see ``evict.bench.runner.cost_variant``). ``role`` tags
     rows for the report: ``baseline``, ``chain``, ``sglang-default``, ``static``, ``best-static``,
-    ``evict``, ``evict-off``, ``ablation``, ``lossy``.
+    ``evict``, ``evict-cal`` (EVICT with the estimator next to raw EVICT), ``evict-off``, ``oracle``,
+    ``ablation``, ``lossy``.
     """
 
     name: str
@@ -74,6 +78,7 @@ class ModeSpec:
     budget: int = 0
     role: str = "static"
     decision: str | None = None  # EVICT's decision mode; None = the run's --decision
+    acceptance: str = "raw"  # EVICT's node scores: raw drafter probabilities or calibrated
 
     @property
     def lossy(self) -> bool:

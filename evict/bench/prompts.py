@@ -16,15 +16,28 @@ records the version; within one version the set is deterministic.
 from __future__ import annotations
 
 import ast
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from evict.corpus import heldout_files, read_source, stdlib_root
 
-__all__ = ["Prompt", "heldout_files", "build_prompts", "DOMAINS"]
+__all__ = [
+    "Prompt",
+    "heldout_files",
+    "build_prompts",
+    "build_ood_prompts",
+    "ood_files",
+    "DOMAINS",
+    "OOD_PACKAGES",
+]
 
 DOMAINS = ("code", "prose")
+
+# Out-of-domain text: installed third-party packages (the testbed was trained on the standard
+# library only).  Those present are used, in this order; the set is deterministic per environment.
+OOD_PACKAGES = ("numpy", "transformers", "torch", "jinja2", "yaml", "requests", "packaging", "setuptools")
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,53 @@ def build_prompts(
         )
     files = heldout_files(holdout_every, root)
     base = stdlib_root() if root is None else Path(root)
+    return _collect(tokenizer, files, base, num_per_domain, prompt_tokens, skip, "", "held-out files")
+
+
+def ood_files(packages: tuple[str, ...] = OOD_PACKAGES, root: Path | None = None) -> tuple[list[Path], Path]:
+    """Sorted ``*.py`` files of the installed ``packages`` (tests and ``__pycache__`` excluded), and their root."""
+    base = Path(sysconfig.get_paths()["purelib"]) if root is None else Path(root)
+    files: list[Path] = []
+    for name in packages:
+        pkg = base / name
+        if pkg.is_dir():
+            files += sorted(
+                p
+                for p in pkg.rglob("*.py")
+                if "__pycache__" not in p.parts and "tests" not in p.parts and p.is_file()
+            )
+    return files, base
+
+
+def build_ood_prompts(
+    tokenizer: Any,
+    num_per_domain: int,
+    prompt_tokens: int = 64,
+    packages: tuple[str, ...] = OOD_PACKAGES,
+    root: Path | None = None,
+) -> list[Prompt]:
+    """Like :func:`build_prompts`, from installed third-party packages: domains ``code-ood``, ``prose-ood``.
+
+    Why: the held-out stdlib split is still the training distribution's style; a server meets text
+    the drafter never saw, where its probabilities are miscalibrated differently.
+    """
+    files, base = ood_files(packages, root)
+    if not files:
+        raise RuntimeError(f"none of the packages {packages} is installed: no out-of-domain prompts")
+    return _collect(tokenizer, files, base, num_per_domain, prompt_tokens, 0, "-ood", "third-party files")
+
+
+def _collect(
+    tokenizer: Any,
+    files: list[Path],
+    base: Path,
+    num_per_domain: int,
+    prompt_tokens: int,
+    skip: int,
+    suffix: str,
+    where: str,
+) -> list[Prompt]:
+    """Prompts of both domains from ``files``, domains alternating (see :func:`build_prompts`)."""
     # visit files in a spread-out order (stride through the list) so prompts come from many packages
     stride = 7 if len(files) % 7 else 5
     order = sorted(range(len(files)), key=lambda i: ((i * stride) % len(files), i))
@@ -104,16 +164,16 @@ def build_prompts(
             if text:
                 ids = encode(text[: prompt_tokens * 12])
                 if len(ids) >= prompt_tokens:
-                    found["code"].append(Prompt("code", rel, tuple(ids[:prompt_tokens])))
+                    found["code"].append(Prompt("code" + suffix, rel, tuple(ids[:prompt_tokens])))
         if len(found["prose"]) < need:
             for d in _docstrings(src)[:1]:
                 ids = encode(d[: prompt_tokens * 12])
                 if len(ids) >= prompt_tokens:
-                    found["prose"].append(Prompt("prose", rel, tuple(ids[:prompt_tokens])))
+                    found["prose"].append(Prompt("prose" + suffix, rel, tuple(ids[:prompt_tokens])))
     for d, v in found.items():
         if len(v) < need:
             raise RuntimeError(
-                f"only {len(v)} {d} prompts of {prompt_tokens} tokens in the held-out files, need {need}: "
+                f"only {len(v)} {d} prompts of {prompt_tokens} tokens in the {where}, need {need}: "
                 "lower --num-prompts or --prompt-tokens"
             )
     code, prose = found["code"][skip:need], found["prose"][skip:need]

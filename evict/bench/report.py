@@ -52,6 +52,8 @@ def summarize(data: BenchData) -> dict[str, Any]:
     for bs, modes in sorted(data.modes.items()):
         names = [m.name for m in modes]
         evict = next((m.name for m in modes if m.role == "evict"), None)
+        evict_cal = next((m.name for m in modes if m.role == "evict-cal"), None)
+        oracle = next((m.name for m in modes if m.role == "oracle"), None)
         statics = [m for m in modes if m.kind == "static"]
         rows = []
         for m in modes:
@@ -70,6 +72,10 @@ def summarize(data: BenchData) -> dict[str, Any]:
                 "tokens_per_s": tps.to_dict(),
                 "speedup_vs_ar": paired_ratio(stats, m.name, "ar", bs).to_dict() if "ar" in names else None,
                 "evict_over_this": paired_ratio(stats, evict, m.name, bs).to_dict() if evict else None,
+                "calibrated_over_this": paired_ratio(stats, evict_cal, m.name, bs).to_dict()
+                if evict_cal
+                else None,
+                "oracle_over_this": paired_ratio(stats, oracle, m.name, bs).to_dict() if oracle else None,
                 "accepted_length": _spread_over(stats, m.name, bs, "accepted_length").to_dict(),
                 "mean_width": _spread_over(stats, m.name, bs, "mean_width").to_dict(),
                 "experts_per_verify": _num(ins.mean_union) if ins else None,
@@ -119,6 +125,8 @@ def summarize(data: BenchData) -> dict[str, Any]:
         out["batch_sizes"][str(bs)] = {
             "rows": rows,
             "evict": evict,
+            "evict_cal": evict_cal,
+            "oracle": oracle,
             "best_static": best_static,
             "fastest_static": fastest,
             "sglang_default": next((m.name for m in modes if m.role == "sglang-default"), None),
@@ -126,6 +134,59 @@ def summarize(data: BenchData) -> dict[str, Any]:
         }
     out["targets"] = check_targets(out)
     return out
+
+
+def _calibrated_lines(s: dict, bs: str, meta: dict, first: bool) -> list[str]:
+    """EVICT with the acceptance estimator against raw EVICT, the static baselines and the oracle cut."""
+    L: list[str] = []
+    cal, orc = _row(s, s.get("evict_cal")), _row(s, s.get("oracle"))
+    if cal and cal.get("predicted_accepted"):
+        L.append(
+            f"EVICT calibrated, prediction vs measurement (bs {bs}): accepted length predicted "
+            f"{_fmt(cal['predicted_accepted'])} vs measured {_fmt(cal['accepted_length'])}."
+        )
+        L.append("")
+    ratios = []
+    for label, name, row in (
+        ("raw EVICT", s.get("evict"), cal),
+        ("best static", s.get("best_static"), cal),
+        ("SGLang default", s.get("sglang_default"), cal),
+    ):
+        other = _row(s, name)
+        if row and other:
+            inv = other.get("calibrated_over_this")
+            if inv and inv.get("mean") is not None:
+                ratios.append(f"{_fmt(inv)}x {label}")
+    if ratios:
+        L.append(f"EVICT calibrated (bs {bs}), per-seed paired tokens/s ratio: " + ", ".join(ratios) + ".")
+        L.append("")
+    if orc:
+        parts = []
+        for label, name in (("raw EVICT", s.get("evict")), ("calibrated EVICT", s.get("evict_cal"))):
+            other = _row(s, name)
+            if other and other.get("oracle_over_this") and other["oracle_over_this"].get("mean") is not None:
+                parts.append(f"{_fmt(other['oracle_over_this'])}x {label}")
+        if parts:
+            L.append(
+                f"Oracle cut (bs {bs}; same draft tree, verifies only the accepted path, its look-ahead not "
+                f"charged): {', '.join(parts)} -- the headroom any cut could still gain."
+            )
+            L.append("")
+    rel = (meta.get("acceptance_reliability") or {}).get(s.get("evict_cal") or "", [])
+    if rel and first:
+        L.append(
+            "Reliability per depth (whole run, all batch sizes; trials = verified nodes whose parent was "
+            "accepted): mean raw drafter conditional, mean calibrated conditional, realized acceptance rate."
+        )
+        L.append("")
+        L.append("| depth | trials | raw | calibrated | realized |")
+        L.append("|---|---|---|---|---|")
+        for r in rel:
+            L.append(
+                f"| {r['depth']} | {r['trials']} | {r['raw']:.3f} | {r['calibrated']:.3f} | {r['realized']:.3f} |"
+            )
+        L.append("")
+    return L
 
 
 def _outputs(data: BenchData, mode: str, bs: int) -> dict[tuple[int, int], list[int]]:
@@ -276,6 +337,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 name += " (SGLang default)"
             if r["role"] == "evict-off":
                 name += " (EVICT's tree, uncut)"
+            if r["role"] == "evict-cal":
+                name += " (EVICT, calibrated acceptance)"
+            if r["role"] == "oracle":
+                name += " (ceiling: verifies exactly the accepted path)"
             ex = r["experts_per_verify"]
             L.append(
                 f"| {name} | {_tree(r)} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['speedup_vs_ar'])}x "
@@ -310,6 +375,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 "(decode wall time / steps)."
             )
             L.append("")
+        L.extend(_calibrated_lines(s, bs, meta, first=bs == next(iter(summary["batch_sizes"]))))
         abl = [r for r in s["rows"] if r["role"] == "ablation"]
         if abl and ev:
             L.append(

@@ -199,6 +199,7 @@ class BenchData:
     instrumented: list[RunRecord] = field(default_factory=list)
     sweep: dict[int, list[tuple[tuple[int, int, int], float]]] = field(default_factory=dict)
     modes: dict[int, list[ModeSpec]] = field(default_factory=dict)  # per batch size
+    acceptance_priors: dict[str, dict[str, Any]] = field(default_factory=dict)  # per calibrated mode
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -239,7 +240,7 @@ class Bench:
 
     def engine(self, mode: ModeSpec) -> Any:
         """The (cached) engine of a mode; EVICT modes get their cost-table variant."""
-        key = f"{mode.name}|{mode.tree}|{mode.cost}|{mode.budget}|{mode.decision}"
+        key = f"{mode.name}|{mode.tree}|{mode.cost}|{mode.budget}|{mode.decision}|{mode.acceptance}"
         if key not in self._engines:
             policy = None
             if mode.kind == "evict":
@@ -251,6 +252,16 @@ class Bench:
                 policy = TruncationPolicy(cost, widths=widths, mode=decision, backend=self.backend)
             self._engines[key] = self.engine_factory(mode, policy)
         return self._engines[key]
+
+    def acceptance_reports(self) -> tuple[dict[str, list[dict[str, float]]], dict[str, dict[str, Any]]]:
+        """Per EVICT mode with a calibrated estimator: (reliability per depth, learned state as a prior)."""
+        rel, priors = {}, {}
+        for key, engine in self._engines.items():
+            est = getattr(engine, "acceptance", None)
+            if est is not None and est.enabled:
+                name = key.split("|")[0]
+                rel[name], priors[name] = est.reliability(), est.state_dict()
+        return rel, priors
 
     def _step_cost_s(self, batch_size: int, width: int) -> float:
         return float(self.table.step_cost(batch_size, [width])[0]) / 1000.0
@@ -280,6 +291,9 @@ class Bench:
         else:  # wrap the target's forward, skipping prefills
             with verify_router_hook(self.target, budget, counter):
                 result, wall, cpu = _timed(engine, batch, max_new_tokens)
+        if mode.kind == "oracle":  # the look-ahead that finds the accepted path is not charged
+            wall -= float(getattr(result, "lookahead_s", 0.0))
+            cpu -= float(getattr(result, "lookahead_cpu_s", 0.0))
         rec = record_from_result(
             result,
             mode,
