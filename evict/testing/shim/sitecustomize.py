@@ -15,10 +15,6 @@ It installs an import hook (nothing is imported eagerly) that, once SGLang's mod
 * ``sglang.srt.model_executor.model_runner``: skips ``maybe_enable_batch_invariant_mode`` on CPU,
   where SGLang has no batch-invariant kernels to register (it raises); deterministic inference
   then means per-request seeded sampling, without batch invariance.
-* ``sglang.srt.speculative.eagle_utils`` (only with ``EVICT_CPU_SAMPLING_VERIFY=1``): lifts the
-  ``is_cpu`` term of ``_verify_uses_greedy``, so sampled requests take SGLang's sampling verify
-  path (``tree_speculative_sampling_target_only``, stood in by ``evict.testing.cpu_ops``) instead
-  of being verified greedily.
 
 A previously installed ``sitecustomize`` (shadowed by this one) is not chained; the launcher's
 environment is meant for the server only.
@@ -77,32 +73,10 @@ def _patch_model_runner(module) -> None:
     runner.maybe_enable_batch_invariant_mode = maybe_enable_batch_invariant_mode
 
 
-def _patch_eagle_utils(module) -> None:
-    original = getattr(module, "_verify_uses_greedy", None)
-    if original is None:
-        raise RuntimeError(
-            "evict.testing shim: sglang.srt.speculative.eagle_utils has no _verify_uses_greedy; "
-            "this shim targets sglang 0.5.23"
-        )
-
-    def _verify_uses_greedy(*, is_all_greedy, is_cpu, is_hip, is_xpu, use_rejection_sampling):
-        return original(
-            is_all_greedy=is_all_greedy,
-            is_cpu=False,
-            is_hip=is_hip,
-            is_xpu=is_xpu,
-            use_rejection_sampling=use_rejection_sampling,
-        )
-
-    module._verify_uses_greedy = _verify_uses_greedy
-
-
 _PATCHES = {
     "sglang.srt.arg_groups.overrides": _patch_overrides,
     "sglang.srt.model_executor.model_runner": _patch_model_runner,
 }
-if os.environ.get("EVICT_CPU_SAMPLING_VERIFY", "0") == "1":
-    _PATCHES["sglang.srt.speculative.eagle_utils"] = _patch_eagle_utils
 
 
 class _PatchingLoader(importlib.abc.Loader):
