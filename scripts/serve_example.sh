@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# EVICT with SGLang, end to end: profile -> launch -> query -> A/B against EAGLE3 (needs a CUDA GPU).
+# EVICT with SGLang, end to end: launch (start-up calibration) -> query -> A/B against EAGLE3 (needs a CUDA GPU).
 #
 #   MODEL=/models/Qwen3-30B-A3B DRAFT=/models/Qwen3-30B-A3B-eagle3 scripts/serve_example.sh
 #
-# Steps can be skipped: SKIP_PROFILE=1 (reuse $TABLE), SKIP_BENCH=1.  See docs/serving.md.
+# TABLE=T.json serves with that cost table instead of calibrating; SKIP_BENCH=1 skips the A/B.
+# See docs/serving.md.
 set -euo pipefail
 
 MODEL=${MODEL:?set MODEL to the target checkpoint directory (e.g. Qwen3-30B-A3B)}
 DRAFT=${DRAFT:?set DRAFT to its EAGLE-3 drafter checkpoint}
 PORT=${PORT:-30000}
-TABLE=${TABLE:-cost_table.$(basename "$MODEL").json}
+TABLE=${TABLE:-}
 STEPS=${STEPS:-5}
 TOPK=${TOPK:-8}
 NUM_DRAFT=${NUM_DRAFT:-32}
@@ -58,15 +59,10 @@ bench() {  # $1 = label
   done
 }
 
-# 1. Profile the verify cost once per model x GPU x TP x dtype.
-if [[ "${SKIP_PROFILE:-0}" != 1 ]]; then
-  evict-profile --model "$MODEL" --backend sglang --dtype "$DTYPE" \
-    --batch-sizes 1,4,16,48 --widths "1,2,4,8,12,16,24,$NUM_DRAFT" --out "$TABLE"
-fi
-
-# 2. Launch EVICT.
-EVICT_COST_TABLE="$TABLE" EVICT_LOG_INTERVAL=50 launch EVICT server_evict.log
-grep "EVICT: verify widths" -A8 server_evict.log || true
+# 1-2. Launch EVICT. Without a table it calibrates from its own captured graphs (cached for the next start).
+if [[ -n "$TABLE" ]]; then export EVICT_COST_TABLE="$TABLE"; fi
+EVICT_LOG_INTERVAL=50 launch EVICT server_evict.log
+grep -E "EVICT: (calibrated|cost table from)|EVICT: verify widths" -A8 server_evict.log || true
 
 # 3. Query: OpenAI client (greedy) and curl (sampling).
 "$PYTHON" - "$PORT" <<'PY'
