@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="use a cost table profiled for another model/device (warn instead of failing)",
     )
     g.add_argument(
+        "--acceptance",
+        default="raw",
+        choices=["raw", "calibrated"],
+        help="EVICT ranks draft nodes by raw drafter probabilities, or by probabilities calibrated online "
+        "from past verification outcomes (evict.truncation.AcceptanceEstimator)",
+    )
+    g.add_argument(
+        "--acceptance-prior",
+        default=None,
+        help="JSON prior to warm-start the calibrated estimator (evict-bench writes acceptance_prior.json)",
+    )
+    g.add_argument(
         "--decision",
         default="immediate",
         choices=["immediate", "lagged"],
@@ -130,6 +142,26 @@ def _policy(args: argparse.Namespace):
     return policy, choice.path
 
 
+def _estimator(args: argparse.Namespace):
+    """The acceptance estimator for ``--acceptance calibrated`` (warm from ``--acceptance-prior``), else None."""
+    if args.acceptance != "calibrated":
+        if args.acceptance_prior:
+            raise CliError("--acceptance-prior needs --acceptance calibrated")
+        return None
+    from evict.truncation import AcceptanceEstimator
+
+    est = AcceptanceEstimator(args.topk, args.steps, device=args.device)
+    if args.acceptance_prior:
+        try:
+            est.load(args.acceptance_prior)
+        except ValueError as exc:
+            raise CliError(str(exc)) from exc
+        print(f"[evict] acceptance: calibrated, warm start from {args.acceptance_prior}")
+    else:
+        print("[evict] acceptance: calibrated, cold start (raw scores until outcomes arrive)")
+    return est
+
+
 def _generate(args: argparse.Namespace) -> int:
     from evict.engine import SpecEngine
 
@@ -146,6 +178,7 @@ def _generate(args: argparse.Namespace) -> int:
             f"[evict] cost table: {table_path} (decision={evict_policy.mode}, backend={evict_policy.backend})"
         )
     outputs: dict[str, list[int]] = {}
+    estimator = _estimator(args) if "evict" in modes else None
     for mode in modes:
         policy = evict_policy if mode == "evict" else None
         try:
@@ -157,6 +190,7 @@ def _generate(args: argparse.Namespace) -> int:
                 topk=args.topk,
                 num_draft_tokens=args.num_draft_tokens,
                 policy=policy,
+                acceptance=estimator if mode == "evict" else None,
                 temperature=args.temperature,
                 top_p=args.top_p,
                 seed=args.seed,

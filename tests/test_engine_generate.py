@@ -12,7 +12,7 @@ from evict import cli
 from evict.engine import SpecEngine
 from evict.profiler.table import model_config_hash
 from evict.profiler.torch_backend import device_name
-from evict.truncation import TruncationPolicy
+from evict.truncation import AcceptanceEstimator, TruncationPolicy
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 3, 3]]
 WIDTHS = [1, 2, 4, 8, 16]
@@ -180,6 +180,23 @@ def test_cli_generate_all_modes(pair, monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "decision=lagged" in out, out
     assert "greedy outputs identical across modes: True" in out
+    # calibrated acceptance (the online estimator) is an option too, cold or warm from a JSON prior
+    prior = tmp_path / "prior.json"
+    AcceptanceEstimator(2, 2).save(prior)
+    for extra in (
+        ["--acceptance", "calibrated"],
+        ["--acceptance", "calibrated", "--acceptance-prior", str(prior)],
+    ):
+        rc = cli.main(
+            args + ["--num-draft-tokens", "7", "--max-new-tokens", "8", "--cost-table", str(path)] + extra
+        )
+        out = capsys.readouterr().out
+        assert rc == 0 and "acceptance: calibrated" in out, out
+        assert "greedy outputs identical across modes: True" in out
+    rc = cli.main(
+        args + ["--cost-table", str(path), "--num-draft-tokens", "7", "--acceptance-prior", str(prior)]
+    )
+    assert rc == 2 and "--acceptance calibrated" in capsys.readouterr().err
     # a table made for another model is refused, with the fix in the message
     table["metadata"]["model_config_hash"] = "0123456789abcdef"
     path.write_text(json.dumps(table))
