@@ -193,11 +193,52 @@ def test_check_compatible(caplog):
         t.check_compatible(model_id="tiny-moe", config_hash="ffff", tp_size=2)
     msg = str(exc.value)
     assert "model_config_hash" in msg and "tp_size" in msg and "model_id" not in msg.split("profiled")[1]
-    assert "evict-profile" in msg and "allow_mismatch" in msg
+    # the fix names what a user can type: the CLI flag and the plugin's variable, not a Python argument
+    assert "evict-profile" in msg and "allow_mismatch" not in msg
+    assert "--allow-table-mismatch" in msg and "EVICT_ALLOW_TABLE_MISMATCH=1" in msg
     with caplog.at_level(logging.WARNING, logger="evict"):
         problems = t.check_compatible(device="cuda:0", allow_mismatch=True)
     assert len(problems) == 1 and "device" in problems[0]
     assert any("device" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_save_respects_the_umask_and_replaces_atomically(tmp_path, umask):
+    """mkstemp creates 0600 files; a saved table must get 0666 & ~umask like any file the user writes
+    (a server running as another user has to read it)."""
+    import os
+
+    p = tmp_path / "table.json"
+    old = os.umask(umask)
+    try:
+        CostTable.from_dict(base()).save(p)
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert os.umask(old) == old  # save restored the process umask
+    os.umask(old)
+
+
+def test_save_interrupted_keeps_the_previous_table_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import os
+
+    p = tmp_path / "table.json"
+    CostTable.from_dict(base()).save(p)
+    before = p.read_text()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        CostTable.from_dict(base()).scaled(2.0).save(p)
+    assert p.read_text() == before
+    assert [q.name for q in tmp_path.iterdir()] == ["table.json"]
+
+
+def test_save_to_a_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(CostTableError, match="is a directory; give a file path"):
+        CostTable.from_dict(base()).save(tmp_path)
 
 
 def test_model_config_hash():

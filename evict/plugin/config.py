@@ -140,6 +140,16 @@ def _parse_widths(raw: str) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def _get(env: Mapping[str, str], name: str, default: str) -> str:
+    """The variable's value, or ``default`` when it is unset or blank.
+
+    ``EVICT_X=`` (often left behind by a launch script's ``EVICT_X=$UNSET_VAR``) means "unset" for
+    every variable alike, not a bad value for some and the default for others.
+    """
+    raw = env.get(name, "")
+    return raw if raw.strip() else default
+
+
 def parse_env(environ: Mapping[str, str] | None = None) -> EvictConfig:
     """Parse and validate the ``EVICT_*`` variables of ``environ`` (default ``os.environ``).
 
@@ -160,7 +170,7 @@ def parse_env(environ: Mapping[str, str] | None = None) -> EvictConfig:
 
     table_raw = env.get("EVICT_COST_TABLE", "").strip()
     widths_raw = env.get("EVICT_WIDTHS", "").strip()
-    log_raw = env.get("EVICT_LOG_INTERVAL", str(DEFAULT_LOG_INTERVAL)).strip()
+    log_raw = _get(env, "EVICT_LOG_INTERVAL", str(DEFAULT_LOG_INTERVAL)).strip()
     try:
         log_interval = int(log_raw)
     except ValueError:
@@ -173,12 +183,14 @@ def parse_env(environ: Mapping[str, str] | None = None) -> EvictConfig:
     return EvictConfig(
         cost_table=Path(table_raw).expanduser() if table_raw else None,
         widths=_parse_widths(widths_raw) if widths_raw else None,
-        decision=_choice("EVICT_DECISION", env.get("EVICT_DECISION", "immediate"), _DECISIONS),
-        disable=_bool("EVICT_DISABLE", env.get("EVICT_DISABLE", "0")),
-        allow_table_mismatch=_bool("EVICT_ALLOW_TABLE_MISMATCH", env.get("EVICT_ALLOW_TABLE_MISMATCH", "0")),
-        backend=_choice("EVICT_BACKEND", env.get("EVICT_BACKEND", "torch"), _BACKENDS),
+        decision=_choice("EVICT_DECISION", _get(env, "EVICT_DECISION", "immediate"), _DECISIONS),
+        disable=_bool("EVICT_DISABLE", _get(env, "EVICT_DISABLE", "0")),
+        allow_table_mismatch=_bool(
+            "EVICT_ALLOW_TABLE_MISMATCH", _get(env, "EVICT_ALLOW_TABLE_MISMATCH", "0")
+        ),
+        backend=_choice("EVICT_BACKEND", _get(env, "EVICT_BACKEND", "torch"), _BACKENDS),
         log_interval=log_interval,
-        recalibrate=_bool("EVICT_RECALIBRATE", env.get("EVICT_RECALIBRATE", "0")),
+        recalibrate=_bool("EVICT_RECALIBRATE", _get(env, "EVICT_RECALIBRATE", "0")),
     )
 
 

@@ -210,6 +210,13 @@ def resolve_widths(
     return out
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it; there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -443,12 +450,22 @@ class CostTable:
         return d
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write pretty JSON atomically (temp file in the same folder, then rename)."""
+        """Write pretty JSON atomically (temp file in the same folder, then rename).
+
+        An interrupted save leaves the previous file intact. The file gets the permissions of any
+        file the user creates (``0666 & ~umask``), not ``mkstemp``'s private 0600: a table is
+        usually written by one user and read by a server running as another.
+        """
         p = Path(path)
+        if p.is_dir():
+            raise CostTableError(
+                f"cost table {p}: is a directory; give a file path such as {p / 'cost_table.json'}"
+            )
         p.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
         try:
+            os.fchmod(fd, 0o666 & ~current_umask())
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
@@ -556,8 +573,9 @@ class CostTable:
                 f"cost table {self.source} was profiled for another setup: "
                 + "; ".join(problems)
                 + f". Re-profile on this setup ({REGENERATE_HINT}; or give no table and let EVICT measure "
-                "this machine's), or allow the mismatch (allow_mismatch=True, --allow-table-mismatch, "
-                "EVICT_ALLOW_TABLE_MISMATCH=1) to use it anyway (costs, hence widths, may then be wrong)"
+                "this machine's), or use it anyway with --allow-table-mismatch (evict generate, evict-bench, "
+                "evict-profile --check) or EVICT_ALLOW_TABLE_MISMATCH=1 (the SGLang plugin); costs, hence "
+                "widths, may then be wrong"
             )
             if not allow_mismatch:
                 raise CostTableError(msg)

@@ -118,6 +118,21 @@ def test_every_documented_variable_is_accepted():
     assert parse_env(env).cost_table is None  # empty string = unset
 
 
+@pytest.mark.parametrize("blank", ["", " ", "\t"])
+def test_blank_values_mean_unset_for_every_variable(blank):
+    """``EVICT_X=`` is "unset" for every variable alike (it used to stop the launch for three)."""
+    cfg = parse_env({name: blank for name in ENV_VARS})
+    assert cfg == parse_env({})
+    assert (cfg.log_interval, cfg.decision, cfg.backend) == (DEFAULT_LOG_INTERVAL, "immediate", "torch")
+    assert (cfg.cost_table, cfg.widths, cfg.disable, cfg.allow_table_mismatch, cfg.recalibrate) == (
+        None,
+        None,
+        False,
+        False,
+        False,
+    )
+
+
 def test_resolve_widths_default_adds_full_tree():
     assert resolve_widths(None, 24) == (2, 4, 8, 16, 24)
     assert resolve_widths(None, 2) == (2,)
