@@ -19,8 +19,8 @@ __all__ = ["EvictMetrics", "format_stats"]
 logger = logging.getLogger(__name__)
 
 
-def format_stats(stats: dict[str, Any], switches: int = 0) -> str:
-    """One log line from ``TruncationPolicy.stats()``."""
+def format_stats(stats: dict[str, Any], switches: int = 0, width_counts: dict[int, int] | None = None) -> str:
+    """One log line from ``TruncationPolicy.stats()`` (and how often each width was verified)."""
 
     def f(x: Any) -> str:
         return f"{x:.2f}" if isinstance(x, float) else str(x)
@@ -31,6 +31,7 @@ def format_stats(stats: dict[str, Any], switches: int = 0) -> str:
         f"realized={f(stats['mean_realized_accepted'])} fallbacks={stats['fallbacks']} "
         f"errors={stats.get('errors', 0)} "
         f"width_switches={switches} mode={stats['mode']} backend={stats['backend']}"
+        + (f" widths={','.join(f'{w}:{n}' for w, n in sorted(width_counts.items()))}" if width_counts else "")
     )
 
 
@@ -44,6 +45,7 @@ class EvictMetrics:
         log_fn: Callable[[str], None] | None = None,
         switches_fn: Callable[[], int] | None = None,
         logging_rank: bool = True,
+        width_counts_fn: Callable[[], dict[int, int]] | None = None,
     ) -> None:
         self.policy = policy
         self.log_interval = int(log_interval)
@@ -52,6 +54,7 @@ class EvictMetrics:
         self.logging_rank = bool(logging_rank)
         self._log = log_fn if log_fn is not None else logger.info
         self._switches = switches_fn if switches_fn is not None else (lambda: 0)
+        self._width_counts = width_counts_fn if width_counts_fn is not None else dict
         self.steps = 0
 
     def on_decode_step(self) -> None:
@@ -66,6 +69,6 @@ class EvictMetrics:
             self.policy.record_accepted([int(n) + 1 for n in num_correct_drafts_per_req])
 
     def log_now(self) -> str:
-        line = format_stats(self.policy.stats(), self._switches())
+        line = format_stats(self.policy.stats(), self._switches(), self._width_counts())
         self._log(line)
         return line

@@ -204,6 +204,7 @@ class EvictDraftWorker(EagleDraftWorker):
         self.use_width: Callable[[int], None] | None = None
         self.width_agreement: WidthAgreement | None = None  # TP > 1 only
         self.last_decision: Any = None
+        self.width_counts: dict[int, int] = {}  # verified width -> decode steps (for the log line)
 
     def draft_forward(self, forward_batch: Any):
         # Also entered by draft CUDA-graph capture, which then records the score copy.
@@ -248,6 +249,8 @@ class EvictDraftWorker(EagleDraftWorker):
             return n, None
         self.last_decision = decision
         width = min(int(policy.widths[index]), n)
+        if not idle:
+            self.width_counts[width] = self.width_counts.get(width, 0) + 1
         if width >= n or idle:
             return width, None
         if decision is not None:
@@ -302,6 +305,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
             log_fn=lambda line: log_info_on_rank0(logger, line),
             switches_fn=lambda: self.width_states.switches,
             logging_rank=get_parallel().tp_rank == 0,
+            width_counts_fn=lambda: self._draft_worker.width_counts,
         )
 
     # -- start-up -------------------------------------------------------------------------------

@@ -560,7 +560,7 @@ class Rig:
         dw.plan_stream, dw.plan_stream_ctx = None, contextlib.nullcontext()
         dw.parallel_layout = SimpleNamespace(tp_group=None)
         dw.tree_mask_mode, dw.device = mask_mode, "cpu"
-        dw.width_agreement, dw.last_decision = None, None
+        dw.width_agreement, dw.last_decision, dw.width_counts = None, None, {}
 
         w = object.__new__(evict_worker.EvictWorkerV2)
         w._draft_worker, w._target_worker = dw, target

@@ -134,7 +134,8 @@ def test_metrics_log_every_interval_with_predicted_and_realized():
     assert stats["mean_predicted_accepted"] == pytest.approx((1 + 0.875 + 1 + 2.4) / 2)
     line = format_stats(stats, 5)
     assert "mean_width=4.00" in line and "realized=3.00" in line and "width_switches=5" in line
-    assert "errors=0" in line
+    assert "errors=0" in line and "widths=" not in line
+    assert format_stats(stats, 5, {8: 3, 2: 1}).endswith(" widths=2:1,8:3")
     assert EvictMetrics(policy, log_interval=0, log_fn=lines.append).log_interval == 0
 
 

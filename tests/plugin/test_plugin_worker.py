@@ -120,6 +120,7 @@ def make_draft_worker(monkeypatch, rec, policy, n=8, topk=4, steps=3):
     dw.truncation_policy = policy
     dw.width_agreement = None
     dw.last_decision = None
+    dw.width_counts = {}
 
     def use_width(m):
         rec.events.append(("use", m))
@@ -214,6 +215,7 @@ def test_consecutive_steps_at_one_width_leave_that_width_for_draft_extend(monkey
         seen.append((dw.last_decision.width, dw.speculative_num_draft_tokens, w.speculative_num_draft_tokens))
     m = seen[0][0]
     assert m < 8 and seen == [(m, m, m)] * 4
+    assert dw.width_counts == {m: 4}  # what the metrics line reports
     assert rec.events.count(("swap", m)) == 1  # the state is swapped once, the width set every step
 
 
