@@ -44,6 +44,9 @@ __all__ = [
     "extend_attention_cpu",
     "rotate_input_ids_cpu",
     "murmur_hash32_cpu",
+    "tree_speculative_sampling_target_only",
+    "top_k_renorm_prob",
+    "top_p_renorm_prob",
 ]
 
 FULL_MASK = 0
@@ -478,6 +481,123 @@ def verify_tree_greedy_cpu(
                 break
         accept_token_num[b] = accepted
         pred[last] = target[last]
+
+
+def tree_speculative_sampling_target_only(
+    predicts: torch.Tensor,
+    accept_index: torch.Tensor,
+    accept_token_num: torch.Tensor,
+    candidates: torch.Tensor,
+    retrive_index: torch.Tensor,
+    retrive_next_token: torch.Tensor,
+    retrive_next_sibling: torch.Tensor,
+    uniform_samples: torch.Tensor,
+    uniform_samples_for_final_sampling: torch.Tensor,
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    threshold_single: float = 1.0,
+    threshold_acc: float = 1.0,
+    deterministic: bool = True,
+) -> None:
+    """Sampling tree verification (SpecInfer-style, target probabilities only).
+
+    Copies the CUDA kernel ``TreeSpeculativeSamplingTargetOnly``
+    (``kernels/jit/include/sgl_kernel/speculative/sampling.cuh``) that SGLang's
+    ``eagle_utils.eagle_sample`` calls for sampled requests on a GPU; SGLang has no CPU version
+    (on CPU it verifies greedily), so the shim installs this one into ``eagle_utils`` when asked
+    (``CPU_SERVER_SAMPLING_VERIFY=1``). Per request, level by level: walk the children of the
+    last accepted node in sibling order, adding each child's target probability to a running sum;
+    accept the first child whose sum exceeds the level's coin (``uniform_samples`` at the parent's
+    slot; divided by ``threshold_acc``, or any child with probability >= ``threshold_single``),
+    and record each rejected child's probability in ``draft_probs`` so the residual excludes it.
+    The bonus token is drawn with ``uniform_samples_for_final_sampling`` from
+    ``relu(target - draft)`` at the last accepted node (plain ``target`` when every level was
+    accepted), by inverse CDF over the positive entries. ``draft_probs`` is scratch, as on the GPU.
+    """
+    bs, n = candidates.shape
+    steps = accept_index.shape[1]
+    vocab = target_probs.shape[-1]
+    probs = target_probs.reshape(bs * n, vocab)
+    drafts = draft_probs.reshape(bs * n, vocab)
+    cand = candidates.tolist()
+    ridx = retrive_index.tolist()
+    rnext = retrive_next_token.tolist()
+    rsib = retrive_next_sibling.tolist()
+    coins = uniform_samples.reshape(bs, n).tolist()
+    final_coins = uniform_samples_for_final_sampling.reshape(-1).tolist()
+    pred = predicts.view(-1)
+    for b in range(bs):
+        acc = 0.0
+        row = b * n  # probability row of the last accepted node (bx * n + cur_index)
+        coin = coins[b][0]
+        last = ridx[b][0]
+        accept_index[b, 0] = last
+        accepted = 0
+        cur = 0
+        for _ in range(1, steps):
+            cur = rnext[b][cur]
+            while cur != -1:
+                token = cand[b][cur]
+                p = float(probs[row, token])
+                acc += p
+                if p > 0 and (coin < acc / threshold_acc or p >= threshold_single):
+                    acc = 0.0
+                    row = b * n + cur
+                    coin = coins[b][cur]
+                    pred[last] = token
+                    accepted += 1
+                    accept_index[b, accepted] = ridx[b][cur]
+                    last = ridx[b][cur]
+                    break
+                drafts[row, token] = probs[row, token]
+                cur = rsib[b][cur]
+            if cur == -1:
+                break
+        accept_token_num[b] = accepted
+        q = probs[row].to(torch.float32)
+        residual = q if accepted == steps - 1 else torch.clamp(q - drafts[row].to(torch.float32), min=0)
+        u = final_coins[b] * float(residual.sum())
+        cdf = torch.cumsum(residual, dim=0)
+        hit = torch.nonzero((cdf > u) & (residual > 0))
+        if hit.numel():
+            token = int(hit[0, 0])
+        else:
+            valid = torch.nonzero(residual > 0)
+            token = int(valid[-1, 0]) if valid.numel() else vocab - 1
+        pred[last] = token
+
+
+def _renorm_from_pivots(probs: torch.Tensor, pivots: torch.Tensor) -> torch.Tensor:
+    kept = torch.where(probs >= pivots.unsqueeze(1), probs, torch.zeros_like(probs))
+    return kept / kept.sum(dim=1, keepdim=True)
+
+
+def top_k_renorm_prob(probs: torch.Tensor, top_k: torch.Tensor | int) -> torch.Tensor:
+    """Keep each row's ``top_k`` largest probabilities (and ties at the pivot), renormalized.
+
+    Copies ``kernels/ops/sampling/renorm_triton.py::top_k_renorm_probs_triton`` (FlashInfer's
+    semantics), which SGLang's sampling verify calls; on CPU SGLang resolves it to None.
+    """
+    p = probs.float()
+    ks = torch.as_tensor(top_k, dtype=torch.int64).reshape(-1).expand(p.shape[0])
+    ordered = torch.sort(p, dim=-1, descending=True).values
+    pivots = ordered.gather(1, (ks - 1).clamp(0, p.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    return _renorm_from_pivots(p, pivots)
+
+
+def top_p_renorm_prob(probs: torch.Tensor, top_p: torch.Tensor | float) -> torch.Tensor:
+    """Drop each row's least likely tokens whose total mass is below ``1 - top_p``, renormalized.
+
+    Copies ``kernels/ops/sampling/renorm_triton.py::top_p_renorm_probs_triton`` (FlashInfer's
+    semantics: ties at the pivot are kept); on CPU SGLang resolves it to None.
+    """
+    p = probs.float()
+    ps = torch.as_tensor(top_p, dtype=torch.float32).reshape(-1).expand(p.shape[0])
+    ordered = torch.sort(p, dim=-1).values
+    cdf = torch.cumsum(ordered, dim=-1)
+    cut = torch.searchsorted(cdf, (1.0 - ps).unsqueeze(1).contiguous(), right=False).squeeze(1)
+    pivots = ordered.gather(1, cut.clamp(max=p.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    return _renorm_from_pivots(p, pivots)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ in every process it spawns, and only the environment reaches all of them:
   last-resort ``import common_ops`` with ``evict.testing.cpu_ops`` and whose ``sitecustomize.py``
   keeps ``--attention-backend intel_amx`` from being swapped for ``torch_native`` (which has no
   multi-step draft backend) on CPUs without AMX;
-* ``TORCHDYNAMO_DISABLE=1`` (unless already set): same output, starts about 5 s sooner.
+* ``TORCHDYNAMO_DISABLE=1`` (unless already set): same output, starts about 5 s sooner;
+* ``CPU_SERVER_SAMPLING_VERIFY=1`` (unless already set; ``0`` restores SGLang's CPU behaviour):
+  sampled requests are verified by SGLang's tree rejection sampling (a torch port of the CUDA
+  kernel), as on a GPU, instead of greedily as SGLang does on CPU.
 
 The CPU flags ``--device cpu --attention-backend intel_amx --disable-cuda-graph
 --max-total-tokens 65536`` are added unless the arguments already set them, and
@@ -66,6 +69,7 @@ def cpu_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env["SGLANG_USE_CPU_ENGINE"] = "1"
     env.setdefault("TORCHDYNAMO_DISABLE", "1")
+    env.setdefault("CPU_SERVER_SAMPLING_VERIFY", "1")
     parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(SHIM_DIR)]
     env["PYTHONPATH"] = os.pathsep.join([str(SHIM_DIR), *parts])
     return env

@@ -19,7 +19,7 @@ pytest.importorskip("sglang")
 
 import torch  # noqa: E402
 from sglang.kernels.ops.kvcache import cache_move  # noqa: E402
-from sglang.kernels.ops.sampling import murmur_hash  # noqa: E402
+from sglang.kernels.ops.sampling import murmur_hash, renorm_triton  # noqa: E402
 from sglang.kernels.ops.speculative import cache_locs, eagle, multi_layer_eagle, spec_tree  # noqa: E402
 from sglang.srt.mem_cache import allocation  # noqa: E402
 from sglang.srt.speculative import spec_utils  # noqa: E402
@@ -310,6 +310,58 @@ def test_murmur_hash_equals_sglang_triton_kernel():
     assert len(set(got.to(torch.int64).flatten().tolist())) > 1490  # it is a hash: no structure
 
 
+def test_top_k_top_p_renorm_equal_sglang_triton_versions(monkeypatch):
+    """SGLang's Triton versions (HIP) refuse CPU tensors up front; past that check they run on CPU."""
+    monkeypatch.setattr(renorm_triton, "_prepare_probs", lambda p: p.float().contiguous())
+    g = torch.Generator().manual_seed(6)
+    probs = torch.softmax(torch.randn(5, 40, generator=g) * 2, dim=-1)
+    probs[1, :10] = probs[1, 0]  # ties at the pivot are kept
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    ks = torch.tensor([1, 5, 40, 3, 12])
+    ps = torch.tensor([0.9, 0.5, 1.0, 0.05, 0.99])
+    torch.testing.assert_close(
+        cpu_ops.top_k_renorm_prob(probs, ks), renorm_triton.top_k_renorm_probs_triton(probs, ks)
+    )
+    torch.testing.assert_close(
+        cpu_ops.top_p_renorm_prob(probs, ps), renorm_triton.top_p_renorm_probs_triton(probs, ps)
+    )
+    assert int((cpu_ops.top_k_renorm_prob(probs, ks)[0] > 0).sum()) == 1
+
+
+def test_tree_sampling_emits_the_target_distribution():
+    """Lossless: whatever the tree, the first emitted token follows the target's root distribution,
+    and after accepting a child, the next token follows the target at that child (Monte Carlo)."""
+    g = torch.Generator().manual_seed(7)
+    rows, n, vocab = 6000, 5, 6
+    # root -> (node 1: token 2, node 2: token 4); node 1 -> node 3 (token 1); node 2 -> node 4 (token 1)
+    nxt = torch.tensor([1, 3, 4, -1, -1]).repeat(rows, 1)
+    sib = torch.tensor([-1, 2, -1, -1, -1]).repeat(rows, 1)
+    ridx = torch.arange(rows * n).view(rows, n)
+    cand = torch.tensor([0, 2, 4, 1, 1]).repeat(rows, 1)
+    target = torch.softmax(torch.randn(n, vocab, generator=g), dim=-1)
+    target_probs = target.repeat(rows, 1, 1)
+    predicts = torch.full((rows * n,), -1, dtype=torch.int32)
+    accept_index = torch.full((rows, 3), -1, dtype=torch.int32)
+    accepted = torch.zeros(rows, dtype=torch.int32)
+    cpu_ops.tree_speculative_sampling_target_only(
+        predicts, accept_index, accepted, cand, ridx, nxt, sib,
+        torch.rand(rows, n, generator=g), torch.rand(rows, generator=g),
+        target_probs, torch.zeros_like(target_probs),
+    )  # fmt: skip
+    first = predicts.view(rows, n)[:, 0].long()
+    freq = torch.bincount(first, minlength=vocab).double() / rows
+    assert float((freq - target[0].double()).abs().sum()) / 2 < 0.03, (freq, target[0])
+    # a child token is emitted exactly when that child was accepted
+    assert torch.equal(first == 2, accept_index[:, 1] == ridx[:, 1])
+    after = predicts.view(rows, n)[first == 2, 1].long()  # the token emitted at node 1
+    freq = torch.bincount(after, minlength=vocab).double() / after.numel()
+    assert after.numel() > 300 and float((freq - target[1].double()).abs().sum()) / 2 < 0.08, (
+        freq,
+        target[1],
+    )
+    assert int(accepted.max()) == 2 and int(accepted.min()) == 0
+
+
 def reference_attention(q, k, v, visible, scale):
     """Plain softmax attention, q [Lq, H, D], k/v [Lk, Hkv, D], visible [Lq, Lk]."""
     group = q.shape[1] // k.shape[1]
@@ -429,6 +481,11 @@ def test_shim_loads_sgl_kernel_and_keeps_intel_amx_on_a_cpu_without_amx():
         "f = o._attention_backend_platform_fallbacks\n"
         "assert f in o.POST_PROCESS_PASSES, 'patched pass not in the pass list'\n"
         "print(f(NS(attention_backend='intel_amx', device='cpu')))\n"
+        "from sglang.srt.speculative import eagle_utils as e\n"
+        "from evict.testing.cpu_ops import tree_speculative_sampling_target_only as t\n"
+        "assert e.tree_speculative_sampling_target_only is t\n"
+        "kw = dict(is_all_greedy=False, is_cpu=True, is_hip=False, is_xpu=False, use_rejection_sampling=False)\n"
+        "assert not e._verify_uses_greedy(**kw), 'sampled requests still verified greedily'\n"
         "from evict.testing.cpu_ops import OPERATORS\n"
         "print(sorted(common_ops.REGISTERED) == sorted(OPERATORS) and all(hasattr(torch.ops.sgl_kernel, n) for n in OPERATORS))\n"
     )

@@ -15,6 +15,11 @@ It installs an import hook (nothing is imported eagerly) that, once SGLang's mod
 * ``sglang.srt.model_executor.model_runner``: skips ``maybe_enable_batch_invariant_mode`` on CPU,
   where SGLang has no batch-invariant kernels to register (it raises); deterministic inference
   then means per-request seeded sampling, without batch invariance.
+* ``sglang.srt.speculative.eagle_utils`` (only with ``CPU_SERVER_SAMPLING_VERIFY=1``, which the
+  launcher sets unless told otherwise): lifts the ``is_cpu`` term of ``_verify_uses_greedy`` and
+  installs ``evict.testing.cpu_ops``' ports of ``tree_speculative_sampling_target_only`` and the
+  top-k / top-p renormalizations (None on CPU), so sampled requests are verified by rejection
+  sampling over the tree, as on a GPU, instead of greedily.
 
 A previously installed ``sitecustomize`` (shadowed by this one) is not chained; the launcher's
 environment is meant for the server only.
@@ -73,10 +78,37 @@ def _patch_model_runner(module) -> None:
     runner.maybe_enable_batch_invariant_mode = maybe_enable_batch_invariant_mode
 
 
+def _patch_eagle_utils(module) -> None:
+    from evict.testing import cpu_ops
+
+    original = getattr(module, "_verify_uses_greedy", None)
+    if original is None or not hasattr(module, "tree_speculative_sampling_target_only"):
+        raise RuntimeError(
+            "evict.testing shim: sglang.srt.speculative.eagle_utils has no _verify_uses_greedy / "
+            "tree_speculative_sampling_target_only; this shim targets sglang 0.5.23"
+        )
+
+    def _verify_uses_greedy(*, is_all_greedy, is_cpu, is_hip, is_xpu, use_rejection_sampling):
+        return original(
+            is_all_greedy=is_all_greedy,
+            is_cpu=False,  # sampled requests take the sampling verify path, as on a GPU
+            is_hip=is_hip,
+            is_xpu=is_xpu,
+            use_rejection_sampling=use_rejection_sampling,
+        )
+
+    module._verify_uses_greedy = _verify_uses_greedy
+    module.tree_speculative_sampling_target_only = cpu_ops.tree_speculative_sampling_target_only
+    module.top_k_renorm_prob = cpu_ops.top_k_renorm_prob
+    module.top_p_renorm_prob = cpu_ops.top_p_renorm_prob
+
+
 _PATCHES = {
     "sglang.srt.arg_groups.overrides": _patch_overrides,
     "sglang.srt.model_executor.model_runner": _patch_model_runner,
 }
+if os.environ.get("CPU_SERVER_SAMPLING_VERIFY", "0") == "1":
+    _PATCHES["sglang.srt.speculative.eagle_utils"] = _patch_eagle_utils
 
 
 class _PatchingLoader(importlib.abc.Loader):
