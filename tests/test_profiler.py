@@ -69,12 +69,17 @@ def run_cli(argv: list[str]) -> int:
 
 
 def cli_error(argv: list[str]) -> str:
-    """Run the CLI expecting a clean SystemExit with a message; return the message."""
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    code = exc.value.code
-    assert isinstance(code, str), f"expected an error message, got exit code {code!r}"
-    return code
+    """Run the CLI expecting one clean error line and exit status 2; return the line."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    text = err.getvalue().strip()
+    assert code == 2, f"expected exit status 2, got {code!r} ({text})"
+    assert text.startswith("evict-profile: error: ") and "\n" not in text and "Traceback" not in text
+    return text
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -413,6 +418,65 @@ def test_check_mode_reports_drift_and_exit_codes(tiny_model, tmp_path, capsys):
     other.write_text(json.dumps(d))
     msg = cli_error(["--check", str(other), "--model", str(tiny_model), "--impl", "hf", "--quiet"])
     assert "metadata.device" in msg and "H100" in msg
+
+
+def _table_for_this_machine(model: Path, median: list[list[float]]) -> dict:
+    from evict.profiler.table import checkpoint_config_hash
+    from evict.profiler.torch_backend import device_name
+
+    return {
+        "schema_version": 1,
+        "metadata": {
+            "model_id": "tiny",
+            "model_config_hash": checkpoint_config_hash(model),
+            "device": device_name(torch.device("cpu")),
+            "dtype": "float32",
+            "tp_size": 1,
+            "context_len": 16,
+            "repeats": 2,
+        },
+        "batch_sizes": [1, 4],
+        "widths": [1, 2, 8],
+        "latency_ms": {"median": median, "p10": median, "p90": median},
+    }
+
+
+@pytest.mark.parametrize("off", [None, (4, 2), (1, 8)])
+def test_check_compares_each_point_with_its_own_table_entry(tiny_model, tmp_path, monkeypatch, capsys, off):
+    """--check reads table[bs][width] for every re-measured point (not one fixed cell): a machine that
+    measures exactly the table passes, and a drift at one point flags that point and only it."""
+    median = [[10.0, 13.0, 31.0], [20.0, 27.0, 70.0]]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(_table_for_this_machine(tiny_model, median)))
+    measured: list[list[tuple[int, int]]] = []
+
+    def fake_measure(args, points=None):
+        measured.append(list(points))
+        bss, ws = [1, 4], [1, 2, 8]
+        now = {(b, w): median[bss.index(b)][ws.index(w)] for b in bss for w in ws}
+        if off is not None:
+            now[off] *= 2.0
+
+        class Result:
+            def point(self, bs, w):
+                return type("P", (), {"median_ms": now[(bs, w)]})()
+
+        return Result()
+
+    monkeypatch.setattr(cli, "_measure", fake_measure)
+    code = run_cli(["--check", str(path), "--model", str(tiny_model), "--check-points", "4", "--quiet"])
+    out = capsys.readouterr().out
+    assert measured == [[(1, 1), (4, 8), (1, 8), (4, 2)]]
+    rows = {tuple(map(int, ln.split()[:2])): ln for ln in out.splitlines()[1:-1]}
+    assert set(rows) == {(1, 1), (4, 8), (1, 8), (4, 2)}
+    for (b, w), line in rows.items():
+        table_ms = float(line.split()[2])
+        assert table_ms == pytest.approx(median[[1, 4].index(b)][[1, 2, 8].index(w)], abs=1e-3)
+        assert ("DRIFT" in line) == ((b, w) == off)
+    if off is None:
+        assert code == 0 and "max relative error 0.0%" in out and out.rstrip().endswith("OK")
+    else:
+        assert code == 1 and "max relative error 100.0%" in out and "FAILED" in out
 
 
 def test_check_refuses_table_of_another_model(tiny_model, tmp_path):

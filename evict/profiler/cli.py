@@ -8,7 +8,8 @@ the plugin, the reference engine and the benchmark load (schema in :mod:`evict.p
                   [--widths 1,2,4,8,16,32,64] [--context-len 256] [--repeats 10] [--out FILE]
     evict-profile --check TABLE --model PATH [--tolerance 0.25]
 
-All argument problems end in ``SystemExit`` with a one-line message (no traceback).
+Every argument and path is checked before a model loads; an expected problem prints one
+``evict-profile: error: ...`` line (exit 2), Ctrl-C one line (exit 130), never a traceback.
 
 An SGLang server needs no table from here: without ``EVICT_COST_TABLE`` it calibrates its own at
 start-up from its captured graphs (:mod:`evict.plugin.calibration`). ``--backend sglang`` is
@@ -167,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-points", type=int, default=4, help="--check: number of grid points to re-measure (default 4)"
     )
     p.add_argument(
-        "--allow-mismatch", action="store_true", help="--check: warn instead of failing on metadata mismatch"
+        "--allow-table-mismatch",
+        "--allow-mismatch",
+        dest="allow_mismatch",
+        action="store_true",
+        help="--check: warn instead of failing on metadata mismatch (the flag evict generate and evict-bench use)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -217,6 +222,33 @@ def _validate(args: argparse.Namespace) -> None:
             "--tp-size > 1: the torch backend runs on one device; a TP server calibrates its own table "
             "at start-up (leave EVICT_COST_TABLE unset)"
         )
+    _validate_files(args)
+
+
+def _validate_files(args: argparse.Namespace) -> None:
+    """Every path is checked before a model loads: a bad ``--out`` used to surface after profiling."""
+    from evict.boundary import BoundaryError, check_input_file, check_output_file  # noqa: PLC0415
+
+    if args.replot is not None and args.check is not None:
+        raise _fail("--replot and --check do different jobs; give one of them")
+    if args.no_plot and args.plot is not None:
+        raise _fail("--plot and --no-plot contradict each other; drop one")
+    if args.check is not None and args.no_plot is False and args.plot is not None:
+        raise _fail("--check writes no plot; drop --plot (or use --replot TABLE)")
+    try:
+        if args.replot is not None:
+            check_input_file(args.replot, "--replot", "cost table JSON")
+        if args.check is not None:
+            check_input_file(args.check, "--check", "cost table JSON")
+        if args.check is None and args.replot is None:
+            check_output_file(args.out, "--out", "cost_table.json")
+        if args.check is None and not args.no_plot:
+            png = args.plot or (args.replot or args.out).with_suffix(".png")
+            check_output_file(png, "--plot", "cost_table.png")
+            if png.resolve() == (args.replot or args.out).resolve():
+                raise BoundaryError(f"--plot {png} is the table itself; give a .png path")
+    except BoundaryError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _default_device_dtype(args: argparse.Namespace) -> None:
@@ -334,7 +366,28 @@ def _run_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point of ``evict-profile``; returns the exit code."""
+    """Console entry point of ``evict-profile``; returns the exit code.
+
+    An expected error prints one ``evict-profile: error: ...`` line and returns 2; Ctrl-C prints one
+    line and returns 130 (a table is saved atomically, so an interrupt leaves the previous one).
+    """
+    from evict.boundary import EXIT_BAD_INPUT, run_console  # noqa: PLC0415
+
+    def run() -> int:
+        try:
+            return _main(argv)
+        except SystemExit as exc:
+            if isinstance(exc.code, str):  # one of ours (_fail): print it, status 2 like argparse
+                print(exc.code, file=sys.stderr)
+                return EXIT_BAD_INPUT
+            raise
+
+    return run_console(
+        "evict-profile", run, on_interrupt="nothing was written (a previous table is unchanged)"
+    )
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _validate(args)
 

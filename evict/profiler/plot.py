@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from evict.boundary import current_umask
 from evict.profiler.experts import uniform_union
 from evict.profiler.table import CostTable
 
@@ -74,6 +75,13 @@ def plot_table(table: CostTable, out: str | os.PathLike[str]) -> Path:
             a.set_xticklabels([str(w) for w in table.widths], fontsize=7)
             a.minorticks_off()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    # a temporary sibling renamed into place: an interrupt never leaves a half-written PNG
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out

@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from evict.boundary import current_umask
+
 __all__ = [
     "SCHEMA_VERSION",
     "CostTable",
@@ -208,13 +210,6 @@ def resolve_widths(
                 "the measured range"
             )
     return out
-
-
-def current_umask() -> int:
-    """The process's file-creation mask (read by setting and restoring it; there is no getter)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _is_int(v: Any) -> bool:
