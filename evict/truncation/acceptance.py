@@ -9,7 +9,7 @@ the product of calibrated conditionals along its path.  Because each calibrated 
 ``(0, 1]``, the calibrated path probability never grows from parent to child, so the top-(m-1) set
 stays ancestor-closed and :mod:`evict.truncation.rule` is used unchanged.
 
-Model (chosen for being exact, deterministic and O(1) per node; see docs/truncation_bench.md for the
+Model (chosen for being exact, deterministic and O(1) per node; see docs/benchmark.md for the
 measurement): two levels of binned *calibration ratios*, each a Gamma-prior rate estimate
 
     p_coarse = q * (A_c + s) / (E_c + s)         cell c = (depth, bin of q)
