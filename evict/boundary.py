@@ -11,6 +11,7 @@ new run never mixes its files with an older run's.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -18,6 +19,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -30,6 +32,7 @@ __all__ = [
     "current_umask",
     "write_folder_atomically",
     "run_console",
+    "OneLineArgumentParser",
 ]
 
 EXIT_BAD_INPUT = 2  # argparse's own status for usage errors
@@ -164,3 +167,14 @@ def run_console(prog: str, main: Callable[[], int], on_interrupt: str = "") -> i
     except BoundaryError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (problem, then where to look), exit 2.
+
+    argparse prints the whole usage block before the error; in a long command line the one line
+    that matters scrolls out of sight, and every other error of these tools is one line.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -239,18 +239,25 @@ class FakeEngine:
 
 
 class FakeTable:
+    """T(bs, w) = factor * (bs + 0.1 w) + shift. ``scaled`` / ``shifted`` return *new* tables, as
+    CostTable's do, so a bench that ignores them (ablating with the main table) is caught."""
+
     widths = [1, 2, 4, 8]
     batch_sizes = [1, 4]
     median = [[1.0, 1.1, 1.3, 2.0], [2.0, 2.2, 2.6, 4.0]]
 
+    def __init__(self, factor=1.0, shift=0.0):
+        self.factor, self.shift = factor, shift
+
     def step_cost(self, bs, widths):
-        return torch.tensor([1.0 + 0.1 * float(w) for w in torch.as_tensor(widths).tolist()])
+        ws = torch.as_tensor(widths).tolist()
+        return torch.tensor([self.factor * (float(bs) + 0.1 * float(w)) + self.shift for w in ws])
 
     def scaled(self, f):
-        return self
+        return FakeTable(self.factor * f, self.shift * f)
 
     def shifted(self, ms):
-        return self
+        return FakeTable(self.factor, self.shift + ms)
 
 
 def _fake_bench(wrong_mode=None):
@@ -321,6 +328,14 @@ def test_full_run_ablates_the_other_decision_mode():
         assert err is None
         assert policies["evict"].mode == decision and policies[f"evict[decision:{other}]"].mode == other
         assert policies["evict[shifted:+]"].mode == decision  # cost ablations keep the run's decision
+        # each cost ablation decides from its own variant of the table, never the main one
+        main = policies["evict"].step_cost(1)
+        assert torch.allclose(main, torch.tensor([1.1, 1.2, 1.4, 1.8]))  # widths 1, 2, 4, 8 at bs 1
+        assert torch.allclose(policies["evict[scaled:2]"].step_cost(1), 2 * main)
+        assert torch.allclose(policies["evict[shifted:+]"].step_cost(1), main + 0.5)  # half the smallest
+        assert torch.allclose(policies["evict[shifted:-]"].step_cost(1), main - 0.5)
+        assert torch.allclose(policies["evict[other-bs]"].step_cost(1), main + 3.0)  # bs 4's row
+        assert torch.equal(policies[f"evict[decision:{other}]"].step_cost(1), main)
         rows = {r["mode"]: r for r in summarize(data)["batch_sizes"]["1"]["rows"]}
         assert rows[f"evict[decision:{other}]"]["decision"] == other
         data.meta["decision"] = decision

@@ -26,6 +26,15 @@ from typing import Any
 
 import torch
 
+from evict.boundary import (
+    BoundaryError,
+    OneLineArgumentParser,
+    check_input_file,
+    check_output_dir,
+    check_unique,
+    run_console,
+    write_folder_atomically,
+)
 from evict.paths import PACKAGE_DIR
 from evict.truncation.policy import BACKENDS, DECISIONS
 
@@ -59,7 +68,7 @@ def _tree_arg(text: str) -> tuple[int, int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="evict-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
@@ -199,26 +208,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _default(value: Any, default: Any) -> Any:
+    """``default`` only when the option was not given: an explicit 0 is checked, never replaced."""
+    return default if value is None else value
+
+
 def _defaults(args: argparse.Namespace) -> argparse.Namespace:
     q = args.quick
-    args.batch_sizes = args.batch_sizes or ([1, 4] if q else [1, 4, 16])
-    args.seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])
-    args.num_prompts = args.num_prompts or (2 if q else 8)
+    args.batch_sizes = _default(args.batch_sizes, [1, 4] if q else [1, 4, 16])
+    args.seeds = _default(args.seeds, [0] if q else [0, 1, 2])
+    args.num_prompts = _default(args.num_prompts, 2 if q else 8)
     args.ood_prompts = args.num_prompts if args.ood_prompts is None else args.ood_prompts
     if args.ood_prompts < 0:
         raise ValueError("--ood-prompts must be >= 0")
-    args.prompt_tokens = args.prompt_tokens or (48 if q else 64)
-    args.max_new_tokens = args.max_new_tokens or (32 if q else 64)
-    args.chain_steps = args.chain_steps or (3 if q else 5)
+    args.prompt_tokens = _default(args.prompt_tokens, 48 if q else 64)
+    args.max_new_tokens = _default(args.max_new_tokens, 32 if q else 64)
+    args.chain_steps = _default(args.chain_steps, 3 if q else 5)
     if args.chain_steps < 1:
         raise ValueError("--chain-steps must be >= 1")
+    if args.prompt_tokens < 1:
+        raise ValueError(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
     if args.static_trees is None:
         args.static_trees = [SGLANG_LLAMA_DEFAULT] if q else [SGLANG_LLAMA_DEFAULT, (6, 8, 32)]
     for name in ("batch_sizes", "seeds"):
         if not getattr(args, name):
             raise ValueError(f"--{name.replace('_', '-')} needs at least one value")
     if min(args.batch_sizes) < 1 or args.num_prompts < 1 or args.max_new_tokens < 1:
-        raise ValueError("batch sizes, --num-prompts and --max-new-tokens must be >= 1")
+        raise ValueError(
+            f"batch sizes, --num-prompts and --max-new-tokens must be >= 1, got {args.batch_sizes}, "
+            f"{args.num_prompts}, {args.max_new_tokens}"
+        )
+    # a repeated seed would merge two repeats into one measurement but report two; a repeated
+    # batch size would run (and report) the same rows twice
+    check_unique(args.seeds, "--seeds")
+    check_unique(args.batch_sizes, "--batch-sizes")
     n = 2 * args.num_prompts + 2 * args.ood_prompts
     if max(args.batch_sizes) > n:
         raise ValueError(
@@ -230,7 +253,60 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--max-batches must be >= 0 (0 = all prompt batches)")
     if args.moe_spec_budget < 0:
         raise ValueError("--moe-spec-budget must be >= 1 experts (0 = off)")
+    if args.moe_spec_tree is not None and not args.moe_spec_budget:
+        raise ValueError("--moe-spec-tree has no effect without --moe-spec-budget B; add it or drop the tree")
+    if args.no_sweep and args.sweep_grid is not None:
+        raise ValueError("--sweep-grid and --no-sweep contradict each other; drop one")
+    if args.acceptance_prior is not None and args.acceptance == "raw":
+        raise ValueError(
+            "--acceptance-prior warms the calibrated estimator; use --acceptance calibrated or both"
+        )
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
+    if args.nice < 0:
+        raise ValueError(f"--nice {args.nice}: lowering the niceness needs root; give 0 or more")
+    if args.out is None:  # never overwrite the committed docs/results by accident
+        args.out = Path("runs/bench-quick" if args.quick else "runs/bench")
     return args
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Every file and limit checked before the models load (a bad --out used to fail after the run)."""
+    check_output_dir(args.out, "--out", "results.json")
+    if args.cost_table is not None:
+        check_input_file(args.cost_table, "--cost-table", "cost table JSON")
+    for p in args.extra_cost_table:
+        check_input_file(p, "--extra-cost-table", "cost table JSON")
+    if args.acceptance_prior is not None:
+        check_input_file(args.acceptance_prior, "--acceptance-prior", "acceptance prior JSON")
+    device = str(args.device)
+    if not (device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:")):
+        raise BoundaryError(f"--device {device!r} is not supported; use cpu, cuda[:N] or auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BoundaryError(f"--device {device}: torch sees no CUDA device; use --device cpu (or auto)")
+    from evict.models import TESTBED_DIR  # noqa: PLC0415 (light: a path)
+
+    tb = Path(args.testbed or TESTBED_DIR)
+    for sub in ("target", "drafter"):
+        if not (tb / sub / "config.json").is_file():
+            raise BoundaryError(
+                f"--testbed {tb}: {tb / sub}/config.json not found; give a folder with target/ and drafter/ "
+                "checkpoints (default: the shipped evict/testbed)"
+            )
+    try:
+        cfg = json.loads((tb / "target" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BoundaryError(f"--testbed {tb}: target/config.json is not valid JSON ({exc})") from None
+    max_pos = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+    trees = [t for t in (args.evict_tree, args.moe_spec_tree, *args.static_trees) if t]
+    widest = max([t[2] for t in trees] + [num_candidates(5, 4) + 1])
+    need = args.prompt_tokens + args.max_new_tokens + widest
+    if isinstance(max_pos, int) and need > max_pos:
+        raise BoundaryError(
+            f"--prompt-tokens {args.prompt_tokens} + --max-new-tokens {args.max_new_tokens} + a draft tree of "
+            f"{widest} tokens = {need} positions, beyond the target's max_position_embeddings {max_pos}; "
+            "lower --max-new-tokens or --prompt-tokens"
+        )
 
 
 def build_modes(
@@ -522,11 +598,22 @@ def _other_device_tables(table: Any, path: Path, log=print) -> list[Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Console entry point; exit 0, 2 on bad input (one line), 3 on a lossless failure, 130 on Ctrl-C.
+
+    The results folder is written as a unit: an interrupt leaves the previous results intact.
+    """
+    return run_console(
+        "evict-bench", lambda: _main(argv), on_interrupt="no results written (a previous --out is unchanged)"
+    )
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args = _defaults(args)
-    except ValueError as exc:
+        _check_inputs(args)
+    except ValueError as exc:  # BoundaryError is a ValueError
         parser.error(str(exc))
     if args.nice:
         os.nice(args.nice)
@@ -539,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         target, drafter, tokenizer, table, others, table_path = _load(args, device)
     except (CostTableError, ProfileError, FileNotFoundError, ValueError) as exc:
-        print(f"evict-bench: {exc}", file=sys.stderr)
+        print(f"evict-bench: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     cfg = target.config
     bench = Bench(
@@ -570,16 +657,17 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(data)
     md = render_markdown(summary)
     print(md)
-    if args.out is None:  # never overwrite the committed docs/results by accident
-        args.out = Path("runs/bench-quick" if args.quick else "runs/bench")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(md)
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    files = save_plots(summary, args.out)
-    for name, prior in data.acceptance_priors.items():  # the learned state: a warm-start prior
-        (args.out / "acceptance_prior.json").write_text(json.dumps(prior) + "\n")
-        print(f"wrote {args.out / 'acceptance_prior.json'} (learned by {name}; --acceptance-prior to reuse)")
-        break
+    # the whole folder is written aside and swapped in: never half a result, never two runs mixed
+    with write_folder_atomically(args.out) as tmp:
+        (tmp / "results.md").write_text(md)
+        (tmp / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        files = save_plots(summary, tmp)
+        for name, prior in data.acceptance_priors.items():  # the learned state: a warm-start prior
+            (tmp / "acceptance_prior.json").write_text(json.dumps(prior) + "\n")
+            print(
+                f"wrote {args.out / 'acceptance_prior.json'} (learned by {name}; --acceptance-prior to reuse)"
+            )
+            break
     print(f"wrote {args.out / 'results.md'}, results.json and {', '.join(f.name for f in files)}")
     if err:
         print("\n" + err, file=sys.stderr)
