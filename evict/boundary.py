@@ -101,11 +101,15 @@ def check_output_dir(path: Path, flag: str, marker: str) -> None:
         raise BoundaryError(f"{flag} {path}: cannot replace it in {path.parent} (permission denied)")
 
 
-def check_input_file(path: Path, flag: str, what: str) -> None:
-    """``path`` is an existing, readable file (a clear line instead of a later traceback)."""
+def check_input_file(path: Path, flag: str, what: str, make: str = "") -> None:
+    """``path`` is an existing, readable file (a clear line instead of a later traceback).
+
+    ``make`` says how to create one, for the not-found message (e.g. ``evict-profile --out FILE``).
+    """
     path = Path(path)
     if not path.exists():
-        raise BoundaryError(f"{flag} {path}: file not found; give the path of an existing {what}")
+        how = f", or make one with `{make}`" if make else ""
+        raise BoundaryError(f"{flag} {path}: file not found; give the path of an existing {what}{how}")
     if path.is_dir():
         raise BoundaryError(f"{flag} {path} is a directory; give the path of a {what} file")
     if not os.access(path, os.R_OK):

@@ -17,17 +17,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from evict.boundary import BoundaryError, OneLineArgumentParser, check_input_file, run_console
 from evict.paths import TESTBED_COST_TABLE
 
 __all__ = ["main", "build_parser"]
 
 
-class CliError(Exception):
+class CliError(BoundaryError):
     """A user-facing error: printed without a traceback, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evict", description="EVICT reference engine tools")
+    parser = OneLineArgumentParser(prog="evict", description="EVICT reference engine tools")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser(
         "generate", help="generate text with the shipped testbed pair (AR / static tree / EVICT)"
@@ -145,8 +146,6 @@ def _policy(args: argparse.Namespace):
 def _estimator(args: argparse.Namespace):
     """The acceptance estimator for ``--acceptance calibrated`` (warm from ``--acceptance-prior``), else None."""
     if args.acceptance != "calibrated":
-        if args.acceptance_prior:
-            raise CliError("--acceptance-prior needs --acceptance calibrated")
         return None
     from evict.truncation import AcceptanceEstimator
 
@@ -154,21 +153,88 @@ def _estimator(args: argparse.Namespace):
     if args.acceptance_prior:
         try:
             est.load(args.acceptance_prior)
-        except ValueError as exc:
-            raise CliError(str(exc)) from exc
+        except (ValueError, OSError) as exc:  # JSONDecodeError is a ValueError
+            raise CliError(f"--acceptance-prior {args.acceptance_prior}: {exc}") from exc
         print(f"[evict] acceptance: calibrated, warm start from {args.acceptance_prior}")
     else:
         print("[evict] acceptance: calibrated, cold start (raw scores until outcomes arrive)")
     return est
 
 
+def _max_positions() -> int | None:
+    """The target's ``max_position_embeddings`` from its config.json (no model load), if known."""
+    import json
+
+    try:
+        cfg = json.loads((_model_dirs()[0] / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, ImportError):
+        return None
+    v = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """Every argument and file checked before the models load (a bad value used to surface after)."""
+    import math
+
+    if not args.prompt:
+        raise CliError("--prompt is empty; give the text to continue")
+    for flag, v in (
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--steps", args.steps),
+        ("--topk", args.topk),
+    ):
+        if v < 1:
+            raise CliError(f"{flag} must be >= 1, got {v}")
+    k = args.topk + (args.steps - 1) * args.topk * args.topk  # draft candidates of the tree, root excluded
+    if args.mode != "ar" and not 1 <= args.num_draft_tokens <= k + 1:
+        raise CliError(
+            f"--num-draft-tokens {args.num_draft_tokens} is outside 1..{k + 1}, the tokens (root included) "
+            f"that --steps {args.steps} --topk {args.topk} can draft; lower it or grow the tree"
+        )
+    if args.mode in ("evict", "all") and args.num_draft_tokens < 2:
+        raise CliError("EVICT cuts a draft tree of at least 2 tokens; give --num-draft-tokens >= 2")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise CliError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise CliError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.cost_table is not None:
+        check_input_file(Path(args.cost_table), "--cost-table", "cost table JSON", "evict-profile --out FILE")
+    if args.acceptance_prior:
+        if args.acceptance != "calibrated":
+            raise CliError("--acceptance-prior needs --acceptance calibrated")
+        check_input_file(Path(args.acceptance_prior), "--acceptance-prior", "acceptance prior JSON")
+    dev = str(args.device)
+    if not (dev == "cpu" or dev == "cuda" or dev.startswith("cuda:")):
+        raise CliError(f"--device {dev!r} is not supported; use cpu or cuda[:N]")
+    if dev.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {dev}: torch sees no CUDA device; use --device cpu")
+    limit = _max_positions()
+    if limit is not None and args.max_new_tokens + args.num_draft_tokens >= limit:
+        raise CliError(
+            f"--max-new-tokens {args.max_new_tokens} plus a draft tree of {args.num_draft_tokens} tokens "
+            f"exceeds the target's {limit} positions; lower --max-new-tokens"
+        )
+
+
 def _generate(args: argparse.Namespace) -> int:
+    _validate(args)
     from evict.engine import SpecEngine
 
     target, drafter, tokenizer = _load_pair(args.device, args.dtype)
     prompt = _encode(tokenizer, args.prompt)
     if not prompt:
         raise CliError("the prompt encodes to no tokens; give a non-empty --prompt")
+    limit = _max_positions()
+    if limit is not None and len(prompt) + args.max_new_tokens + args.num_draft_tokens > limit:
+        raise CliError(
+            f"the prompt ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} + a draft tree of "
+            f"{args.num_draft_tokens} tokens exceed the target's {limit} positions; shorten the prompt "
+            "or lower --max-new-tokens"
+        )
     eos = None if args.ignore_eos else getattr(tokenizer, "eos_token_id", None)
     modes = ["ar", "static", "evict"] if args.mode == "all" else [args.mode]
     evict_policy = None
@@ -198,7 +264,10 @@ def _generate(args: argparse.Namespace) -> int:
             )
         except ValueError as exc:
             raise CliError(str(exc)) from exc
-        res = engine.generate([prompt], args.max_new_tokens)
+        try:
+            res = engine.generate([prompt], args.max_new_tokens)
+        except ValueError as exc:  # the engine's own input checks (e.g. token ids the model lacks)
+            raise CliError(str(exc)) from exc
         toks = res.tokens[0]
         outputs[mode] = toks
         decode_s = res.wall_s - res.prefill_s
@@ -219,14 +288,15 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    """Console entry point: 0, 1 when greedy modes disagree, 2 on bad input (one line), 130 on Ctrl-C."""
+
+    def run() -> int:
+        args = build_parser().parse_args(argv)
         if args.command == "generate":
             return _generate(args)
-    except CliError as exc:
-        print(f"evict: error: {exc}", file=sys.stderr)
-        return 2
-    return 2  # pragma: no cover - argparse enforces the subcommand
+        return 2  # pragma: no cover - argparse enforces the subcommand
+
+    return run_console("evict", run)
 
 
 if __name__ == "__main__":

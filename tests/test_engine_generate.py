@@ -117,9 +117,16 @@ def test_nan_scores_fall_back_without_crashing():
     with torch.no_grad():
         drafter.lm_head.weight[0, 0] = float("nan")  # every draft distribution becomes NaN
     policy = TruncationPolicy(STAIRCASE, widths=WIDTHS)
-    res = SpecEngine(target, drafter, mode="evict", steps=3, topk=2, policy=policy).generate(PROMPTS, 5)
-    assert all(len(t) == 5 for t in res.tokens)
-    assert sum(s.fallback for s in res.steps) > 0
+    engine = SpecEngine(target, drafter, mode="evict", steps=3, topk=2, policy=policy)
+    res = engine.generate(PROMPTS, 5)
+    # the fallback verifies the whole tree, and verification keeps the output the target's own
+    reference = SpecEngine(target, None, mode="ar").generate(PROMPTS, 5).tokens
+    assert res.tokens == reference
+    fallbacks = [s for s in res.steps if s.fallback]
+    assert fallbacks and len(fallbacks) == len(res.steps)  # every step's scores are NaN
+    assert all(s.width == engine.num_draft_tokens for s in fallbacks)
+    assert all(s.fallback == len(s.active) for s in fallbacks)  # counted once per request
+    assert policy.stats()["fallbacks"] == sum(s.fallback for s in fallbacks)
 
 
 class FakeTokenizer:
@@ -216,7 +223,7 @@ def test_cli_errors_are_clear(pair, monkeypatch, tmp_path, capsys):
     assert "none.json: file not found" in err and "evict-profile" in err
     rc = cli.main(["generate", "--prompt", "x", "--mode", "static", "--steps", "2", "--topk", "2"])
     assert rc == 2  # N = 16 > K + 1 = 7
-    assert "num_draft_tokens" in capsys.readouterr().err
+    assert "--num-draft-tokens 16 is outside 1..7" in capsys.readouterr().err
 
 
 def test_one_new_token_needs_no_decode_step(pair):

@@ -274,9 +274,9 @@ def _check_inputs(args: argparse.Namespace) -> None:
     """Every file and limit checked before the models load (a bad --out used to fail after the run)."""
     check_output_dir(args.out, "--out", "results.json")
     if args.cost_table is not None:
-        check_input_file(args.cost_table, "--cost-table", "cost table JSON")
+        check_input_file(args.cost_table, "--cost-table", "cost table JSON", "evict-profile --out FILE")
     for p in args.extra_cost_table:
-        check_input_file(p, "--extra-cost-table", "cost table JSON")
+        check_input_file(p, "--extra-cost-table", "cost table JSON", "evict-profile --out FILE")
     if args.acceptance_prior is not None:
         check_input_file(args.acceptance_prior, "--acceptance-prior", "acceptance prior JSON")
     device = str(args.device)
