@@ -481,6 +481,8 @@ def test_shim_loads_sgl_kernel_and_keeps_intel_amx_on_a_cpu_without_amx():
         "f = o._attention_backend_platform_fallbacks\n"
         "assert f in o.POST_PROCESS_PASSES, 'patched pass not in the pass list'\n"
         "print(f(NS(attention_backend='intel_amx', device='cpu')))\n"
+        "from sglang.srt.arg_groups.choices import RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND as r\n"
+        "assert 'intel_amx' in r, r\n"
         "from sglang.srt.speculative import eagle_utils as e\n"
         "from evict.testing.cpu_ops import tree_speculative_sampling_target_only as t\n"
         "assert e.tree_speculative_sampling_target_only is t\n"

@@ -12,6 +12,10 @@ It installs an import hook (nothing is imported eagerly) that, once SGLang's mod
   has no multi-step draft backend, so EAGLE cannot run on it. Likewise lets
   ``_deterministic_attention_backend`` accept intel_amx, so ``--enable-deterministic-inference``
   (which per-request ``seed`` needs) runs on CPU.
+* ``sglang.srt.arg_groups.choices``: lists intel_amx among the backends whose deterministic
+  inference keeps the radix cache (SGLang otherwise turns the cache off), so the servers under
+  test share prefixes as default servers do. The stand-in attention reads a cached prefix exactly
+  as it reads a freshly computed one.
 * ``sglang.srt.model_executor.model_runner``: skips ``maybe_enable_batch_invariant_mode`` on CPU,
   where SGLang has no batch-invariant kernels to register (it raises); deterministic inference
   then means per-request seeded sampling, without batch invariance.
@@ -61,6 +65,17 @@ def _patch_overrides(module) -> None:
     _keep_intel_amx(module, "_deterministic_attention_backend")
 
 
+def _patch_choices(module) -> None:
+    radix_ok = getattr(module, "RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND", None)
+    if not isinstance(radix_ok, list):
+        raise RuntimeError(
+            "evict.testing shim: sglang.srt.arg_groups.choices has no "
+            "RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND list; this shim targets sglang 0.5.23"
+        )
+    if "intel_amx" not in radix_ok:
+        radix_ok.append("intel_amx")  # the same list object every importer holds
+
+
 def _patch_model_runner(module) -> None:
     runner = getattr(module, "ModelRunner", None)
     original = getattr(runner, "maybe_enable_batch_invariant_mode", None)
@@ -104,6 +119,7 @@ def _patch_eagle_utils(module) -> None:
 
 
 _PATCHES = {
+    "sglang.srt.arg_groups.choices": _patch_choices,
     "sglang.srt.arg_groups.overrides": _patch_overrides,
     "sglang.srt.model_executor.model_runner": _patch_model_runner,
 }
