@@ -279,6 +279,17 @@ def _check_inputs(args: argparse.Namespace) -> None:
         check_input_file(p, "--extra-cost-table", "cost table JSON", "evict-profile --out FILE")
     if args.acceptance_prior is not None:
         check_input_file(args.acceptance_prior, "--acceptance-prior", "acceptance prior JSON")
+        try:  # read when the calibrated engine is built, mid-run: a broken file must fail now
+            prior = json.loads(args.acceptance_prior.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BoundaryError(
+                f"--acceptance-prior {args.acceptance_prior} is not valid JSON ({exc})"
+            ) from None
+        if not isinstance(prior, dict):
+            raise BoundaryError(
+                f"--acceptance-prior {args.acceptance_prior} is not an acceptance prior (a JSON object written "
+                "by evict-bench as acceptance_prior.json)"
+            )
     device = str(args.device)
     if not (device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:")):
         raise BoundaryError(f"--device {device!r} is not supported; use cpu, cuda[:N] or auto")

@@ -64,7 +64,9 @@ def parse_int_list(values: Sequence[str] | str, name: str, minimum: int = 1) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (separate so tests and docs can inspect it)."""
-    p = argparse.ArgumentParser(
+    from evict.boundary import OneLineArgumentParser  # noqa: PLC0415
+
+    p = OneLineArgumentParser(
         prog="evict-profile",
         description="Measure verify latency vs number of verified tree tokens and batch size; write an EVICT cost table.",
     )
