@@ -16,7 +16,7 @@ in every process it spawns, and only the environment reaches all of them:
   kernel), as on a GPU, instead of greedily as SGLang does on CPU.
 
 The CPU flags ``--device cpu --attention-backend intel_amx --disable-cuda-graph
---max-total-tokens 65536`` are added unless the arguments already set them, and
+--max-total-tokens 65536 --dtype float32`` are added unless the arguments already set them, and
 ``--model-path`` defaults to the shipped testbed target. Everything else (``--port``,
 ``--speculative-algorithm EAGLE3|EVICT``, ...) passes through unchanged.
 """
@@ -49,6 +49,8 @@ CPU_FLAGS: dict[str, str | None] = {
     "--attention-backend": "intel_amx",
     "--disable-cuda-graph": None,
     "--max-total-tokens": "65536",
+    # bf16 matmuls have no fast path on CPUs without AMX/AVX512-BF16: decoding is ~5x slower
+    "--dtype": "float32",
 }
 
 # The testbed pair's tree, as the issue's trial served it (3 steps x top-4, 8 verified tokens).
