@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from evict.profiler.table import resolve_widths
+from evict.profiler.timing import CLOCKS
 from evict.truncation import TruncationPolicy
 
 from .hooks import ExpertUnionCounter, MoESpecBudget, chain_hooks, verify_router_hook
@@ -180,8 +181,6 @@ def record_from_result(
 
 
 # ------------------------------------------------------------------------- the bench
-
-CLOCKS = ("wall", "cpu")
 
 
 def _timed(engine: Any, batch: list[list[int]], max_new_tokens: int) -> tuple[Any, float, float]:

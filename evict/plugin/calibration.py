@@ -33,6 +33,7 @@ import torch
 
 from evict.paths import cache_dir
 from evict.profiler.table import SCHEMA_VERSION, CostTable, CostTableError
+from evict.profiler.timing import cuda_event_timer
 
 __all__ = [
     "CALIBRATION_SUBDIR",
@@ -164,17 +165,6 @@ def default_batch_sizes(captured: Sequence[int], count: int = 6) -> tuple[int, .
         want = lo * (hi / lo) ** (i / (count - 1))
         picks.add(min(caps, key=lambda b: abs(b - want)))
     return tuple(sorted(picks))
-
-
-def cuda_event_timer(fn: Callable[[], Any]) -> float:
-    """Milliseconds of one call on the current CUDA stream, measured with CUDA events."""
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return float(start.elapsed_time(end))
 
 
 def tp_max_reduce(group: Any, all_reduce: Callable[..., Any] | None = None) -> Reduce:

@@ -34,8 +34,7 @@ import platform
 import random
 import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +42,7 @@ import torch
 
 from evict.corpus import heldout_files, read_source
 from evict.profiler.experts import ExpertRecorder, mean_union, topk_from_router_logits
+from evict.profiler.timing import CLOCKS, time_call
 
 
 class ProfileError(RuntimeError):
@@ -545,32 +545,6 @@ def _verify_args(inp: BatchInputs, width: int, context_len: int, device: torch.d
 # Timing
 
 
-CLOCKS = ("wall", "cpu")
-
-
-def _time_call(fn: Callable[[], object], device: torch.device, clock: str = "wall") -> float:
-    """Milliseconds of one call: CUDA events on GPU; on CPU ``time.perf_counter`` (``wall``) or the
-    process CPU time (``cpu``, ``time.process_time``).
-
-    Why a CPU clock: on a shared machine a niced process is preempted for whole scheduler slices,
-    so wall time measures the other tenants. With one intra-op thread, the CPU time consumed by the
-    process is the forward's latency on an idle core (compute and memory stalls included, waiting
-    for the core excluded). With several threads it would add their times up, so it is refused.
-    """
-    if device.type == "cuda":
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return float(start.elapsed_time(end))
-    timer = time.process_time if clock == "cpu" else time.perf_counter
-    t0 = timer()
-    fn()
-    return (timer() - t0) * 1000.0
-
-
 @dataclass
 class ProfileSpec:
     """What to measure (the CLI fills it from its arguments)."""
@@ -609,7 +583,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_clock(clock: str, device: torch.device) -> None:
-    """``cpu`` clock only for CPU runs with one intra-op thread (see :func:`_time_call`)."""
+    """``cpu`` clock only for CPU runs with one intra-op thread (see :func:`time_call`)."""
     if clock not in CLOCKS:
         raise ProfileError(f"unknown --clock {clock!r}; use wall or cpu")
     if clock == "cpu" and device.type != "cpu":
@@ -693,7 +667,7 @@ def profile(spec: ProfileSpec) -> ProfileResult:
             samples: dict[int, list[float]] = {w: [] for w in widths}
             for _ in range(spec.repeats):
                 for w in widths:
-                    samples[w].append(_time_call(calls[w], device, spec.clock))
+                    samples[w].append(time_call(calls[w], device, spec.clock))
                     bar.update(1)
             bar.set_postfix(bs=bs, refresh=False)
             for w in widths:
@@ -836,6 +810,6 @@ def measure_draft_cost(spec: ProfileSpec, draft_path: Path, steps: int, topk: in
 
             for _ in range(spec.warmup):
                 one_step()
-            samples = [_time_call(one_step, device, spec.clock) for _ in range(spec.repeats)]
+            samples = [time_call(one_step, device, spec.clock) for _ in range(spec.repeats)]
             out[bs] = float(statistics.median(samples))
     return out
