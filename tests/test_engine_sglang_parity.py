@@ -68,10 +68,16 @@ def sglang_and_ours(bs: int, steps: int, topk: int, vocab: int, seed: int):
 
 
 def _interpret_or_skip(fn, *args, **kw):
-    try:
-        fn(*args, **kw)
-    except Exception as exc:  # Triton without the interpreter cannot run on CPU tensors
-        pytest.skip(f"SGLang's Triton tree kernel does not run here on CPU: {exc}")
+    """Run one of SGLang's Triton kernels on CPU tensors through the interpreter.
+
+    Skips only when it cannot run at all (no interpreter and no GPU, decided before the call); an
+    exception from the kernel itself is a failure, not a skip: a wrong argument or shape must not
+    pass the suite silently.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET is not 1: SGLang's Triton tree kernels cannot run on CPU tensors")
+    pytest.importorskip("triton")
+    fn(*args, **kw)
 
 
 CASES = [(2, 3, 2, 6), (3, 4, 4, 16), (1, 1, 4, 5), (2, 5, 1, 6), (4, 4, 3, 20)]

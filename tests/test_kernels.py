@@ -258,7 +258,15 @@ _VALUES = [0.0, -0.0, 1.0, 0.5, 0.25, 0.125, 1e-30, 0.7, 0.3000001, 0.3, 1.5]
 _BAD = [float("nan"), float("inf"), float("-inf"), -1e-9]
 
 
-@settings(max_examples=20, deadline=None, derandomize=True)
+def _check_tie_case(scores: torch.Tensor, cost: torch.Tensor, widths: list[int], m: int) -> None:
+    _assert_same(choose_width_triton(scores, cost, widths, backend="triton"), scores, cost, widths)
+    assert torch.equal(keep_top_triton(scores, m, backend="triton"), keep_top(scores, m))
+
+
+# Fresh examples on every run (a derandomized set of 20 was the same test every time); hypothesis
+# keeps a failing example in its database and prints how to reproduce it. The cases that matter
+# most are pinned below in test_tie_heavy_pinned_cases.
+@settings(max_examples=40, deadline=None)
 @given(
     data=st.data(),
     bs=st.integers(1, 6),
@@ -272,9 +280,21 @@ def test_hypothesis_tie_heavy_matches_rule(data, bs: int, k: int, widths: list[i
     scores = torch.tensor(flat, dtype=torch.float32).reshape(bs, k)
     steps = data.draw(st.lists(st.sampled_from([0.0, 0.25, 1.0]), min_size=len(widths), max_size=len(widths)))
     cost = 1.0 + torch.tensor(steps).cumsum(0)
-    _assert_same(choose_width_triton(scores, cost, widths, backend="triton"), scores, cost, widths)
-    m = data.draw(st.sampled_from(widths))
-    assert torch.equal(keep_top_triton(scores, m, backend="triton"), keep_top(scores, m))
+    _check_tie_case(scores, cost, widths, data.draw(st.sampled_from(widths)))
+
+
+@pytest.mark.parametrize(
+    ("rows", "steps", "widths", "m"),
+    [
+        ([[0.5] * 6], [0.0, 0.25, 1.0], [1, 3, 7], 3),  # every score tied
+        ([[0.0, -0.0, 0.0, -0.0], [-0.0, 0.0, -0.0, 0.0]], [0.0, 0.0], [1, 5], 5),  # signed zeros
+        ([[0.3, float("nan"), 0.3, 0.3]], [0.0, 0.25], [2, 5], 2),  # NaN among ties
+        ([[1.0, 1.0, 1e-30, 0.0, float("inf")]], [0.0, 1.0, 0.25], [1, 2, 6], 6),  # inf, 1.0 ties
+    ],
+)
+def test_tie_heavy_pinned_cases(rows, steps, widths, m) -> None:
+    scores = torch.tensor(rows, dtype=torch.float32)
+    _check_tie_case(scores, 1.0 + torch.tensor(steps).cumsum(0), widths, m)
 
 
 def test_without_triton_auto_uses_the_rule_and_triton_backend_says_how(monkeypatch) -> None:
