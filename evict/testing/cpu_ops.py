@@ -83,6 +83,33 @@ def copy_all_layer_kv_cache_cpu(
         buf[tgt] = buf[src].clone()
 
 
+def _packed_segments(
+    name: str,
+    req_pool_indices: torch.Tensor,
+    start_offset: torch.Tensor,
+    end_offset: torch.Tensor,
+    out_cache_loc: torch.Tensor,
+) -> list[tuple[int, int, int, int]]:
+    """``(row, start, end, packed offset)`` of each non-empty request segment, in order.
+
+    Both KV-slot operators walk the same packed layout (segment i starts where i-1 ended in
+    ``out_cache_loc``); a too-short ``out_cache_loc`` is an error, as on the GPU it would be an
+    out-of-bounds write.
+    """
+    starts, ends, rows = start_offset.tolist(), end_offset.tolist(), req_pool_indices.tolist()
+    need = sum(e - s for s, e in zip(starts, ends, strict=True))
+    if need > out_cache_loc.numel():
+        raise ValueError(
+            f"{name}: out_cache_loc has {out_cache_loc.numel()} entries but the offsets need {need}"
+        )
+    segments, off = [], 0
+    for row, s, e in zip(rows, starts, ends, strict=True):
+        if e > s:
+            segments.append((row, s, e, off))
+        off += max(e - s, 0)
+    return segments
+
+
 def assign_req_to_token_pool_cpu(
     req_pool_indices: torch.Tensor,
     req_to_token: torch.Tensor,
@@ -97,19 +124,10 @@ def assign_req_to_token_pool_cpu(
     ``req_to_token[req_pool_indices[i], start[i]:end[i]] = out_cache_loc[prefix[i]:prefix[i+1]]``
     where ``prefix`` is the exclusive prefix sum of ``end - start``.
     """
-    starts, ends, rows = start_offset.tolist(), end_offset.tolist(), req_pool_indices.tolist()
-    need = sum(e - s for s, e in zip(starts, ends, strict=True))
-    if need > out_cache_loc.numel():
-        raise ValueError(
-            f"assign_req_to_token_pool_cpu: out_cache_loc has {out_cache_loc.numel()} entries "
-            f"but the offsets need {need}"
-        )
-    off = 0
-    for row, s, e in zip(rows, starts, ends, strict=True):
-        n = e - s
-        if n > 0:
-            req_to_token[row, s:e] = out_cache_loc[off : off + n].to(req_to_token.dtype)
-        off += max(n, 0)
+    for row, s, e, off in _packed_segments(
+        "assign_req_to_token_pool_cpu", req_pool_indices, start_offset, end_offset, out_cache_loc
+    ):
+        req_to_token[row, s:e] = out_cache_loc[off : off + e - s].to(req_to_token.dtype)
 
 
 def assign_extend_cache_locs_cpu(
@@ -125,19 +143,10 @@ def assign_extend_cache_locs_cpu(
     Copies ``kernels/ops/speculative/cache_locs.py::assign_extend_cache_locs`` (the inverse of
     ``assign_req_to_token_pool``); ``out_cache_loc`` may be longer than needed (its tail is left).
     """
-    starts, ends, rows = start_offset.tolist(), end_offset.tolist(), req_pool_indices.tolist()
-    need = sum(e - s for s, e in zip(starts, ends, strict=True))
-    if need > out_cache_loc.numel():
-        raise ValueError(
-            f"assign_extend_cache_locs_cpu: out_cache_loc has {out_cache_loc.numel()} entries "
-            f"but the offsets need {need}"
-        )
-    off = 0
-    for row, s, e in zip(rows, starts, ends, strict=True):
-        n = e - s
-        if n > 0:
-            out_cache_loc[off : off + n] = req_to_token[row, s:e].to(out_cache_loc.dtype)
-        off += max(n, 0)
+    for row, s, e, off in _packed_segments(
+        "assign_extend_cache_locs_cpu", req_pool_indices, start_offset, end_offset, out_cache_loc
+    ):
+        out_cache_loc[off : off + e - s] = req_to_token[row, s:e].to(out_cache_loc.dtype)
 
 
 def assign_draft_cache_locs_contiguous_cpu(
