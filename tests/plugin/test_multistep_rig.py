@@ -50,6 +50,7 @@ import pytest
 pytest.importorskip("sglang")
 
 import torch  # noqa: E402
+from _tiny_configs import tiny_configs  # noqa: E402
 from sglang.kernels.ops.speculative import cache_locs, spec_tree  # noqa: E402
 from sglang.kernels.ops.speculative import eagle as eagle_kernels  # noqa: E402
 from sglang.kernels.ops.speculative.eagle import prepare_draft_extend_inputs  # noqa: E402
@@ -118,35 +119,7 @@ _select_later = getattr(
     getattr(spec_utils._select_top_k_tokens_later, "__wrapped__", spec_utils._select_top_k_tokens_later),
 )
 
-TARGET_CONFIG = {
-    "architectures": ["Qwen3MoeForCausalLM"],
-    "model_type": "qwen3_moe",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "moe_intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "num_experts": 8,
-    "num_experts_per_tok": 2,
-    "vocab_size": VOCAB,
-    "max_position_embeddings": 512,
-    "torch_dtype": "bfloat16",
-}
-DRAFT_CONFIG = {
-    "architectures": ["LlamaForCausalLMEagle3"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": VOCAB,
-    "draft_vocab_size": VOCAB,
-    "max_position_embeddings": 512,
-    "torch_dtype": "bfloat16",
-}
+TARGET_CONFIG, DRAFT_CONFIG = tiny_configs(VOCAB)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("sglang")
 
+from _tiny_configs import tiny_configs  # noqa: E402
 from sglang.srt.arg_groups.arg_utils import record_fields  # noqa: E402
 from sglang.srt.arg_groups.overrides import resolution_result  # noqa: E402
 from sglang.srt.arg_groups.pipeline import run_resolution_pipeline  # noqa: E402
@@ -29,35 +30,7 @@ pytestmark = pytest.mark.sglang
 
 EAGLE3 = SpeculativeAlgorithm.EAGLE3
 
-TARGET_CONFIG = {
-    "architectures": ["Qwen3MoeForCausalLM"],
-    "model_type": "qwen3_moe",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "moe_intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "num_experts": 8,
-    "num_experts_per_tok": 2,
-    "vocab_size": 256,
-    "max_position_embeddings": 512,
-    "torch_dtype": "bfloat16",
-}
-DRAFT_CONFIG = {
-    "architectures": ["LlamaForCausalLMEagle3"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-    "draft_vocab_size": 256,
-    "max_position_embeddings": 512,
-    "torch_dtype": "bfloat16",
-}
+TARGET_CONFIG, DRAFT_CONFIG = tiny_configs()
 
 
 @pytest.fixture(scope="module", autouse=True)
