@@ -227,32 +227,28 @@ class EvictDraftWorker(EagleDraftWorker):
 
         Never raises: a failed decision verifies the full tree.  Under TP > 1 the ranks agree on
         the widest proposal (``WidthAgreement``), so a fallback on one rank is a fallback on every
-        rank; an idle rank (DP attention) proposes the narrowest width and follows the others.
+        rank.  Idle batches take no decision and no collective: without DP attention (which EVICT
+        refuses) the ranks of a TP group are idle together.
         """
         n = self.full_num_draft_tokens
         policy = self.truncation_policy
-        if policy is None:
+        if policy is None or batch.forward_mode.is_idle():
             return n, None
-        idle = batch.forward_mode.is_idle()
-        decision, index = None, 0 if idle else policy.widths.numel() - 1
-        if not idle:
-            try:
-                decision = policy.decide(self.score_sink.read(batch.seq_lens.shape[0]))
-                index = decision.width_index
-            except Exception as exc:  # never fail a request over the cut: verify the full tree
-                policy.record_error(exc, "width decision failed; verifying the full tree")
+        decision, index = None, policy.widths.numel() - 1
+        try:
+            decision = policy.decide(self.score_sink.read(batch.seq_lens.shape[0]))
+            index = decision.width_index
+        except Exception as exc:  # never fail a request over the cut: verify the full tree
+            policy.record_error(exc, "width decision failed; verifying the full tree")
         if self.width_agreement is not None:
             agreed = self.width_agreement.agree(index)
             if agreed != index:
                 decision, index = None, agreed
-        elif idle:
-            return n, None
         self.last_decision = decision
         width = min(int(policy.widths[index]), n)
-        if not idle:
-            self.width_counts[width] = self.width_counts.get(width, 0) + 1
-        if width >= n or idle:
-            return width, None
+        self.width_counts[width] = self.width_counts.get(width, 0) + 1
+        if width >= n:
+            return n, None
         if decision is not None:
             return width, decision.kept
         return width, ramp_kept(batch.seq_lens.shape[0], width, self.device)
