@@ -392,3 +392,23 @@ def test_decision_is_deterministic_and_layout_independent():
     for d in (b, c):
         assert d.width == a.width and torch.equal(d.kept, a.kept)
         assert torch.equal(d.objective, a.objective)
+
+
+def test_checks_are_on_by_default_and_the_unchecked_path_gives_the_same_values():
+    """Mutation testing found the default ``check=True`` of these two entry points untested: an
+    unchecked call would take descending or zero widths silently."""
+
+    scores = torch.tensor([[0.9, 0.5, 0.2], [0.3, 0.2, 0.1]])
+    for bad in ([4, 2], [0, 2]):
+        with pytest.raises(ValueError, match="widths"):
+            expected_accepted_lengths(scores, bad)
+        with pytest.raises(ValueError, match="widths"):
+            choose_widths_per_request(scores, [1.0, 2.0], bad)
+    widths = torch.tensor([1, 2, 4])
+    checked = expected_accepted_lengths(scores, widths)
+    assert torch.equal(expected_accepted_lengths(scores, widths, check=False), checked)
+    assert torch.allclose(checked, torch.tensor([[1.0, 1.9, 2.6], [1.0, 1.3, 1.6]]))
+    cost = torch.tensor([1.0, 1.5, 2.5])
+    w_checked, _ = choose_widths_per_request(scores, cost, widths)
+    w_unchecked, _ = choose_widths_per_request(scores, cost, widths, check=False)
+    assert torch.equal(w_checked, w_unchecked)
