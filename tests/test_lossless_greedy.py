@@ -53,17 +53,24 @@ def test_ar_matches_target_greedy(pair_and_reference):
     assert all(s.width == 1 and s.accepted == [1] * len(s.active) for s in res.steps)
 
 
-@pytest.mark.parametrize("policy_mode", ["immediate", "off", "lagged"])
+@pytest.mark.parametrize(
+    "policy_mode", ["immediate", "off", "lagged", "immediate+per-request", "off+per-request"]
+)
 def test_evict_matches_target_greedy(pair_and_reference, policy_mode):
+    """``+per-request``: per-request widths under a batch budget, padding free (pad_cost 0) so it
+    really occurs; padded slots hold the root token and must never be accepted."""
     kind, target, drafter, ref = pair_and_reference
-    policy = TruncationPolicy(STAIRCASE, widths=WIDTHS, mode=policy_mode)
+    decision, per_request = policy_mode.split("+")[0], policy_mode.endswith("+per-request")
+    policy = TruncationPolicy(STAIRCASE, widths=WIDTHS, mode=decision, per_request=per_request, pad_cost=0.0)
     res = SpecEngine(target, drafter, mode="evict", steps=4, topk=2, policy=policy).generate(PROMPTS, NEW)
     assert res.tokens == ref
     widths = {s.width for s in res.steps}
-    if policy_mode == "off":
+    if decision == "off":
         assert widths == {15}  # the largest width (16) clamped to K + 1 = 15: the full tree
-    elif kind == "oracle" and policy_mode == "immediate":
+    elif kind == "oracle" and decision == "immediate":
         assert any(1 < w < 15 for w in widths), widths  # intermediate widths really occur
+    if per_request and decision == "immediate":
+        assert any(min(s.kept_counts) < s.width - 1 for s in res.steps)  # padding really occurs
 
 
 @pytest.mark.parametrize("policy_mode", ["immediate", "lagged"])

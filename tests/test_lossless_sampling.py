@@ -74,11 +74,19 @@ def pair():
     return oracle_pair(0)
 
 
-@pytest.mark.parametrize("mode", ["static", "evict", "evict-calibrated"])
+@pytest.mark.parametrize("mode", ["static", "evict", "evict-calibrated", "evict-per-request"])
 def test_first_tokens_follow_the_target_distribution(pair, mode):
     target, drafter = pair
+    # per-request: a batch budget with free padding, so padded slots (root token) really occur
     policy = (
-        TruncationPolicy([1.0, 1.35, 1.8, 2.6, 4.0], widths=[1, 2, 4, 8, 16]) if "evict" in mode else None
+        TruncationPolicy(
+            [1.0, 1.35, 1.8, 2.6, 4.0],
+            widths=[1, 2, 4, 8, 16],
+            per_request=mode == "evict-per-request",
+            pad_cost=0.0,
+        )
+        if "evict" in mode
+        else None
     )
     # calibrated: steps 2 and 3 rank the tree by what step 1's (and 2's) coins accepted
     est = AcceptanceEstimator(topk=2, max_depth=3, half_life=512.0) if mode == "evict-calibrated" else None
@@ -97,6 +105,8 @@ def test_first_tokens_follow_the_target_distribution(pair, mode):
     )
     res = engine.generate([PROMPT] * COPIES, 3)
     assert res.mean_accepted_length > 1.3  # trees are really accepted, not just the bonus token
+    if mode == "evict-per-request":  # some request really kept fewer nodes than the batch width
+        assert any(min(s.kept_counts) < s.width - 1 for s in res.steps)
     if est is not None:  # the estimator really learned from the coins of earlier steps
         assert sum(r["trials"] for r in est.reliability()) > 1000
     prefixes = sorted({tuple(s[:d]) for s in res.tokens for d in range(3)})

@@ -56,6 +56,7 @@ class StepStats:
     fallback: int = 0  # EVICT: requests whose scores were not finite (full tree used)
     lookahead_s: float = 0.0  # oracle: the full-tree verify that finds the accepted path (not charged)
     lookahead_cpu_s: float = 0.0  # oracle: the same, in this process's CPU time
+    kept_counts: list[int] | None = None  # per-request widths: real candidates kept per request
 
 
 @dataclass
@@ -132,7 +133,9 @@ class SpecEngine:
             ``speculative_eagle_topk`` and ``speculative_num_draft_tokens`` (N, root included;
             default the whole tree, K + 1).
         policy: a ``TruncationPolicy`` (required for ``evict``); its widths, clamped to K + 1, must
-            not exceed N.
+            not exceed N. With ``per_request=True`` each request keeps its own number of nodes
+            under a batch-wide budget; the unused slots of the batch width are padding (root
+            token, linked to nothing: never accepted, attended by no other node, never committed).
         acceptance: an ``AcceptanceEstimator`` (``evict`` only): the policy ranks the draft tree by
             calibrated scores learned from past verifications (None or disabled: raw drafter scores).
             It persists across ``generate`` calls, so it keeps learning like a server's would.
@@ -377,7 +380,13 @@ class SpecEngine:
         stats.predicted_accepted = decision.expected_accepted.float().cpu().tolist()
         stats.fallback = int(decision.fallback.sum())
         cost = self.policy.step_cost(int(scores.shape[0]))
-        stats.predicted_step_ms = float(cost[int(decision.width_index)])
+        i = int(decision.width_index)
+        stats.predicted_step_ms = float(cost[i])
+        if decision.kept_counts is not None:  # per-request widths: padding costs pad_cost of a node
+            j = i if decision.budget_index is None else int(decision.budget_index)
+            pad = float(getattr(self.policy, "pad_cost", 1.0))
+            stats.predicted_step_ms = float(cost[j] + pad * (cost[i] - cost[j]))
+            stats.kept_counts = decision.kept_counts.cpu().tolist()
         return decision.kept.to(scores.device).long()
 
     def _extend(self, dcache: Any, base: torch.Tensor, aux_hidden: torch.Tensor, acc: AcceptResult):

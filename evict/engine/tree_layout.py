@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "PAD_PARENT",
     "DraftTree",
     "ExpandResult",
     "VerifyTree",
@@ -31,6 +32,9 @@ __all__ = [
     "select_verify_tree",
     "sglang_parents",
 ]
+
+
+PAD_PARENT = -2  # parent of a padded verify slot: equals no node index, so it is never accepted
 
 
 def num_candidates(steps: int, topk: int) -> int:
@@ -143,8 +147,12 @@ def select_verify_tree(tree: DraftTree | None, kept: torch.Tensor | None, root: 
     """Cut the verify tree: the root plus the kept candidates (ascending flat indices).
 
     tree: DraftTree with [bs, K] fields (None for width 1); kept: [bs, m-1] ascending flat indices
-    (None or empty for width 1); root: [bs] the last verified token. Raises ValueError when a
-    kept node's parent is not kept (the set must be ancestor-closed).
+    (None or empty for width 1), optionally followed by -1 *padding* (per-request widths: a row
+    that keeps fewer nodes than the batch width).  A padded slot holds the root token (so it
+    routes to experts the batch already reads), has parent ``PAD_PARENT`` (never a node index, so
+    no acceptance walk reaches it), depth 0 and only itself as ancestor (no other node attends to
+    it).  root: [bs] the last verified token. Raises ValueError when a kept node's parent is not
+    kept (the set must be ancestor-closed).
     """
     bs = root.shape[0]
     device = root.device
@@ -158,15 +166,22 @@ def select_verify_tree(tree: DraftTree | None, kept: torch.Tensor | None, root: 
     kept = kept.long()
     m = kept.shape[1] + 1
     big_k = tree.parents.shape[1]
-    tokens = torch.cat([root.view(bs, 1).long(), tree.tokens.gather(1, kept)], dim=1)  # [bs, m]
-    parent_flat = tree.parents.gather(1, kept)  # [bs, m-1]
-    # position in verify order of each flat index (+1 shift: slot 0 = the root, flat -1)
-    pos_of = torch.full((bs, big_k + 1), -1, dtype=torch.long, device=device)
+    pad = kept < 0  # [bs, m-1]
+    safe = kept.clamp(min=0)
+    root_col = root.view(bs, 1).long()
+    cand_tokens = torch.where(pad, root_col.expand(bs, m - 1), tree.tokens.gather(1, safe))
+    tokens = torch.cat([root_col, cand_tokens], dim=1)  # [bs, m]
+    parent_flat = tree.parents.gather(1, safe)  # [bs, m-1]
+    # position in verify order of each flat index (+1 shift: slot 0 = the root, flat -1; the last
+    # column collects the padding so it never overwrites a real entry)
+    pos_of = torch.full((bs, big_k + 2), -1, dtype=torch.long, device=device)
     pos_of[:, 0] = 0
-    pos_of.scatter_(1, kept + 1, torch.arange(1, m, device=device).expand(bs, m - 1))
+    slot = torch.where(pad, torch.full_like(kept, big_k + 1), kept + 1)
+    pos_of.scatter_(1, slot, torch.arange(1, m, device=device).expand(bs, m - 1))
     parent_pos = pos_of.gather(1, parent_flat + 1)  # [bs, m-1]
-    if bool((parent_pos < 0).any()):
+    if bool(((parent_pos < 0) & ~pad).any()):
         raise ValueError("kept candidates are not ancestor-closed: a kept node's parent was dropped")
+    parent_pos = torch.where(pad, torch.full_like(parent_pos, PAD_PARENT), parent_pos)
     parent = torch.cat([torch.full((bs, 1), -1, dtype=torch.long, device=device), parent_pos], dim=1)
     # ancestor sets grow one level per round (depth + 1 batched gathers, not a loop over m)
     eye = torch.eye(m, dtype=torch.bool, device=device).expand(bs, m, m)

@@ -9,6 +9,7 @@ from .policy import BACKENDS, MODES, TruncationPolicy
 from .rule import (
     WidthDecision,
     choose_width,
+    choose_widths_batch_budget,
     choose_widths_per_request,
     expected_accepted_lengths,
     keep_top,
@@ -29,6 +30,7 @@ __all__ = [
     "TruncationPolicy",
     "WidthDecision",
     "choose_width",
+    "choose_widths_batch_budget",
     "choose_widths_per_request",
     "expected_accepted_lengths",
     "is_ancestor_closed",

@@ -19,6 +19,7 @@ from .rule import (
     _own_index,
     _Ranked,
     _WidthPlan,
+    choose_widths_batch_budget,
     validate_step_cost,
     validate_widths,
 )
@@ -93,6 +94,14 @@ class TruncationPolicy:
         backend: ``"torch"`` or ``"triton"`` (``evict.kernels.choose_width_triton`` in every mode,
             which itself runs the torch rule on devices where Triton cannot run; if the module or
             triton is missing, the torch rule is used and the log says so once).
+        per_request: per-request widths inside the batch (``choose_widths_batch_budget``): the
+            batch verifies one width, but a batch-wide budget of real nodes goes to the requests
+            with the best scores and the rest of the slots are padding. Torch rule only (the
+            Triton kernel implements the one-width rule); not with ``"lagged"`` (the budget needs
+            this step's scores, so the decision would sync the host anyway).
+        pad_cost: what a padded slot costs relative to a real node, in [0, 1] (1: padding is
+            computed like a token, as on a CPU, and per-request widths reduce to one width; 0: it
+            only routes to experts the batch already reads). Used only with ``per_request``.
     """
 
     def __init__(
@@ -101,9 +110,17 @@ class TruncationPolicy:
         widths: torch.Tensor | Sequence[int] | None = None,
         mode: str = "immediate",
         backend: str = "torch",
+        per_request: bool = False,
+        pad_cost: float = 1.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if per_request and mode == "lagged":
+            raise ValueError("per_request widths need this step's scores: use mode 'immediate' (or 'off')")
+        if isinstance(pad_cost, bool) or not isinstance(pad_cost, (int, float)) or not 0.0 <= pad_cost <= 1.0:
+            raise ValueError(f"pad_cost must be a number in [0, 1], got {pad_cost!r}")
+        self.per_request = bool(per_request)
+        self.pad_cost = float(pad_cost)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if widths is None:
@@ -126,7 +143,7 @@ class TruncationPolicy:
         self._plans: dict[tuple[int, str], _WidthPlan] = {}
         self._triton = None
         self.backend = "torch"
-        if backend == "triton":
+        if backend == "triton" and not per_request:
             try:
                 from evict.kernels import (  # noqa: PLC0415 (optional, imports triton lazily)
                     choose_width_triton,
@@ -186,6 +203,12 @@ class TruncationPolicy:
             index = widths.numel() - 1
         elif self.mode == "lagged":
             index = self._held.read()
+        if self.per_request:
+            decision = choose_widths_batch_budget(
+                scores, cost, widths, pad_cost=self.pad_cost, index=index, check=False
+            )
+            self._record(decision)
+            return decision
         dev = self._device_decision(scores, cost, widths, index) if self._triton is not None else None
         if dev is not None:
             own = dev.best_index

@@ -30,6 +30,7 @@ __all__ = [
     "expected_accepted_lengths",
     "choose_width",
     "choose_widths_per_request",
+    "choose_widths_batch_budget",
     "keep_top",
     "validate_widths",
     "validate_step_cost",
@@ -51,6 +52,10 @@ class WidthDecision:
     objective: torch.Tensor  # [W] sum_r B_r(m) / T(bs, m) for each allowed width
     expected_accepted: torch.Tensor  # [bs] B_r(m*) predicted tokens per step per request
     fallback: torch.Tensor  # [bs] bool, requests whose scores were NaN/inf/negative
+    # per-request widths (choose_widths_batch_budget): real kept nodes per request; kept is then
+    # -1 padded after each row's ascending real indices. None: every request keeps width - 1.
+    kept_counts: torch.Tensor | None = None
+    budget_index: int | None = None  # per-request widths: index of the budget width m_j <= m*
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,3 +381,87 @@ def choose_widths_per_request(
     rank.scatter_(1, ranked.order, ranked.plan.arange().expand(bs, k))
     kept_mask = rank < (widths_r - 1).unsqueeze(-1)
     return widths_r, kept_mask
+
+
+def choose_widths_batch_budget(
+    scores: torch.Tensor,
+    step_cost: torch.Tensor | Sequence[float],
+    widths: torch.Tensor | Sequence[int],
+    *,
+    pad_cost: float = 1.0,
+    index: int | None = None,
+    check: bool = True,
+) -> WidthDecision:
+    """Per-request widths inside one batch: a batch-wide token budget within the verified width.
+
+    Why: one width for the batch spends the same number of slots on a request whose draft the
+    target will likely reject as on one whose draft it will likely accept.  Here the batch still
+    verifies one width ``m_i`` (the captured graph), but only ``t_j = bs * (m_j - 1)`` of its
+    ``bs * (m_i - 1)`` candidate slots hold real nodes (``m_j <= m_i``): the ``t_j`` highest
+    scores across the whole batch (a global top-K, as D-Cut / DSpark do for chains), each request
+    capped at ``m_i - 1``.  The other slots are padding, which the engine fills with the root token
+    and never links into the tree.
+
+    Each request's kept nodes are a prefix of its own descending order (ties: lower rank first,
+    then lower flat index), so every kept set is ancestor-closed.  The step cost of ``(i, j)`` is
+    ``T(m_j) + pad_cost * (T(m_i) - T(m_j))``: ``pad_cost`` is what a padded slot costs relative to
+    a real one (1 where padding is computed like any token, e.g. a CPU; 0 where it only routes to
+    experts the batch already reads and the step is bound by expert weight reads).  With
+    ``pad_cost = 1`` the best budget is always the full one and this is :func:`choose_width`.
+
+    ``index`` fixes the verified width index (lagged / off decisions); only the budget is chosen.
+    Bad requests (non-finite or negative scores) force the largest width with the full budget.
+    Returns a :class:`WidthDecision` whose ``kept`` is ``[bs, m-1]``, each row its ascending real
+    flat indices then -1 padding, and whose ``kept_counts`` ``[bs]`` counts the real ones.  The only
+    host sync is reading the chosen width (the kept tensor's shape), as in :func:`choose_width`.
+    """
+    w, c = _prepare(scores, step_cost, widths, check)
+    if check and not (isinstance(pad_cost, (int, float)) and 0.0 <= float(pad_cost) <= 1.0):
+        raise ValueError(f"pad_cost must be a number in [0, 1], got {pad_cost!r}")
+    clean, good = _sanitize(scores)
+    sorted_s, order = sort_candidates(clean)
+    bs, k = clean.shape
+    plan = _get_plan(w, k, clean.device)
+    nw = w.numel()
+    caps = plan.sel  # [W] m_i - 1, clamped to K
+    rank = plan.arange()  # [K]
+    # capped[i, r, q]: request r's q-th best score if q < m_i - 1, else -1 (never selected)
+    capped = torch.where(rank.view(1, 1, k) < caps.view(nw, 1, 1), sorted_s.unsqueeze(0), -1.0)
+    # rank-major flattening + stable sort: equal scores go to the lower rank, so within a request
+    # the selection is always a prefix of its own order
+    flat = capped.transpose(1, 2).reshape(nw, k * bs)
+    gsorted, gidx = torch.sort(flat, dim=1, descending=True, stable=True)
+    csum = torch.nn.functional.pad(gsorted.clamp(min=0.0), (1, 0)).cumsum(dim=1)  # [W, K*bs + 1]
+    budgets = bs * caps  # [W] real candidate slots of budget j
+    benefit = bs + csum.index_select(1, budgets)  # [W (i: width), W (j: budget)]
+    cost = c.view(1, nw) + pad_cost * (c.view(nw, 1) - c.view(1, nw))
+    objective = benefit / cost
+    grid = torch.arange(nw, device=clean.device)
+    valid = grid.view(1, nw) <= grid.view(nw, 1)  # a budget never exceeds its width
+    if index is not None:
+        valid = valid & (grid.view(nw, 1) == int(index))
+    objective = torch.where(valid, objective, torch.full_like(objective, -math.inf))
+    last = nw * nw - 1
+    best = torch.where(good.all(), objective.flatten().argmax(), torch.tensor(last, device=clean.device))
+    if index is not None:  # a fallback under a fixed width keeps that width, with the full budget
+        best = torch.where(good.all(), best, torch.tensor(int(index) * nw + int(index), device=clean.device))
+    bi = int(best)  # the one host sync: the kept tensor's shape depends on the width
+    i, j = divmod(bi, nw)
+    width = plan.eff_list[i]
+    grank = torch.empty_like(gidx[i])
+    grank.scatter_(0, gidx[i], torch.arange(k * bs, device=clean.device))
+    sel_sorted = (grank < budgets[j]).view(k, bs).t()  # [bs, K] in each request's sorted order
+    kept_mask = torch.zeros_like(sel_sorted).scatter_(1, order, sel_sorted)  # [bs, K] flat order
+    flat_idx = torch.where(kept_mask, rank.expand(bs, k), torch.full_like(order, k))
+    kept = flat_idx.sort(dim=1).values[:, : width - 1]
+    kept = torch.where(kept == k, torch.full_like(kept, -1), kept)
+    return WidthDecision(
+        width=width,
+        width_index=i,
+        kept=kept,
+        objective=objective.max(dim=1).values,
+        expected_accepted=1.0 + (sorted_s * sel_sorted).sum(dim=1),
+        fallback=~good,
+        kept_counts=sel_sorted.sum(dim=1),
+        budget_index=j,
+    )
