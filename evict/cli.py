@@ -82,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["torch", "triton"],
         help="EVICT's decision code: the torch rule, or the Triton kernel (on CUDA; the rule elsewhere)",
     )
+    g.add_argument(
+        "--per-request",
+        default="off",
+        choices=["off", "on"],
+        help="per-request widths inside the batch: a batch-wide budget of real draft nodes, padding (root "
+        "token, never accepted) in the rest of the width; needs --decision immediate",
+    )
+    g.add_argument(
+        "--pad-cost",
+        type=float,
+        default=None,
+        help="cost of a padded verify slot relative to a real node, in [0, 1] (default: the cost table's "
+        "metadata.padding_cost, else 1)",
+    )
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
@@ -139,7 +153,17 @@ def _policy(args: argparse.Namespace):
         widths = resolve_widths(args.num_draft_tokens, table_widths=choice.table.widths)
     except (CostTableError, ProfileError) as exc:
         raise CliError(str(exc)) from exc
-    policy = TruncationPolicy(choice.table, widths=widths, mode=args.decision, backend=args.backend)
+    pad_cost = args.pad_cost
+    if pad_cost is None:
+        pad_cost = float((getattr(choice.table, "metadata", None) or {}).get("padding_cost", 1.0))
+    policy = TruncationPolicy(
+        choice.table,
+        widths=widths,
+        mode=args.decision,
+        backend=args.backend,
+        per_request=args.per_request == "on",
+        pad_cost=pad_cost,
+    )
     return policy, choice.path
 
 
@@ -200,6 +224,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise CliError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.cost_table is not None:
         check_input_file(Path(args.cost_table), "--cost-table", "cost table JSON", "evict-profile --out FILE")
+    if args.pad_cost is not None and not (math.isfinite(args.pad_cost) and 0.0 <= args.pad_cost <= 1.0):
+        raise CliError(f"--pad-cost must be in [0, 1], got {args.pad_cost}")
+    if args.per_request == "on" and args.decision == "lagged":
+        raise CliError("--per-request on needs --decision immediate (the budget uses this step's scores)")
     if args.acceptance_prior:
         if args.acceptance != "calibrated":
             raise CliError("--acceptance-prior needs --acceptance calibrated")

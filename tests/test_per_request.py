@@ -215,3 +215,53 @@ def test_engine_per_request_is_lossless_and_really_pads():
     for s in res.steps:
         # a request never accepts more candidates than it kept (padding is never accepted)
         assert all(a - 1 <= c for a, c in zip(s.accepted, s.kept_counts))
+
+
+# ------------------------------------------------------------------------------ the bench
+
+MODELED = (
+    __import__("pathlib").Path(__file__).resolve().parents[1]
+    / "configs"
+    / "modeled_h100_qwen3_30b_a3b_cost_table.json"
+)
+
+
+def test_build_modes_adds_per_request_and_modeled_gpu_rows():
+    import argparse
+
+    from evict.bench.cli import build_modes
+
+    args = argparse.Namespace(
+        chain_steps=3, static_trees=[], evict_tree=(3, 2, 8), acceptance="both", no_oracle=False,
+        moe_spec_budget=0, per_request="both", modeled_gpu_table=MODELED,
+    )  # fmt: skip
+    modes = {m.name: m for m in build_modes(args, None, [])}
+    assert (
+        not modes["evict"].per_request and modes["evict+pr"].per_request and modes["evict+cal+pr"].per_request
+    )
+    assert modes["evict+cal+pr"].acceptance == "calibrated"
+    gpu = [m for m in modes.values() if m.cost == "modeled"]
+    assert {m.name for m in gpu} == {"evict@gpu", "evict+cal@gpu", "evict+pr@gpu", "evict+cal+pr@gpu"}
+    args.per_request, args.modeled_gpu_table = "on", None
+    modes = build_modes(args, None, [])
+    assert all(m.per_request for m in modes if m.kind == "evict") and all(m.cost != "modeled" for m in modes)
+
+
+def test_modeled_step_charge_uses_real_tokens_and_free_padding():
+    from evict.bench.runner import Bench
+    from evict.profiler.table import CostTable
+
+    table = CostTable.load(MODELED)
+    assert table.metadata["modeled"] is True and table.metadata["padding_cost"] == 0.0
+    bench = Bench(lambda m, p: None, torch.nn.Linear(1, 1), 8, table=table, modeled_table=table)
+    full = float(table.step_cost(4, [8])[0]) / 1000
+    assert bench._modeled_step_s(4, 8, 8.0, True) == pytest.approx(full)
+    # half the slots padded: charged as 4.5 real tokens per request (padding free in this table)
+    assert bench._modeled_step_s(4, 8, 4.5, True) == pytest.approx(float(table.step_cost(4, [4.5])[0]) / 1000)
+    assert bench._modeled_step_s(4, 8, 4.5, True) < full
+    # autoregressive decoding drafts nothing: the drafter's fixed_ms is not charged
+    ar = float(table.step_cost(4, [1])[0]) - table.fixed_ms[1]
+    assert bench._modeled_step_s(4, 1, 1.0, False) == pytest.approx(ar / 1000)
+    # the table is GPU-shaped: wider verifies cost more, and steeply at batch size 1
+    c = table.step_cost(1, [1, 8, 64])
+    assert float(c[0]) < float(c[1]) < float(c[2]) and float(c[2]) > 3 * float(c[0])

@@ -179,6 +179,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-oracle", action="store_true", help="skip the oracle-cut row (the ceiling of any cut)"
     )
     p.add_argument(
+        "--per-request",
+        choices=["off", "on", "both"],
+        default="off",
+        help="per-request widths inside a batch (a batch-wide budget of real nodes, padding in the rest of "
+        "the width): off (default), on (EVICT's rows use them) or both (adds '+pr' rows next to EVICT's)",
+    )
+    p.add_argument(
+        "--pad-cost",
+        type=float,
+        default=None,
+        help="cost of a padded verify slot relative to a real node, in [0, 1], for per-request widths "
+        "(default: the cost table's metadata.padding_cost, else 1 = padding costs a token)",
+    )
+    p.add_argument(
+        "--modeled-gpu-table",
+        type=Path,
+        default=None,
+        help="a modeled GPU cost table (e.g. configs/modeled_h100_qwen3_30b_a3b_cost_table.json): adds a "
+        "MODELED column charging every step from it, and '@gpu' EVICT rows deciding from it",
+    )
+    p.add_argument(
         "--ood-prompts",
         type=int,
         default=None,
@@ -257,6 +278,10 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--moe-spec-tree has no effect without --moe-spec-budget B; add it or drop the tree")
     if args.no_sweep and args.sweep_grid is not None:
         raise ValueError("--sweep-grid and --no-sweep contradict each other; drop one")
+    if args.pad_cost is not None and not 0.0 <= args.pad_cost <= 1.0:
+        raise ValueError(f"--pad-cost must be in [0, 1], got {args.pad_cost}")
+    if args.per_request != "off" and args.decision == "lagged":
+        raise ValueError("--per-request needs --decision immediate (the budget uses this step's scores)")
     if args.acceptance_prior is not None and args.acceptance == "raw":
         raise ValueError(
             "--acceptance-prior warms the calibrated estimator; use --acceptance calibrated or both"
@@ -366,6 +391,16 @@ def build_modes(
                     acceptance="calibrated",
                 )
             )
+    per_request = getattr(args, "per_request", "off")
+    if with_evict and per_request == "on":
+        modes = [replace(m, per_request=True) if m.kind == "evict" else m for m in modes]
+    base = [m for m in modes if m.kind == "evict"]
+    if with_evict and per_request == "both":
+        role = {"evict": "evict-pr", "evict-cal": "evict-cal-pr"}
+        modes += [replace(m, name=m.name + "+pr", per_request=True, role=role[m.role]) for m in base]
+        base = [m for m in modes if m.kind == "evict"]
+    if with_evict and getattr(args, "modeled_gpu_table", None) is not None:
+        modes += [replace(m, name=m.name + "@gpu", cost="modeled", role="evict-gpu") for m in base]
     if not getattr(args, "no_oracle", True):
         modes.append(ModeSpec(name="oracle-cut", kind="oracle", steps=s, topk=k, num_draft=n, role="oracle"))
     for a in with_ablation if with_evict else []:
@@ -631,7 +666,7 @@ def _main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    from evict.profiler.table import CostTableError  # noqa: PLC0415
+    from evict.profiler.table import CostTable, CostTableError  # noqa: PLC0415
     from evict.profiler.torch_backend import ProfileError  # noqa: PLC0415
 
     try:
@@ -639,6 +674,13 @@ def _main(argv: list[str] | None = None) -> int:
     except (CostTableError, ProfileError, FileNotFoundError, ValueError) as exc:
         print(f"evict-bench: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    modeled = None
+    if args.modeled_gpu_table is not None:
+        try:  # a model of another model on another device: loaded as is, never checked against this one
+            modeled = CostTable.load(args.modeled_gpu_table)
+        except (CostTableError, OSError) as exc:
+            print(f"evict-bench: error: --modeled-gpu-table {args.modeled_gpu_table}: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     cfg = target.config
     bench = Bench(
         _engine_factory(target, drafter, device, args.acceptance_prior),
@@ -650,6 +692,8 @@ def _main(argv: list[str] | None = None) -> int:
         clock=args.clock,
         decision=args.decision,
         backend=args.backend,
+        pad_cost=_pad_cost(args, table),
+        modeled_table=modeled,
     )
     data, err = run_bench(args, bench, tokenizer)
     cmd = "evict-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -662,6 +706,9 @@ def _main(argv: list[str] | None = None) -> int:
         clock=args.clock,
         decision=args.decision,
         backend=args.backend,
+        per_request=args.per_request,
+        pad_cost=_pad_cost(args, table),
+        modeled_gpu_table=_rel(args.modeled_gpu_table),
     )
     from .report import render_markdown, save_plots, summarize  # noqa: PLC0415
 
@@ -684,6 +731,14 @@ def _main(argv: list[str] | None = None) -> int:
         print("\n" + err, file=sys.stderr)
         return EXIT_LOSSLESS
     return 0
+
+
+def _pad_cost(args: argparse.Namespace, table: Any) -> float:
+    """--pad-cost, else the table's ``metadata.padding_cost``, else 1 (padding costs a token)."""
+    if args.pad_cost is not None:
+        return float(args.pad_cost)
+    meta = getattr(table, "metadata", None) or {}
+    return float(meta.get("padding_cost", 1.0))
 
 
 def _rel(p: Path | None) -> str | None:

@@ -66,7 +66,9 @@ class ModeSpec:
     EVICT (``profiled`` or an ablation, see ``evict.bench.runner.cost_variant``). ``role`` tags
     rows for the report: ``baseline``, ``chain``, ``sglang-default``, ``static``, ``best-static``,
     ``evict``, ``evict-cal`` (EVICT with the estimator next to raw EVICT), ``evict-off``, ``oracle``,
-    ``ablation``, ``lossy``.
+    ``ablation``, ``lossy``, ``evict-pr`` (per-request widths), ``evict-gpu`` (EVICT deciding from
+    the modeled GPU table, ``cost="modeled"``). ``per_request``: each request keeps its own number
+    of nodes under a batch-wide budget within the batch width (padding fills the rest).
     """
 
     name: str
@@ -79,6 +81,7 @@ class ModeSpec:
     role: str = "static"
     decision: str | None = None  # EVICT's decision mode; None = the run's --decision
     acceptance: str = "raw"  # EVICT's node scores: raw drafter probabilities or calibrated
+    per_request: bool = False  # EVICT: per-request widths under a batch budget (padded slots)
 
     @property
     def lossy(self) -> bool:

@@ -77,6 +77,7 @@ def summarize(data: BenchData) -> dict[str, Any]:
                 else None,
                 "oracle_over_this": paired_ratio(stats, oracle, m.name, bs).to_dict() if oracle else None,
                 "accepted_length": _spread_over(stats, m.name, bs, "accepted_length").to_dict(),
+                "modeled_tokens_per_s": _spread_over(stats, m.name, bs, "modeled_tokens_per_s").to_dict(),
                 "mean_width": _spread_over(stats, m.name, bs, "mean_width").to_dict(),
                 "experts_per_verify": _num(ins.mean_union) if ins else None,
                 "target_efficiency": target_efficiency(stats, m.name, bs).to_dict()
@@ -186,6 +187,47 @@ def _calibrated_lines(s: dict, bs: str, meta: dict, first: bool) -> list[str]:
                 f"| {r['depth']} | {r['trials']} | {r['raw']:.3f} | {r['calibrated']:.3f} | {r['realized']:.3f} |"
             )
         L.append("")
+    return L
+
+
+def _modeled_lines(s: dict, bs: str, meta: dict) -> list[str]:
+    """The MODELED-GPU table of one batch size: every step of the same runs charged from the modeled
+    table (decode only, prefill left out), and each row's ratio to SGLang's default and to the best
+    static row under that model.  Only the '@gpu' EVICT rows decided from the modeled table."""
+    rows = [
+        r
+        for r in s["rows"]
+        if (r.get("modeled_tokens_per_s") or {}).get("mean") not in (None,)
+        and math.isfinite(r["modeled_tokens_per_s"]["mean"])
+        and r["role"] != "ablation"
+        and not r["lossy"]
+    ]
+    if not rows:
+        return []
+
+    def tps(name: str | None) -> float:
+        r = _row(s, name)
+        return r["modeled_tokens_per_s"]["mean"] if r else float("nan")
+
+    statics = [r for r in rows if r["kind"] == "static"]
+    best = max(statics, key=lambda r: r["modeled_tokens_per_s"]["mean"]) if statics else None
+    ar, sg = tps("ar"), tps(s.get("sglang_default"))
+    L = [
+        f"**MODELED GPU (bs {bs}), not measured:** the same runs, each decode step charged from "
+        f"`{meta.get('modeled_gpu_table')}` (a bandwidth model of Qwen3-30B-A3B on H100, see its metadata); "
+        f"'@gpu' rows are EVICT deciding from that table, other EVICT rows decided from the CPU table. "
+        f"Best static under the model: {best['mode'] if best else '-'}.",
+        "",
+        "| mode | modeled tokens/s | vs AR | vs SGLang default | vs best static (modeled) | verified width |",
+        "|---|---|---|---|---|---|",
+    ]
+    bt = best["modeled_tokens_per_s"]["mean"] if best else float("nan")
+    for r in rows:
+        v = r["modeled_tokens_per_s"]["mean"]
+        L.append(
+            f"| {r['mode']} | {v:.1f} | {v / ar:.2f}x | {v / sg:.2f}x | {v / bt:.2f}x | {_fmt(r['mean_width'])} |"
+        )
+    L.append("")
     return L
 
 
@@ -376,6 +418,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
             )
             L.append("")
         L.extend(_calibrated_lines(s, bs, meta, first=bs == next(iter(summary["batch_sizes"]))))
+        L.extend(_modeled_lines(s, bs, meta))
         abl = [r for r in s["rows"] if r["role"] == "ablation"]
         if abl and ev:
             L.append(

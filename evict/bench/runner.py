@@ -93,6 +93,14 @@ def cost_variant(table: Any, name: str, other_tables: Sequence[Any] = ()) -> Any
 # ------------------------------------------------------------------------- engine results
 
 
+def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Piecewise-linear y(x) over ascending xs (x inside the range)."""
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x <= x1:
+            return y0 + (y1 - y0) * ((x - x0) / (x1 - x0) if x1 > x0 else 0.0)
+    return float(ys[-1])
+
+
 def _get(obj: Any, names: Sequence[str], default: Any = None) -> Any:
     for n in names:
         if isinstance(obj, dict):
@@ -122,6 +130,7 @@ def record_from_result(
     prompt_ids: Sequence[int],
     step_cost: Callable[[int, int], float] | None = None,
     time_scale: float = 1.0,
+    modeled_step_s: Callable[[int, int, float, bool], float] | None = None,
 ) -> RunRecord:
     """Turn the engine's ``GenerationResult`` into a :class:`RunRecord`.
 
@@ -130,7 +139,9 @@ def record_from_result(
     ``verify_s``, ``decision_s`` and, for EVICT, ``predicted_accepted``). ``step_cost(bs, width)``
     gives EVICT's predicted step time in seconds. ``time_scale`` multiplies the engine's own
     (wall-clock) stage times, to put them on the clock of ``wall_s`` (CPU time over wall time of
-    the call when timing by CPU time).
+    the call when timing by CPU time). ``modeled_step_s(bs, width, real_width, drafted)`` charges
+    each decode step from a modeled cost table (``real_width``: real tokens per request, root
+    included, below ``width`` when per-request widths padded the batch); the sum is ``modeled_s``.
     """
     outputs = [list(map(int, _as_list(o))) for o in _get(result, ("outputs", "tokens", "output_ids"), [])]
     rec = RunRecord(
@@ -156,6 +167,10 @@ def record_from_result(
                     rec.request_steps_each[int(b)] += 1
         width = int(_get(st, ("width", "verified_width"), 1))
         rec.width_sum += width
+        if modeled_step_s is not None and active:
+            counts = _get(st, ("kept_counts",), None)
+            real = width if counts is None else 1.0 + sum(counts) / len(active)
+            rec.modeled_s += modeled_step_s(len(active), width, real, mode.kind != "ar")
         acc = [a for a in _as_list(_get(st, ("accepted", "accepted_lengths", "accept_lengths"), [])) if a > 0]
         rec.request_steps += len(acc)
         rec.emitted += int(sum(acc))
@@ -222,6 +237,8 @@ class Bench:
         clock: str = "wall",
         decision: str = "immediate",
         backend: str = "torch",
+        pad_cost: float = 1.0,
+        modeled_table: Any = None,
     ) -> None:
         if clock not in CLOCKS:
             raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
@@ -235,20 +252,38 @@ class Bench:
         self.log = log
         self.decision = decision
         self.backend = backend
+        self.pad_cost = float(pad_cost)
+        self.modeled_table = modeled_table
+        self.modeled_pad_cost = float(
+            (getattr(modeled_table, "metadata", None) or {}).get("padding_cost", 1.0)
+        )
         self._engines: dict[str, Any] = {}
 
     def engine(self, mode: ModeSpec) -> Any:
         """The (cached) engine of a mode; EVICT modes get their cost-table variant."""
-        key = f"{mode.name}|{mode.tree}|{mode.cost}|{mode.budget}|{mode.decision}|{mode.acceptance}"
+        key = f"{mode.name}|{mode.tree}|{mode.cost}|{mode.budget}|{mode.decision}|{mode.acceptance}|{mode.per_request}"
         if key not in self._engines:
             policy = None
             if mode.kind == "evict":
                 if self.table is None:
                     raise ValueError("EVICT needs a cost table: pass --cost-table PATH")
-                cost = cost_variant(self.table, mode.cost, self.other_tables)
+                pad_cost = self.pad_cost
+                if mode.cost == "modeled":  # EVICT deciding from the modeled GPU table
+                    if self.modeled_table is None:
+                        raise ValueError("mode with cost 'modeled' needs --modeled-gpu-table PATH")
+                    cost, pad_cost = self.modeled_table, self.modeled_pad_cost
+                else:
+                    cost = cost_variant(self.table, mode.cost, self.other_tables)
                 widths = resolve_widths(mode.num_draft, table_widths=self.table.widths)
                 decision = mode.decision or self.decision
-                policy = TruncationPolicy(cost, widths=widths, mode=decision, backend=self.backend)
+                policy = TruncationPolicy(
+                    cost,
+                    widths=widths,
+                    mode=decision,
+                    backend=self.backend,
+                    per_request=mode.per_request,
+                    pad_cost=pad_cost,
+                )
             self._engines[key] = self.engine_factory(mode, policy)
         return self._engines[key]
 
@@ -264,6 +299,18 @@ class Bench:
 
     def _step_cost_s(self, batch_size: int, width: int) -> float:
         return float(self.table.step_cost(batch_size, [width])[0]) / 1000.0
+
+    def _modeled_step_s(self, batch_size: int, width: int, real: float, drafted: bool) -> float:
+        """One decode step charged from the modeled table: the real tokens' cost, plus padding at
+        the table's ``padding_cost``, minus the drafting (``fixed_ms``) when nothing was drafted."""
+        t = self.modeled_table
+        full, real_t = (float(v) for v in t.step_cost(batch_size, [float(width), float(real)]))
+        ms = real_t + self.modeled_pad_cost * (full - real_t)
+        if not drafted and t.fixed_ms is not None:  # autoregressive: no drafter forwards
+            bss = [float(b) for b in t.batch_sizes]
+            b = min(max(float(batch_size), bss[0]), bss[-1])
+            ms -= _interp(b, bss, [float(f) for f in t.fixed_ms])
+        return ms / 1000.0
 
     def run_one(
         self,
@@ -302,6 +349,7 @@ class Bench:
             prompt_ids,
             self._step_cost_s if (self.table is not None and mode.kind == "evict") else None,
             time_scale=(cpu / wall if wall > 0 else 1.0) if self.clock == "cpu" else 1.0,
+            modeled_step_s=self._modeled_step_s if self.modeled_table is not None else None,
         )
         if counter is not None:
             rec.union_sum, rec.union_count = counter.take()

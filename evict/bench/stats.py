@@ -56,6 +56,7 @@ class _Totals:
     predicted_count: int = 0
     predicted_step_s_sum: float = 0.0
     predicted_step_count: int = 0
+    modeled_s: float = 0.0  # decode steps charged from a modeled (GPU-shaped) cost table, not timed
 
 
 _SUM_FIELDS = tuple(f.name for f in fields(_Totals))
@@ -112,6 +113,11 @@ class ModeSeed(_Totals):
     def tokens_per_s(self) -> float:
         """End-to-end throughput: new tokens over the wall time of the generate calls."""
         return _div(self.new_tokens, self.wall_s)
+
+    @property
+    def modeled_tokens_per_s(self) -> float:
+        """New tokens over the *modeled* decode time (each step charged from the modeled table)."""
+        return _div(self.new_tokens, self.modeled_s)
 
     @property
     def accepted_length(self) -> float:
