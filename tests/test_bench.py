@@ -688,3 +688,15 @@ def test_calibrated_evict_oracle_cut_and_out_of_domain_prompts_on_the_reference_
     assert data.acceptance_priors["evict+cal"]["format"] == "evict-acceptance-prior"
     md = render_markdown(summary)
     assert "Oracle cut (bs 1" in md and "EVICT calibrated" in md
+
+
+def test_sweep_engines_are_freed_after_the_sweep():
+    pytest.importorskip("evict.engine")
+    from evict.bench.cli import _engine_factory
+
+    target, drafter = _tiny_pair()
+    bench = Bench(_engine_factory(target, drafter, "cpu"), target, num_experts=8, table=_tiny_table())
+    kept = bench.engine(ModeSpec(name="ar", kind="ar"))
+    res = bench.sweep([(2, 2, 4), (3, 1, 4)], [[1, 2, 3], [4, 5, 6]], batch_size=1, max_new_tokens=4)
+    assert sorted(t for t, _ in res) == [(2, 2, 4), (3, 1, 4)]
+    assert list(bench._engines.values()) == [kept]  # only the run's own engine stays cached

@@ -259,9 +259,13 @@ class Bench:
         )
         self._engines: dict[str, Any] = {}
 
+    @staticmethod
+    def _engine_key(mode: ModeSpec) -> str:
+        return f"{mode.name}|{mode.tree}|{mode.cost}|{mode.budget}|{mode.decision}|{mode.acceptance}|{mode.per_request}"
+
     def engine(self, mode: ModeSpec) -> Any:
         """The (cached) engine of a mode; EVICT modes get their cost-table variant."""
-        key = f"{mode.name}|{mode.tree}|{mode.cost}|{mode.budget}|{mode.decision}|{mode.acceptance}|{mode.per_request}"
+        key = self._engine_key(mode)
         if key not in self._engines:
             policy = None
             if mode.kind == "evict":
@@ -408,5 +412,5 @@ class Bench:
         agg = aggregate(recs)
         res = [(m.tree, agg[(m.name, batch_size, -1)].tokens_per_s) for m in modes]
         for m in modes:  # sweep engines are not reused
-            self._engines.pop(f"{m.name}|{m.tree}|{m.cost}|{m.budget}", None)
+            self._engines.pop(self._engine_key(m), None)
         return sorted(res, key=lambda x: -x[1])
