@@ -121,6 +121,13 @@ def sglang_parents(parents_list: list[torch.Tensor], topk: int, num_cand: int) -
     are the same tree. Returns [bs, K].
     """
     parent_list = torch.cat(parents_list[:-1], dim=1) if len(parents_list) > 1 else parents_list[0][:, :1]
+    return flat_parents(parent_list, topk, num_cand)
+
+
+def flat_parents(parent_list: torch.Tensor, topk: int, num_cand: int) -> torch.Tensor:
+    """``[bs, K]`` flat parent of every candidate from ``organize_draft_results``' ``parent_list``
+    (``cat(parents_list[:-1])``): candidate f's parent is ``parent_list[:, f // topk]``, -1 = root.
+    """
     idx = torch.arange(num_cand, device=parent_list.device) // topk
     return parent_list.index_select(1, idx).long()
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evict.truncation.acceptance import ACCEPTANCE_CHOICES
+
 __all__ = [
     "ENV_VARS",
     "DEFAULT_WIDTHS",
@@ -55,6 +57,11 @@ ENV_VARS: dict[str, tuple[str, str]] = {
         "1 = warn instead of stopping when the table was profiled for another model/device/TP/dtype",
     ),
     "EVICT_BACKEND": ("torch", "`torch` or `triton`: implementation of the per-step width choice"),
+    "EVICT_ACCEPTANCE": (
+        "raw",
+        "`raw` (rank nodes by the drafter's cumulative probabilities) or `calibrated` (by the online "
+        "acceptance estimator, learned from past verifications; same lossless rule)",
+    ),
     "EVICT_LOG_INTERVAL": ("100", "log EVICT metrics every N decode steps (0 = never)"),
     "EVICT_RECALIBRATE": ("0", "1 = ignore the cached start-up calibration and measure the table again"),
     "EVICT_CACHE_DIR": (
@@ -95,6 +102,7 @@ class EvictConfig:
     backend: str  # "torch" | "triton"
     log_interval: int
     recalibrate: bool = False  # EVICT_RECALIBRATE: ignore a cached calibration
+    acceptance: str = "raw"  # EVICT_ACCEPTANCE: "raw" | "calibrated"
 
     @property
     def policy_mode(self) -> str:
@@ -191,6 +199,7 @@ def parse_env(environ: Mapping[str, str] | None = None) -> EvictConfig:
         backend=_choice("EVICT_BACKEND", _get(env, "EVICT_BACKEND", "torch"), _BACKENDS),
         log_interval=log_interval,
         recalibrate=_bool("EVICT_RECALIBRATE", _get(env, "EVICT_RECALIBRATE", "0")),
+        acceptance=_choice("EVICT_ACCEPTANCE", _get(env, "EVICT_ACCEPTANCE", "raw"), ACCEPTANCE_CHOICES),
     )
 
 

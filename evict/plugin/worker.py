@@ -56,6 +56,7 @@ from sglang.srt.speculative.eagle_worker_v2 import (
 from sglang.srt.speculative.spec_utils import draft_tp_context
 from sglang.srt.utils.common import get_available_gpu_memory, log_info_on_rank0
 
+from evict.engine.tree_layout import flat_parents, num_candidates
 from evict.plugin.calibration import (
     GraphReplay,
     calibrate_or_load,
@@ -81,7 +82,7 @@ from evict.plugin.tree_cut import (
     verify_spec_steps,
 )
 from evict.plugin.width_states import WidthStateSet
-from evict.truncation import TruncationPolicy
+from evict.truncation import AcceptanceEstimator, AcceptanceFeatures, TruncationPolicy, flat_outcomes
 
 __all__ = ["EvictDraftWorker", "EvictWorkerV2", "install_hooks"]
 
@@ -205,6 +206,10 @@ class EvictDraftWorker(EagleDraftWorker):
         self.width_agreement: WidthAgreement | None = None  # TP > 1 only
         self.last_decision: Any = None
         self.width_counts: dict[int, int] = {}  # verified width -> decode steps (for the log line)
+        # EVICT_ACCEPTANCE=calibrated: set by EvictWorkerV2; learns from each verification.
+        self.acceptance: AcceptanceEstimator | None = None
+        self.acceptance_candidates = num_candidates(self.speculative_num_steps, self.topk)
+        self._pending_outcome: tuple[AcceptanceFeatures, torch.Tensor] | None = None
 
     def draft_forward(self, forward_batch: Any):
         # Also entered by draft CUDA-graph capture, which then records the score copy.
@@ -222,7 +227,49 @@ class EvictDraftWorker(EagleDraftWorker):
         finally:
             ACTIVE_DRAFT_WORKER.reset(token)
 
-    def choose_width(self, batch: Any) -> tuple[int, torch.Tensor | None]:
+    def kept_scores(
+        self, batch: Any, parent_list: torch.Tensor, top_scores_index: torch.Tensor
+    ) -> torch.Tensor:
+        """The N-1 kept candidates' scores the policy ranks: the drafter's, or calibrated ones.
+
+        Calibrated: the estimator works on flat candidate indices with their flat parents (SGLang's
+        ``parent_list`` convention); only the kept candidates are known here, which is enough
+        because their set is ancestor-closed.  Its features are held until the verification's
+        outcome arrives (:meth:`learn`).
+        """
+        scores = self.score_sink.read(batch.seq_lens.shape[0])
+        self._pending_outcome = None
+        if self.acceptance is None:
+            return scores
+        bs, k = top_scores_index.shape[0], self.acceptance_candidates
+        flat = torch.zeros((bs, k), dtype=torch.float32, device=scores.device)
+        flat.scatter_(1, top_scores_index.long(), scores.to(torch.float32))
+        parents = flat_parents(parent_list, self.topk, k)
+        calibrated, feats = self.acceptance.calibrate(flat, parents)
+        if feats is not None:
+            self._pending_outcome = (feats, top_scores_index)
+        return calibrated.gather(1, top_scores_index.long())
+
+    def learn(self, accept_index: torch.Tensor, width: int) -> None:
+        """Feed one verification's outcome to the estimator (device ops only, no host sync).
+
+        ``accept_index [bs, spec_steps+1]`` holds global verify indices ``b*width + j`` (-1 = none).
+        """
+        pending, self._pending_outcome = self._pending_outcome, None
+        if pending is None or self.acceptance is None:
+            return
+        feats, top_scores_index = pending
+        bs = accept_index.shape[0]
+        kept = top_scores_index[:, : width - 1]
+        base = torch.arange(bs, device=accept_index.device).unsqueeze(1) * width
+        local = torch.where(accept_index >= 0, accept_index - base, torch.full_like(accept_index, -1))
+        path = torch.full((bs, width), -1, dtype=torch.long, device=accept_index.device)
+        cols = min(width, local.shape[1])
+        path[:, :cols] = local[:, :cols]
+        verified, accepted = flat_outcomes(kept, path, self.acceptance_candidates)
+        self.acceptance.update(feats, verified, accepted)
+
+    def choose_width(self, batch: Any, scores: torch.Tensor | None = None) -> tuple[int, torch.Tensor | None]:
         """This step's verify width and kept positions ``[bs, m-1]`` (None = the whole tree).
 
         Never raises: a failed decision verifies the full tree.  Under TP > 1 the ranks agree on
@@ -234,9 +281,11 @@ class EvictDraftWorker(EagleDraftWorker):
         policy = self.truncation_policy
         if policy is None or batch.forward_mode.is_idle():
             return n, None
+        if scores is None:
+            scores = self.score_sink.read(batch.seq_lens.shape[0])
         decision, index = None, policy.widths.numel() - 1
         try:
-            decision = policy.decide(self.score_sink.read(batch.seq_lens.shape[0]))
+            decision = policy.decide(scores)
             index = decision.width_index
         except Exception as exc:  # never fail a request over the cut: verify the full tree
             policy.record_error(exc, "width decision failed; verifying the full tree")
@@ -257,7 +306,14 @@ class EvictDraftWorker(EagleDraftWorker):
         self, batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kwargs
     ):
         """SGLang's ``build_eagle_verify_input`` on the cut tree, after switching to its width."""
-        width, kept = self.choose_width(batch)
+        scores = None
+        if self.truncation_policy is not None and not batch.forward_mode.is_idle():
+            try:
+                scores = self.kept_scores(batch, parent_list, top_scores_index)
+            except Exception as exc:  # the estimator must never fail a request: rank by raw scores
+                self.truncation_policy.record_error(exc, "acceptance estimator failed; using raw scores")
+                self._pending_outcome = None
+        width, kept = self.choose_width(batch, scores)
         if kept is not None:
             top_scores_index, draft_tokens = cut_draft_tree(top_scores_index, draft_tokens, kept)
         if self.use_width is not None:
@@ -450,12 +506,16 @@ class EvictWorkerV2(EAGLEWorkerV2):
             self.truncation_policy = self.evict_metrics.policy = self._calibrate_policy()
         dw.truncation_policy = self.truncation_policy
         dw.use_width = self.use_width
+        if self.evict_config.acceptance == "calibrated" and self.truncation_policy.mode != "off":
+            # Learns only from past verifications (lossless); identical on every TP rank.
+            dw.acceptance = AcceptanceEstimator(self.topk, self.speculative_num_steps, device=self.device)
         disabled = ", DISABLED (full tree every step)" if self.evict_config.disable else ""
         tp = f", widths agreed across {get_parallel().tp_size} TP ranks" if dw.width_agreement else ""
         log_info_on_rank0(
             logger,
             f"EVICT: verify widths {list(self.width_states.widths)} (N={self.full_num_draft_tokens}), "
-            f"decision={self.truncation_policy.mode}, backend={self.truncation_policy.backend}{disabled}{tp}; "
+            f"decision={self.truncation_policy.mode}, backend={self.truncation_policy.backend}, "
+            f"acceptance={'calibrated' if dw.acceptance is not None else 'raw'}{disabled}{tp}; "
             f"memory per extra width:\n{self.width_states.memory_report()}",
         )
 
@@ -544,6 +604,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
         with get_spec().override(speculative_num_draft_tokens=self.speculative_num_draft_tokens):
             result = super().verify(batch, pp_proxy_tensors=pp_proxy_tensors, grammar_barrier=grammar_barrier)
         if not batch.forward_mode.is_idle():
+            self._draft_worker.learn(result.accept_index, self.speculative_num_draft_tokens)
             self.evict_metrics.on_decode_step()
         return result
 

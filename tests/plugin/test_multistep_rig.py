@@ -66,13 +66,13 @@ from sglang.srt.speculative.eagle_utils import TreeMaskMode, eagle_prepare_for_d
 from transformers import PretrainedConfig  # noqa: E402
 
 from evict.engine.acceptance import greedy_accept, sampling_accept  # noqa: E402
-from evict.engine.tree_layout import DraftTree, select_verify_tree, sglang_parents  # noqa: E402
+from evict.engine.tree_layout import DraftTree, num_candidates, select_verify_tree, sglang_parents  # noqa: E402
 from evict.plugin import worker as evict_worker  # noqa: E402
 from evict.plugin.metrics import EvictMetrics  # noqa: E402
 from evict.plugin.tree_cut import ScoreSink  # noqa: E402
 from evict.plugin.width_states import WidthStateSet  # noqa: E402
 from evict.testing import cpu_ops  # noqa: E402
-from evict.truncation import TruncationPolicy  # noqa: E402
+from evict.truncation import AcceptanceEstimator, TruncationPolicy  # noqa: E402
 
 pytestmark = pytest.mark.sglang
 
@@ -380,7 +380,9 @@ class StepRecord(SimpleNamespace):
 class Rig:
     """Scheduler, models and pools around a real ``EvictWorkerV2`` for one decode run."""
 
-    def __init__(self, monkeypatch, *, sampling: bool, mask_mode: TreeMaskMode, seed: int) -> None:
+    def __init__(
+        self, monkeypatch, *, sampling: bool, mask_mode: TreeMaskMode, seed: int, acceptance: bool = False
+    ) -> None:
         self.g = torch.Generator().manual_seed(seed)
         self.sampling = sampling
         self.rec = StepRecord()
@@ -420,7 +422,7 @@ class Rig:
             token_to_kv_pool_allocator=self.allocator, supports_prefix_sharing=lambda: False
         )
 
-        self.worker = self._build_worker(mask_mode)
+        self.worker = self._build_worker(mask_mode, acceptance)
         self.policy = self.worker.truncation_policy
         self.reqs = [self._admit(i) for i in range(BS)]
         self.finished = 0
@@ -487,7 +489,7 @@ class Rig:
 
         monkeypatch.setattr(eagle_worker_common, "eagle_sample", eagle_sample_recorded)
 
-    def _build_worker(self, mask_mode):
+    def _build_worker(self, mask_mode, acceptance: bool = False):
         draft_model = SimpleNamespace(
             forward=self._draft_model_forward,
             attn_backend=None,
@@ -534,6 +536,10 @@ class Rig:
         dw.parallel_layout = SimpleNamespace(tp_group=None)
         dw.tree_mask_mode, dw.device = mask_mode, "cpu"
         dw.width_agreement, dw.last_decision, dw.width_counts = None, None, {}
+        dw.acceptance, dw._pending_outcome = None, None
+        if acceptance:  # EVICT_ACCEPTANCE=calibrated
+            dw.acceptance = AcceptanceEstimator(TOPK, STEPS)
+            dw.acceptance_candidates = num_candidates(STEPS, TOPK)
 
         w = object.__new__(evict_worker.EvictWorkerV2)
         w._draft_worker, w._target_worker = dw, target
@@ -762,9 +768,12 @@ class Rig:
         )
         kept = rec.build["top_scores_index"]
         assert kept.shape == (BS, m - 1), ctx
-        if m > 1:
+        if m > 1 and self.worker._draft_worker.acceptance is None:
             top = torch.topk(tree_scores, m - 1, dim=-1).indices.sort(-1).values
             assert torch.equal(kept, top), f"{ctx}: the verified nodes are not the top {m - 1} by score"
+        elif m > 1:  # calibrated ranking: still the top of what the drafter organized, ancestor-closed
+            parents = tree.parents.gather(1, kept)
+            assert bool(((parents < 0) | (kept.unsqueeze(1) == parents.unsqueeze(2)).any(2)).all()), ctx
         vt = select_verify_tree(tree, kept, rec.build["bonus"].long())
         v = rec.verify_input
         assert v.draft_token_num == m and v.spec_steps == spec_steps, ctx
@@ -863,8 +872,8 @@ class Rig:
         assert not bool(torch.isin(owned, self.allocator.free_pages).any()), f"{ctx}: an owned slot is free"
 
 
-def _run(monkeypatch, *, sampling: bool, mask_mode: TreeMaskMode, seed: int) -> Rig:
-    rig = Rig(monkeypatch, sampling=sampling, mask_mode=mask_mode, seed=seed)
+def _run(monkeypatch, *, sampling: bool, mask_mode: TreeMaskMode, seed: int, acceptance: bool = False) -> Rig:
+    rig = Rig(monkeypatch, sampling=sampling, mask_mode=mask_mode, seed=seed, acceptance=acceptance)
     for want in WIDTH_SCRIPT:
         rig.run_step(want)
     return rig
@@ -892,3 +901,14 @@ def test_greedy_multistep_decode_follows_the_scripted_widths(monkeypatch):
 def test_sampling_multistep_decode_follows_the_scripted_widths(monkeypatch):
     rig = _run(monkeypatch, sampling=True, mask_mode=TreeMaskMode.QLEN_ONLY, seed=2)
     _check_coverage(rig)
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_calibrated_acceptance_learns_from_every_verification_and_stays_lossless(monkeypatch):
+    """EVICT_ACCEPTANCE=calibrated: nodes ranked by the estimator; every step's checks still hold."""
+    rig = _run(monkeypatch, sampling=False, mask_mode=TreeMaskMode.FULL_MASK, seed=3, acceptance=True)
+    _check_coverage(rig)
+    est = rig.worker._draft_worker.acceptance
+    trials = sum(row["trials"] for row in est.reliability())
+    # one trial per verified node whose parent was accepted: at least the root's kept children each step
+    assert trials >= sum(1 for m in WIDTH_SCRIPT if m > 1)

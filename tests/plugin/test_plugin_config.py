@@ -54,6 +54,7 @@ def test_defaults_from_empty_environment():
         backend="torch",
         log_interval=DEFAULT_LOG_INTERVAL,
         recalibrate=False,
+        acceptance="raw",
     )
     assert cfg.policy_mode == "immediate"
 
@@ -70,9 +71,10 @@ def test_all_variables_parsed():
             "EVICT_LOG_INTERVAL": "7",
             "EVICT_RECALIBRATE": "1",
             "EVICT_CACHE_DIR": "/tmp/somewhere",
+            "EVICT_ACCEPTANCE": " Calibrated",
         }
     )
-    assert cfg.recalibrate
+    assert cfg.recalibrate and cfg.acceptance == "calibrated"
     assert cfg.cost_table == Path("t.json")
     assert cfg.widths == (4, 8, 16)
     assert (cfg.decision, cfg.disable, cfg.allow_table_mismatch, cfg.backend, cfg.log_interval) == (
@@ -104,6 +106,7 @@ def test_unknown_variable_names_the_closest_known_one():
         ("EVICT_LOG_INTERVAL", "ten", "not an integer"),
         ("EVICT_LOG_INTERVAL", "-1", "negative"),
         ("EVICT_RECALIBRATE", "always", "not a boolean"),
+        ("EVICT_ACCEPTANCE", "learned", "raw, calibrated"),
     ],
 )
 def test_bad_values_are_clear_errors(name, value, needle):
@@ -123,7 +126,12 @@ def test_blank_values_mean_unset_for_every_variable(blank):
     """``EVICT_X=`` is "unset" for every variable alike (it used to stop the launch for three)."""
     cfg = parse_env({name: blank for name in ENV_VARS})
     assert cfg == parse_env({})
-    assert (cfg.log_interval, cfg.decision, cfg.backend) == (DEFAULT_LOG_INTERVAL, "immediate", "torch")
+    assert (cfg.log_interval, cfg.decision, cfg.backend, cfg.acceptance) == (
+        DEFAULT_LOG_INTERVAL,
+        "immediate",
+        "torch",
+        "raw",
+    )
     assert (cfg.cost_table, cfg.widths, cfg.disable, cfg.allow_table_mismatch, cfg.recalibrate) == (
         None,
         None,

@@ -121,6 +121,7 @@ def make_draft_worker(monkeypatch, rec, policy, n=8, topk=4, steps=3):
     dw.width_agreement = None
     dw.last_decision = None
     dw.width_counts = {}
+    dw.acceptance, dw._pending_outcome = None, None
 
     def use_width(m):
         rec.events.append(("use", m))
