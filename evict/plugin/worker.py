@@ -258,9 +258,8 @@ class EvictDraftWorker(EagleDraftWorker):
         pending, self._pending_outcome = self._pending_outcome, None
         if pending is None or self.acceptance is None:
             return
-        feats, top_scores_index = pending
+        feats, kept = pending  # [bs, width-1]: the verified candidates, in verify order
         bs = accept_index.shape[0]
-        kept = top_scores_index[:, : width - 1]
         base = torch.arange(bs, device=accept_index.device).unsqueeze(1) * width
         local = torch.where(accept_index >= 0, accept_index - base, torch.full_like(accept_index, -1))
         path = torch.full((bs, width), -1, dtype=torch.long, device=accept_index.device)
@@ -316,6 +315,8 @@ class EvictDraftWorker(EagleDraftWorker):
         width, kept = self.choose_width(batch, scores)
         if kept is not None:
             top_scores_index, draft_tokens = cut_draft_tree(top_scores_index, draft_tokens, kept)
+        if self._pending_outcome is not None:  # the estimator learns about the nodes verified
+            self._pending_outcome = (self._pending_outcome[0], top_scores_index)
         if self.use_width is not None:
             # Before the build (it writes the width-m backend's verify mask), and on every step:
             # verify and draft extend read the width from the workers, not from this call.

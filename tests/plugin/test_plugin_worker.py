@@ -589,3 +589,39 @@ def test_without_a_table_or_graphs_the_server_verifies_the_full_tree_and_says_wh
         policy = w._calibrate_policy()
     assert policy.mode == "off" and policy.widths.tolist() == [8] and log == []
     assert any("nothing to calibrate from" in r.getMessage() for r in caplog.records)
+
+
+def test_calibrated_acceptance_learns_from_the_verified_cut_tree(monkeypatch):
+    """The estimator sees this step's verified nodes (the cut) and the accepted path, nothing else."""
+    from evict.engine.tree_layout import num_candidates
+    from evict.truncation import AcceptanceEstimator
+
+    rec = _Recorder()
+    policy = TruncationPolicy([1.0, 1.0, 50.0], widths=[2, 4, 8], mode="immediate")  # width 4 wins
+    dw = make_draft_worker(monkeypatch, rec, policy)
+    dw.acceptance = AcceptanceEstimator(4, 3)
+    dw.acceptance_candidates = num_candidates(3, 4)
+    dw.draft(make_batch())
+    m = dw.last_decision.width
+    assert m == 4
+    kept = rec.build_kwargs["top_scores_index"]  # [2, 3] flat indices the verify tree holds
+    parents = _original(*dw.lists, 8)[0]  # organize's parent_list
+    from evict.engine.tree_layout import flat_parents
+
+    flat_par = flat_parents(parents, 4, dw.acceptance_candidates)
+    # request 0 accepts verify node 1 (its first kept candidate) then stops; request 1 accepts nothing
+    accept_index = torch.tensor([[0, 1, -1, -1], [4, -1, -1, -1]])
+    dw.learn(accept_index, m)
+    rel = dw.acceptance.reliability()
+    # trials = verified nodes whose parent was accepted (the root always is)
+    want_trials, want_acc = 0, 0
+    for b, accepted in ((0, {int(kept[0, 0])}), (1, set())):
+        acc_flat = accepted
+        for f in kept[b].tolist():
+            p = int(flat_par[b, f])
+            if p < 0 or p in acc_flat:
+                want_trials += 1
+                want_acc += f in acc_flat
+    assert sum(r["trials"] for r in rel) == want_trials > 0
+    assert round(sum(r["trials"] * r["realized"] for r in rel)) == want_acc == 1
+    assert dw._pending_outcome is None  # consumed once
