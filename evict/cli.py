@@ -133,6 +133,7 @@ def _model_dirs() -> tuple[Path, Path]:
 
 
 def _policy(args: argparse.Namespace):
+    from evict.kernels import make_decider
     from evict.profiler.auto import AutoGrid, resolve_cost_table
     from evict.profiler.table import CostTableError, resolve_widths
     from evict.profiler.torch_backend import ProfileError
@@ -159,8 +160,8 @@ def _policy(args: argparse.Namespace):
     policy = TruncationPolicy(
         choice.table,
         widths=widths,
-        mode=args.decision,
-        backend=args.backend,
+        decision=args.decision,
+        decider=make_decider(args.backend),
         per_request=args.per_request == "on",
         pad_cost=pad_cost,
     )
@@ -269,7 +270,7 @@ def _generate(args: argparse.Namespace) -> int:
     if "evict" in modes:  # fail before spending time on the other modes
         evict_policy, table_path = _policy(args)
         print(
-            f"[evict] cost table: {table_path} (decision={evict_policy.mode}, backend={evict_policy.backend})"
+            f"[evict] cost table: {table_path} (decision={evict_policy.decision}, backend={evict_policy.backend})"
         )
     outputs: dict[str, list[int]] = {}
     estimator = _estimator(args) if "evict" in modes else None

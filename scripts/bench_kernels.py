@@ -118,13 +118,13 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:
             scores = _scores(bs, k, dev, seed=bs * 1000 + k)
 
             def kernel(scores=scores):
-                return choose_width_triton(scores, cost, widths, check=False, backend="triton")
+                return choose_width_triton(scores, cost, widths, check=False)
 
             def kernel_read(scores=scores):
                 return kernel(scores).to_width_decision()
 
-            def torch_rule(scores=scores):
-                return choose_width(scores, cost, widths, check=False)
+            def torch_rule(scores=scores):  # host widths, as TruncationPolicy passes them
+                return choose_width(scores, cost, tuple(args.widths), check=False)
 
             def host(scores=scores):
                 d = choose_width(scores.cpu(), cost_h, widths_h, check=False)
@@ -170,6 +170,7 @@ def _spin_cycles(us: float) -> int:
 
 def run_host_wait(args: argparse.Namespace) -> list[dict]:
     """Host microseconds until ``policy.decide`` returns, with a drafter's worth of GPU work queued."""
+    from evict.kernels import make_decider
     from evict.truncation import TruncationPolicy
 
     cost = _cost(args.widths)
@@ -183,7 +184,7 @@ def run_host_wait(args: argparse.Namespace) -> list[dict]:
         for backend in ("torch", "triton"):
             row = {"bs": bs, "K": k, "backend": backend, "queued_us": args.queued_us}
             for mode in ("immediate", "lagged"):
-                policy = TruncationPolicy(cost, args.widths, mode=mode, backend=backend)
+                policy = TruncationPolicy(cost, args.widths, decision=mode, decider=make_decider(backend))
                 for _ in range(args.warmup):
                     policy.decide(scores)
                 waits = []
@@ -216,7 +217,7 @@ def run_interpreter(args: argparse.Namespace) -> list[dict]:
         for k in args.k:
             scores = _scores(bs, k, "cpu", seed=bs * 1000 + k)
             t0 = time.perf_counter()
-            a = choose_width_triton(scores, cost, widths, backend="triton").to_width_decision()
+            a = choose_width_triton(scores, cost, widths).to_width_decision()
             t1 = time.perf_counter()
             b = choose_width(scores, cost, widths)
             t2 = time.perf_counter()

@@ -19,7 +19,7 @@ def prompts(seed: int, n: int) -> list[list[int]]:
 
 
 def predicted_vs_realized(engine: SpecEngine, batch: list[list[int]]) -> tuple[float, float]:
-    engine.policy.reset_stats()
+    engine.policy.counters.reset()
     engine.generate(batch, 16)
     s = engine.policy.stats()
     return s["mean_predicted_accepted"], s["mean_realized_accepted"]

@@ -326,8 +326,10 @@ def test_full_run_ablates_the_other_decision_mode():
         args = _args(quick=False, batch_sizes=[1], seeds=[0], moe_spec_budget=0, decision=decision)
         data, err = run_bench(args, bench, ByteTokenizer(), log=lambda s: None)
         assert err is None
-        assert policies["evict"].mode == decision and policies[f"evict[decision:{other}]"].mode == other
-        assert policies["evict[shifted:+]"].mode == decision  # cost ablations keep the run's decision
+        assert (
+            policies["evict"].decision == decision and policies[f"evict[decision:{other}]"].decision == other
+        )
+        assert policies["evict[shifted:+]"].decision == decision  # cost ablations keep the run's decision
         # each cost ablation decides from its own variant of the table, never the main one
         main = policies["evict"].step_cost(1)
         assert torch.allclose(main, torch.tensor([1.1, 1.2, 1.4, 1.8]))  # widths 1, 2, 4, 8 at bs 1
@@ -600,7 +602,7 @@ def test_evict_engines_get_the_chosen_decision_and_backend(decision, backend):
     )
     bench.engine(ModeSpec(name="evict", kind="evict", steps=2, topk=2, num_draft=4, role="evict"))
     policy = seen[0]
-    assert policy.mode == decision
+    assert policy.decision == decision
     assert policy.backend == (backend if importlib.util.find_spec("triton") else "torch")
     args = build_parser().parse_args(["--decision", decision, "--backend", backend])
     assert (args.decision, args.backend) == (decision, backend)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from evict.kernels import make_decider
 from evict.truncation import TruncationPolicy, choose_width
 
 pytestmark = [
@@ -36,7 +37,7 @@ def test_kernel_on_cuda_matches_the_rule(bs: int, k: int) -> None:
         if seed == 4:
             scores[bs - 1, 0] = float("nan")
         ref = choose_width(scores.cpu(), COST, WIDTHS)
-        got = choose_width_triton(scores, COST, WIDTHS, backend="auto").to_width_decision()
+        got = choose_width_triton(scores, COST, WIDTHS).to_width_decision()
         torch.testing.assert_close(got.objective.cpu(), ref.objective, rtol=1e-5, atol=0)
         if got.width_index == ref.width_index:
             assert torch.equal(got.kept.cpu(), ref.kept)
@@ -48,7 +49,7 @@ def test_kernel_on_cuda_matches_the_rule(bs: int, k: int) -> None:
 def test_lagged_decide_does_not_wait_for_queued_gpu_work(backend: str) -> None:
     # A long kernel queued just before decide() stands for this step's drafter: a lagged decision
     # returns while it still runs (immediate mode would have to wait for it to read the width).
-    pol = TruncationPolicy(COST, WIDTHS, mode="lagged", backend=backend)
+    pol = TruncationPolicy(COST, WIDTHS, decision="lagged", decider=make_decider(backend))
     scores = _scores(64, 63, 0)
     for _ in range(3):
         pol.decide(scores)
@@ -64,7 +65,7 @@ def test_lagged_decide_does_not_wait_for_queued_gpu_work(backend: str) -> None:
 @pytest.mark.parametrize("mode", ["lagged", "off"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_lagged_and_off_steps_make_no_synchronizing_call(mode: str, backend: str) -> None:
-    pol = TruncationPolicy(COST, WIDTHS, mode=mode, backend=backend)
+    pol = TruncationPolicy(COST, WIDTHS, decision=mode, decider=make_decider(backend))
     steps = [_scores(16, 63, s) for s in range(300)]
     pol.decide(steps[0])
     torch.cuda.synchronize()
@@ -75,3 +76,4 @@ def test_lagged_and_off_steps_make_no_synchronizing_call(mode: str, backend: str
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert pol.stats()["steps"] == 300
+    assert pol.backend == backend and pol.stats()["errors"] == 0  # the kernel ran every step

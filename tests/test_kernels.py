@@ -2,8 +2,8 @@
 
 Triton runs the kernels on CPU tensors in its interpreter, which reads ``TRITON_INTERPRET`` when the
 kernels are decorated (on first use), so the variable is set here, before anything imports them.
-Every comparison is with the rule itself (``choose_width``, ``keep_top``, ``TruncationPolicy`` on
-the torch backend), never with a second implementation. Skipped when triton is not installed.
+Every comparison is with the rule itself (``choose_width``, ``keep_top``, ``TruncationPolicy`` with
+the torch rule), never with a second implementation. Skipped when triton is not installed.
 """
 
 import importlib.util
@@ -23,8 +23,11 @@ pytest.importorskip("triton")
 
 from evict.kernels import (  # noqa: E402
     DeviceWidthDecision,
+    KernelUnavailable,
+    TritonDecider,
     choose_width_triton,
     keep_top_triton,
+    make_decider,
     triton_usable,
 )
 from evict.truncation import TruncationPolicy, choose_width, keep_top  # noqa: E402
@@ -69,7 +72,7 @@ def _assert_same(kernel: DeviceWidthDecision, scores, cost, widths) -> None:
 def test_interpreter_is_used_on_cpu() -> None:
     assert triton_usable("cpu")
     scores = torch.rand(2, 5)
-    d = choose_width_triton(scores, [1.0, 1.5], [1, 3], backend="triton")
+    d = choose_width_triton(scores, [1.0, 1.5], [1, 3])
     assert isinstance(d, DeviceWidthDecision)
     assert d.width.dim() == 0 and d.width.device == scores.device
 
@@ -85,7 +88,7 @@ def test_random_matches_rule(bs: int, k: int) -> None:
         cost = _costs(widths, gen, flat=trial == 2)
         # cumulative-probability-like scores: products of uniforms, so many are small
         scores = torch.rand(bs, k, generator=gen) ** torch.randint(1, 4, (bs, k), generator=gen)
-        _assert_same(choose_width_triton(scores, cost, widths, backend="triton"), scores, cost, widths)
+        _assert_same(choose_width_triton(scores, cost, widths), scores, cost, widths)
 
 
 def test_ties_go_to_lower_flat_index_and_smaller_width() -> None:
@@ -93,14 +96,14 @@ def test_ties_go_to_lower_flat_index_and_smaller_width() -> None:
     widths = torch.tensor([1, 2, 4, 8, 16])
     for base in (torch.ones(6, 20), torch.zeros(6, 20), (torch.rand(6, 20, generator=gen) * 4).round() / 4):
         for cost in (torch.ones(5), widths.float(), torch.tensor([1.0, 1.2, 1.9, 2.0, 4.0])):
-            _assert_same(choose_width_triton(base, cost, widths, backend="triton"), base, cost, widths)
+            _assert_same(choose_width_triton(base, cost, widths), base, cost, widths)
     # all scores 1.0 and T proportional to m: every width has the same objective -> width 1
-    d = choose_width_triton(torch.ones(3, 10), widths.float(), widths, backend="triton").to_width_decision()
+    d = choose_width_triton(torch.ones(3, 10), widths.float(), widths).to_width_decision()
     assert d.width == 1 and d.kept.shape == (3, 0)
     # equal scores: the kept set is the lowest flat indices (the parents), listed ascending
-    d = choose_width_triton(torch.ones(2, 10), torch.ones(5), widths, backend="triton").to_width_decision()
+    d = choose_width_triton(torch.ones(2, 10), torch.ones(5), widths).to_width_decision()
     assert d.width == 11 and torch.equal(d.kept, torch.arange(10).expand(2, 10))
-    kept = keep_top_triton(torch.full((1, 9), 0.5), 5, backend="triton")
+    kept = keep_top_triton(torch.full((1, 9), 0.5), 5)
     assert torch.equal(kept, torch.tensor([[0, 1, 2, 3]]))
 
 
@@ -108,9 +111,9 @@ def test_negative_zero_and_scores_above_one() -> None:
     scores = torch.tensor([[0.0, -0.0, 0.3, 1.5, 1.0, -0.0], [1.0000001, 0.2, 0.2, 0.0, 0.9, 0.1]])
     widths = torch.tensor([1, 2, 3, 5, 7])
     for cost in (torch.ones(5), torch.tensor([1.0, 1.01, 1.3, 1.4, 1.45])):
-        _assert_same(choose_width_triton(scores, cost, widths, backend="triton"), scores, cost, widths)
+        _assert_same(choose_width_triton(scores, cost, widths), scores, cost, widths)
     for m in range(1, 8):
-        assert torch.equal(keep_top_triton(scores, m, backend="triton"), keep_top(scores, m))
+        assert torch.equal(keep_top_triton(scores, m), keep_top(scores, m))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), -0.25])
@@ -120,7 +123,7 @@ def test_bad_rows_fall_back_to_full_tree(bad: float) -> None:
     scores[2, 4] = bad
     widths = torch.tensor([1, 2, 4, 8])
     cost = torch.tensor([1.0, 3.0, 9.0, 27.0])  # steep: without the bad row, width 1 wins
-    kernel = choose_width_triton(scores, cost, widths, backend="triton")
+    kernel = choose_width_triton(scores, cost, widths)
     _assert_same(kernel, scores, cost, widths)
     d = kernel.to_width_decision()
     assert d.width == 8 and d.width_index == 3
@@ -129,16 +132,16 @@ def test_bad_rows_fall_back_to_full_tree(bad: float) -> None:
     assert int(kernel.best_index) == 3  # this step's own choice includes the fallback
     # a forced (host-known) index is used as given: the bad row is cut on its ramp, and
     # best_index still carries the fallback to the next step; the torch rule agrees
-    for backend in ("triton", "torch"):
-        forced = choose_width_triton(scores, cost, widths, index=1, backend=backend)
-        f = forced.to_width_decision()
-        assert (f.width, f.width_index, int(forced.best_index)) == (2, 1, 3), backend
-        assert f.kept[2].tolist() == [0] and torch.equal(f.kept, keep_top_triton(scores, 2, backend=backend))
+    for decide in (TritonDecider(), choose_width):
+        f = decide(scores, cost, widths, index=1)
+        assert (f.width, f.width_index, int(f.own_index())) == (2, 1, 3), decide
+        assert f.kept[2].tolist() == [0] and torch.equal(f.kept, keep_top(scores, 2))
+        assert torch.equal(f.kept, keep_top_triton(scores, 2))
         assert f.fallback.tolist() == d.fallback.tolist()
         torch.testing.assert_close(f.expected_accepted, 1.0 + keep_top_scores(scores, 1))
     clean = scores.clone()
     clean[2] = 0.1
-    assert choose_width_triton(clean, cost, widths, backend="triton").to_width_decision().width == 1
+    assert choose_width_triton(clean, cost, widths).to_width_decision().width == 1
 
 
 def keep_top_scores(scores: torch.Tensor, n: int) -> torch.Tensor:
@@ -152,12 +155,12 @@ def test_all_rows_bad_and_widths_beyond_tree() -> None:
     scores = torch.full((3, 3), float("nan"))
     widths = torch.tensor([1, 2, 8, 64])  # 8 and 64 exceed K + 1 = 4: clamped to the whole tree
     cost = torch.tensor([1.0, 1.1, 1.2, 1.2])
-    _assert_same(choose_width_triton(scores, cost, widths, backend="triton"), scores, cost, widths)
-    d = choose_width_triton(scores, cost, widths, backend="triton").to_width_decision()
+    _assert_same(choose_width_triton(scores, cost, widths), scores, cost, widths)
+    d = choose_width_triton(scores, cost, widths).to_width_decision()
     assert d.width == 4 and d.width_index == 3 and d.kept.shape == (3, 3)
     # clean scores: widths 8 and 64 both mean the whole tree at the same cost -> the smaller index
     scores = torch.tensor([[0.9, 0.8, 0.7]])
-    d = choose_width_triton(scores, cost, widths, backend="triton").to_width_decision()
+    d = choose_width_triton(scores, cost, widths).to_width_decision()
     ref = choose_width(scores, cost, widths)
     assert (d.width, d.width_index) == (ref.width, ref.width_index) == (4, 2)
 
@@ -167,7 +170,7 @@ def test_k1_single_candidate() -> None:
     for s in (0.0, 0.3, 1.0, float("nan")):
         scores = torch.tensor([[s]])
         for cost in (torch.tensor([1.0, 1.2, 1.5]), torch.tensor([1.0, 1.0, 1.0])):
-            _assert_same(choose_width_triton(scores, cost, widths, backend="triton"), scores, cost, widths)
+            _assert_same(choose_width_triton(scores, cost, widths), scores, cost, widths)
 
 
 def test_dtypes_and_strided_input() -> None:
@@ -182,7 +185,7 @@ def test_dtypes_and_strided_input() -> None:
         base[:, ::2],
         base.t().contiguous().t(),
     ):
-        _assert_same(choose_width_triton(scores, cost, widths, backend="triton"), scores, cost, widths)
+        _assert_same(choose_width_triton(scores, cost, widths), scores, cost, widths)
 
 
 def test_forced_index_and_lagged_policy_match_torch() -> None:
@@ -190,8 +193,8 @@ def test_forced_index_and_lagged_policy_match_torch() -> None:
     widths = torch.tensor([1, 2, 4, 8, 16])
     cost = torch.tensor([1.0, 1.05, 1.2, 1.6, 2.5])
     for mode in ("lagged", "immediate", "off"):
-        ref = TruncationPolicy(cost, widths, mode=mode, backend="torch")
-        dev = TruncationPolicy(cost, widths, mode=mode, backend="triton")
+        ref = TruncationPolicy(cost, widths, decision=mode)
+        dev = TruncationPolicy(cost, widths, decision=mode, decider=make_decider("triton"))
         assert dev.backend == "triton"
         for step in range(4):
             scores = torch.rand(3, 20, generator=gen) ** (step + 1)
@@ -201,10 +204,12 @@ def test_forced_index_and_lagged_policy_match_torch() -> None:
             assert (a.width, a.width_index) == (b.width, b.width_index), (mode, step)
             assert torch.equal(a.kept, b.kept) and torch.equal(a.fallback, b.fallback)
             torch.testing.assert_close(a.expected_accepted, b.expected_accepted, rtol=NEAR_TIE / 4, atol=0)
+            assert int(a.own_index()) == int(b.own_index()), (mode, step)
+        assert dev.backend == "triton" and dev.stats()["errors"] == 0  # the kernel ran every step
     # a forced index keeps best_index = this step's argmax (what lagged mode carries forward)
     scores = torch.rand(2, 20, generator=gen)
-    free = choose_width_triton(scores, cost, widths, backend="triton")
-    forced = choose_width_triton(scores, cost, widths, index=torch.tensor(1), backend="triton")
+    free = choose_width_triton(scores, cost, widths)
+    forced = choose_width_triton(scores, cost, widths, index=torch.tensor(1))
     assert int(forced.width_index) == 1 and int(forced.width) == 2
     assert int(forced.best_index) == int(free.best_index) == int(free.width_index)
     assert torch.equal(forced.objective, free.objective)
@@ -216,29 +221,33 @@ def test_keep_top_with_given_width() -> None:
     scores[0, :5] = 1.0
     scores[3, 2] = -1.0
     for m in (1, 2, 5, 16, 17, 40):
-        assert torch.equal(keep_top_triton(scores, m, backend="triton"), keep_top(scores, m))
-        dev = keep_top_triton(scores, torch.tensor(m), backend="triton")
-        host = keep_top_triton(scores, torch.tensor(m), backend="torch")
+        assert torch.equal(keep_top_triton(scores, m), keep_top(scores, m))
+        dev = keep_top_triton(scores, torch.tensor(m))
         n = min(m, 17) - 1
-        assert dev.shape == (4, 16) and torch.equal(dev, host)
+        assert dev.shape == (4, 16)
         assert torch.equal(dev[:, :n], keep_top(scores, m)) and bool((dev[:, n:] == -1).all())
 
 
-def test_torch_backend_is_the_rule() -> None:
+def test_the_triton_decider_keeps_the_rules_contract() -> None:
+    # same arguments, same WidthDecision (own_index included), host widths as the policy passes them
     gen = torch.Generator().manual_seed(2)
-    scores = torch.rand(3, 10, generator=gen)
-    widths = [1, 2, 4, 8, 16]
-    cost = [1.0, 1.1, 1.3, 1.7, 2.0]
-    got = choose_width_triton(scores, cost, widths, backend="torch").to_width_decision()
-    ref = choose_width(scores, cost, widths)
-    assert (got.width, got.width_index) == (ref.width, ref.width_index)
-    assert torch.equal(got.kept, ref.kept) and torch.equal(got.objective, ref.objective)
+    widths = (1, 2, 4, 8, 16)
+    cost = torch.tensor([1.0, 1.1, 1.3, 1.7, 2.0])
+    assert TritonDecider.backend == make_decider("triton").backend == "triton"
+    for step in range(4):
+        scores = torch.rand(3, 10, generator=gen) ** (step + 1)
+        for index in (None, 0, 2, 4):
+            ref = choose_width(scores, cost, widths, index=index, check=False)
+            got = TritonDecider()(scores, cost, widths, index=index, check=False)
+            assert (got.width, got.width_index) == (ref.width, ref.width_index), (step, index)
+            assert int(got.own_index()) == int(ref.own_index()) and torch.equal(got.kept, ref.kept)
+            torch.testing.assert_close(got.objective, ref.objective, rtol=NEAR_TIE / 4, atol=0)
 
 
 def test_bad_arguments_raise_clear_errors() -> None:
     scores = torch.rand(2, 4)
     with pytest.raises(ValueError, match="backend"):
-        choose_width_triton(scores, [1.0], [1], backend="cuda")
+        make_decider("cuda")
     with pytest.raises(ValueError, match="ascending"):
         choose_width_triton(scores, [1.0, 1.0], [2, 1])
     with pytest.raises(ValueError, match="index"):
@@ -247,11 +256,11 @@ def test_bad_arguments_raise_clear_errors() -> None:
         choose_width_triton(torch.rand(4), [1.0], [1])
     with pytest.raises(ValueError, match="width m"):
         keep_top_triton(scores, 0)
-    with pytest.raises(ValueError, match="K <= "):
-        choose_width_triton(torch.rand(1, 2000), [1.0], [1], backend="triton")
-    # auto falls back to the rule for shapes the kernel does not take
-    d = choose_width_triton(torch.rand(0, 4), [1.0, 2.0], [1, 2]).to_width_decision()
-    assert d.kept.shape == (0, 0)
+    # shapes the kernel does not take: KernelUnavailable, a NotImplementedError (the Decider contract)
+    for shape in ((1, 2000), (0, 4)):
+        with pytest.raises(KernelUnavailable, match="K <= ") as err:
+            choose_width_triton(torch.rand(*shape), [1.0], [1])
+        assert isinstance(err.value, NotImplementedError)
 
 
 _VALUES = [0.0, -0.0, 1.0, 0.5, 0.25, 0.125, 1e-30, 0.7, 0.3000001, 0.3, 1.5]
@@ -259,8 +268,8 @@ _BAD = [float("nan"), float("inf"), float("-inf"), -1e-9]
 
 
 def _check_tie_case(scores: torch.Tensor, cost: torch.Tensor, widths: list[int], m: int) -> None:
-    _assert_same(choose_width_triton(scores, cost, widths, backend="triton"), scores, cost, widths)
-    assert torch.equal(keep_top_triton(scores, m, backend="triton"), keep_top(scores, m))
+    _assert_same(choose_width_triton(scores, cost, widths), scores, cost, widths)
+    assert torch.equal(keep_top_triton(scores, m), keep_top(scores, m))
 
 
 # Fresh examples on every run (a derandomized set of 20 was the same test every time); hypothesis
@@ -297,21 +306,23 @@ def test_tie_heavy_pinned_cases(rows, steps, widths, m) -> None:
     _check_tie_case(scores, 1.0 + torch.tensor(steps).cumsum(0), widths, m)
 
 
-def test_without_triton_auto_uses_the_rule_and_triton_backend_says_how(monkeypatch) -> None:
+def test_where_the_kernels_cannot_run_they_say_how_and_the_policy_takes_the_rule(monkeypatch) -> None:
     import evict.kernels.width as width_mod
 
     monkeypatch.setattr(width_mod, "triton_available", lambda: False)
     assert not triton_usable("cpu")
     scores = torch.rand(3, 6, generator=torch.Generator().manual_seed(4))
-    d = choose_width_triton(scores, [1.0, 1.2, 1.5], [1, 3, 7]).to_width_decision()
-    ref = choose_width(scores, [1.0, 1.2, 1.5], [1, 3, 7])
-    assert (d.width, d.width_index) == (ref.width, ref.width_index) and torch.equal(d.kept, ref.kept)
-    with pytest.raises(ValueError, match="pip install"):
-        choose_width_triton(scores, [1.0], [1], backend="triton")
+    with pytest.raises(KernelUnavailable, match="pip install"):
+        choose_width_triton(scores, [1.0], [1])
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setattr(width_mod, "triton_available", lambda: True)
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        keep_top_triton(scores, 2, backend="triton")
+    with pytest.raises(KernelUnavailable, match="TRITON_INTERPRET=1"):
+        keep_top_triton(scores, 2)
+    pol = TruncationPolicy([1.0, 1.2, 1.5], [1, 3, 7], decider=make_decider("triton"))
+    d = pol.decide(scores)
+    ref = choose_width(scores, [1.0, 1.2, 1.5], [1, 3, 7])
+    assert (d.width, d.width_index) == (ref.width, ref.width_index) and torch.equal(d.kept, ref.kept)
+    assert pol.backend == "torch" and pol.stats()["errors"] == 0
 
 
 _BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench_kernels.py"

@@ -61,7 +61,9 @@ def test_evict_matches_target_greedy(pair_and_reference, policy_mode):
     really occurs; padded slots hold the root token and must never be accepted."""
     kind, target, drafter, ref = pair_and_reference
     decision, per_request = policy_mode.split("+")[0], policy_mode.endswith("+per-request")
-    policy = TruncationPolicy(STAIRCASE, widths=WIDTHS, mode=decision, per_request=per_request, pad_cost=0.0)
+    policy = TruncationPolicy(
+        STAIRCASE, widths=WIDTHS, decision=decision, per_request=per_request, pad_cost=0.0
+    )
     res = SpecEngine(target, drafter, mode="evict", steps=4, topk=2, policy=policy).generate(PROMPTS, NEW)
     assert res.tokens == ref
     widths = {s.width for s in res.steps}
@@ -77,7 +79,7 @@ def test_evict_matches_target_greedy(pair_and_reference, policy_mode):
 def test_evict_with_acceptance_estimator_matches_target_greedy(pair_and_reference, policy_mode):
     """Calibrated scores (learned from past outcomes, across generate calls) change the cut, never the text."""
     kind, target, drafter, ref = pair_and_reference
-    policy = TruncationPolicy(STAIRCASE, widths=WIDTHS, mode=policy_mode)
+    policy = TruncationPolicy(STAIRCASE, widths=WIDTHS, decision=policy_mode)
     est = AcceptanceEstimator(topk=2, max_depth=4, prior_strength=2.0, half_life=64.0)
     engine = SpecEngine(target, drafter, mode="evict", steps=4, topk=2, policy=policy, acceptance=est)
     for _ in range(3):  # the estimator keeps learning across calls

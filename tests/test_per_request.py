@@ -147,7 +147,7 @@ def test_pad_cost_is_validated():
     with pytest.raises(ValueError, match="pad_cost"):
         TruncationPolicy([1.0, 2.0], widths=[1, 2], per_request=True, pad_cost=-0.1)
     with pytest.raises(ValueError, match="immediate"):
-        TruncationPolicy([1.0, 2.0], widths=[1, 2], per_request=True, mode="lagged")
+        TruncationPolicy([1.0, 2.0], widths=[1, 2], per_request=True, decision="lagged")
 
 
 # ------------------------------------------------------------------------------ padded slots

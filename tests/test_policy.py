@@ -1,4 +1,4 @@
-"""Tests of TruncationPolicy: modes, cost sources, counters."""
+"""Tests of TruncationPolicy: decisions, deciders, cost sources, counters."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from evict.kernels import make_decider
 from evict.profiler.table import CostTable
-from evict.truncation import TruncationPolicy, choose_width, is_ancestor_closed, keep_top
+from evict.truncation import TORCH_RULE, TruncationPolicy, choose_width, is_ancestor_closed, keep_top
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "example_cost_table.json"
 
@@ -38,7 +39,7 @@ def test_immediate_matches_choose_width():
 
 
 def test_lagged_uses_previous_width_but_current_kept_nodes():
-    pol = TruncationPolicy(COST, WIDTHS, mode="lagged")
+    pol = TruncationPolicy(COST, WIDTHS, decision="lagged")
     first = pol.decide(strong())
     assert first.width == 8  # first call: immediate
     gen = torch.Generator().manual_seed(0)
@@ -57,7 +58,7 @@ def test_lagged_fallback_widens_the_next_step():
     # the host fixed this step's width before its scores existed: a bad row is cut on its ramp
     # (its first flat indices: ancestor-closed, so lossless) and the full tree follows next step
     gen = torch.Generator().manual_seed(3)
-    pol = TruncationPolicy(COST, WIDTHS, mode="lagged")
+    pol = TruncationPolicy(COST, WIDTHS, decision="lagged")
     assert pol.decide(strong()).width == 8
     bad = weak() + torch.rand(2, 10, generator=gen) * 0.01
     bad[0, 3] = float("nan")
@@ -85,9 +86,9 @@ def test_lagged_and_off_steps_read_no_tensor_on_the_host(monkeypatch, mode):
     gen = torch.Generator().manual_seed(4)
     steps = [torch.rand(1 + i % 3, 12, generator=gen) ** (1 + i % 4) for i in range(300)]
     steps[7][0, 2] = float("nan")
-    ref = TruncationPolicy(COST, WIDTHS, mode=mode)
+    ref = TruncationPolicy(COST, WIDTHS, decision=mode)
     want = [ref.decide(s) for s in steps]
-    pol = TruncationPolicy(COST, WIDTHS, mode=mode)
+    pol = TruncationPolicy(COST, WIDTHS, decision=mode)
     got = [pol.decide(steps[0])]
     held = pol._held
     for name in _HOST_READS:
@@ -110,7 +111,7 @@ def test_lagged_and_off_steps_read_no_tensor_on_the_host(monkeypatch, mode):
 
 
 def test_off_mode_always_full_tree():
-    pol = TruncationPolicy(COST, WIDTHS, mode="off")
+    pol = TruncationPolicy(COST, WIDTHS, decision="off")
     for scores in (weak(), strong(), weak(3, 20)):
         d = pol.decide(scores)
         assert d.width == min(8, scores.shape[1] + 1) and d.width_index == 3
@@ -124,8 +125,8 @@ def test_counters_and_stats():
     bad = weak(3)
     bad[2, 0] = -1.0
     d2 = pol.decide(bad)
-    pol.record_accepted(torch.tensor([3, 5]))
-    pol.record_accepted([1, 1, 2])
+    pol.counters.record_accepted(torch.tensor([3, 5]))
+    pol.counters.record_accepted([1, 1, 2])
     st = pol.stats()
     assert st["steps"] == 2 and st["requests"] == 5
     assert st["mean_width"] == pytest.approx((d1.width + d2.width) / 2)
@@ -133,7 +134,7 @@ def test_counters_and_stats():
     assert st["mean_predicted_accepted"] == pytest.approx(float(pred), rel=1e-6)
     assert st["mean_realized_accepted"] == pytest.approx(12 / 5)
     assert st["fallbacks"] == 1
-    pol.reset_stats()
+    pol.counters.reset()
     assert pol.stats()["steps"] == 0 and pol.stats()["fallbacks"] == 0
 
 
@@ -167,51 +168,49 @@ def test_callable_cost_and_validation():
     assert d.width in (1, 2, 4)
     with pytest.raises(ValueError, match="positive and finite"):
         TruncationPolicy(lambda bs, w: torch.zeros(3), [1, 2, 4]).decide(torch.rand(1, 4))
-    with pytest.raises(ValueError, match="mode"):
-        TruncationPolicy(COST, WIDTHS, mode="sometimes")
+    with pytest.raises(ValueError, match="decision must be one of"):
+        TruncationPolicy(COST, WIDTHS, decision="sometimes")
     with pytest.raises(ValueError, match="backend"):
-        TruncationPolicy(COST, WIDTHS, backend="cuda")
+        make_decider("cuda")
     with pytest.raises(ValueError, match="widths is required"):
         TruncationPolicy(COST)
     with pytest.raises(ValueError, match="4 widths"):
         TruncationPolicy(torch.tensor([1.0, 2.0]), WIDTHS)
 
 
-def test_triton_backend_falls_back_or_loads(caplog):
-    with caplog.at_level(logging.WARNING, logger="evict"):
-        pol = TruncationPolicy(COST, WIDTHS, backend="triton")
-    try:
-        from evict.kernels import triton_available
+def test_triton_backend_falls_back_or_loads(caplog, monkeypatch):
+    import evict.kernels.width as width_mod
 
-        available = triton_available()
-    except Exception:
-        available = False
-    if available:
-        assert pol.backend == "triton"
-    else:
-        assert pol.backend == "torch"
-        assert sum("Triton" in r.getMessage() for r in caplog.records) == 1
+    for available in (True, False):
+        monkeypatch.setattr(width_mod, "triton_available", lambda available=available: available)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="evict"):
+            pol = TruncationPolicy(COST, WIDTHS, decider=make_decider("triton"))
+        assert pol.backend == ("triton" if available else "torch")
+        assert sum("Triton" in r.getMessage() for r in caplog.records) == (0 if available else 1)
+    assert make_decider("torch") is TORCH_RULE
 
 
 @pytest.mark.parametrize("mode", ["immediate", "lagged", "off"])
 def test_triton_backend_same_decisions_as_torch(mode):
-    # on CPU without TRITON_INTERPRET the kernel module runs the torch rule; the policy logic
-    # (lagged index, off mode, counters) must agree with the torch backend either way
+    # on CPU without TRITON_INTERPRET the kernel cannot run: the policy's one fallback takes the
+    # torch rule at the first step (a warning, not an error), with the same decisions in every mode
     gen = torch.Generator().manual_seed(1)
     seq = [strong(), weak() + 0.01 * torch.rand(2, 10, generator=gen), strong(), weak(), strong()]
-    ref = TruncationPolicy(COST, WIDTHS, mode=mode)
-    tri = TruncationPolicy(COST, WIDTHS, mode=mode, backend="triton")
+    ref = TruncationPolicy(COST, WIDTHS, decision=mode)
+    tri = TruncationPolicy(COST, WIDTHS, decision=mode, decider=make_decider("triton"))
     for s in seq:
         a, b = ref.decide(s), tri.decide(s)
         assert a.width == b.width and torch.equal(a.kept, b.kept)
     assert ref.stats()["mean_width"] == tri.stats()["mean_width"]
+    assert tri.stats()["errors"] == 0 and tri.stats()["decision"] == mode
 
 
 def test_kept_sets_ancestor_closed_through_policy():
     parents = torch.tensor([[-1, -1, 0, 0, 1, 2, 2, 5]])
     scores = torch.tensor([[0.6, 0.4, 0.6, 0.3, 0.4, 0.5, 0.1, 0.5]])  # ties between parent/child
     for mode in ("immediate", "lagged", "off"):
-        pol = TruncationPolicy(torch.tensor([1.0, 1.1, 1.3, 1.6]), [1, 3, 5, 9], mode=mode)
+        pol = TruncationPolicy(torch.tensor([1.0, 1.1, 1.3, 1.6]), [1, 3, 5, 9], decision=mode)
         for _ in range(2):
             d = pol.decide(scores)
             mask = torch.zeros(1, 8, dtype=torch.bool)
@@ -242,32 +241,58 @@ def test_every_front_end_offers_the_policys_choices():
     # the plugin's EVICT_DECISION/EVICT_BACKEND and `evict generate` stay torch-free at import, so
     # they spell the choices out; they must be exactly the policy's
     from evict.cli import build_parser
+    from evict.kernels import BACKENDS
     from evict.plugin import config
-    from evict.truncation.policy import BACKENDS, DECISIONS
+    from evict.truncation import USER_DECISIONS
 
-    assert config._DECISIONS == DECISIONS and config._BACKENDS == BACKENDS
+    assert config._DECISIONS == USER_DECISIONS and config._BACKENDS == BACKENDS
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     choices = {a.dest: tuple(a.choices) for a in generate._actions if a.choices}
-    assert choices["decision"] == DECISIONS and choices["backend"] == BACKENDS
+    assert choices["decision"] == USER_DECISIONS and choices["backend"] == BACKENDS
 
 
 def test_a_failing_kernel_costs_one_error_and_the_torch_rule_takes_over(caplog):
     # e.g. Triton cannot compile for this GPU: the first call logs, later calls use the rule
     gen = torch.Generator().manual_seed(6)
     steps = [torch.rand(2, 10, generator=gen) ** (1 + i % 3) for i in range(5)]
-    ref = TruncationPolicy(COST, WIDTHS, mode="lagged")
-    pol = TruncationPolicy(COST, WIDTHS, mode="lagged", backend="triton")
+    ref = TruncationPolicy(COST, WIDTHS, decision="lagged")
     calls = []
 
-    def broken(*args, **kwargs):
-        calls.append(1)
-        raise RuntimeError("no kernel image is available for execution on the device")
+    class Broken:
+        backend = "triton"
 
-    pol._triton = broken
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            raise RuntimeError("no kernel image is available for execution on the device")
+
+    pol = TruncationPolicy(COST, WIDTHS, decision="lagged", decider=Broken())
+    assert pol.backend == "triton"
     with caplog.at_level(logging.ERROR, logger="evict"):
         for s in steps:
             a, b = ref.decide(s), pol.decide(s)
             assert (a.width, a.width_index) == (b.width, b.width_index) and torch.equal(a.kept, b.kept)
     assert len(calls) == 1 and pol.backend == "torch"
     assert pol.stats()["errors"] == 1 and pol.stats()["backend"] == "torch"
-    assert sum("Triton width kernel failed" in r.getMessage() for r in caplog.records) == 1
+    assert sum("triton width decision failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_decider_that_cannot_run_here_costs_one_warning_and_no_error(caplog):
+    class Unavailable:
+        backend = "triton"
+
+        def __call__(self, *args, **kwargs):
+            raise NotImplementedError("not on this device")
+
+    pol = TruncationPolicy(COST, WIDTHS, decider=Unavailable())
+    with caplog.at_level(logging.WARNING, logger="evict"):
+        for s in (strong(), weak(), strong()):
+            assert pol.decide(s).width == choose_width(s, COST, WIDTHS).width
+    assert pol.backend == "torch" and pol.stats()["errors"] == 0
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+
+
+def test_the_torch_rule_raises_instead_of_falling_back():
+    # the rule is the fallback: its own errors go to the caller (the plugin verifies the full tree)
+    pol = TruncationPolicy(COST, WIDTHS, decider=TORCH_RULE)
+    with pytest.raises(ValueError, match="floating point"):
+        pol.decide(torch.ones(2, 3, dtype=torch.long))

@@ -35,8 +35,9 @@ from evict.boundary import (
     run_console,
     write_folder_atomically,
 )
+from evict.kernels import BACKENDS
 from evict.paths import PACKAGE_DIR
-from evict.truncation.policy import BACKENDS, DECISIONS
+from evict.truncation import USER_DECISIONS
 
 from .modes import (
     SGLANG_LLAMA_DEFAULT,
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--decision",
-        choices=list(DECISIONS),
+        choices=list(USER_DECISIONS),
         default="immediate",
         help="EVICT's width from this step's draft scores (immediate) or the previous step's (lagged)",
     )
@@ -521,7 +522,7 @@ def run_bench(
     if args.quick and ablations:
         ablations = ["shifted:+"]
     elif ablations:  # what deciding from the other step's scores costs or saves, on this machine
-        ablations.append(f"decision:{next(d for d in DECISIONS if d != args.decision)}")
+        ablations.append(f"decision:{next(d for d in USER_DECISIONS if d != args.decision)}")
     calib = None
     if not args.no_sweep:
         n_cal = 2 if args.quick else 4

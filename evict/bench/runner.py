@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from evict.kernels import make_decider
 from evict.profiler.table import resolve_widths
 from evict.profiler.timing import CLOCKS
 from evict.truncation import TruncationPolicy
@@ -283,8 +284,8 @@ class Bench:
                 policy = TruncationPolicy(
                     cost,
                     widths=widths,
-                    mode=decision,
-                    backend=self.backend,
+                    decision=decision,
+                    decider=make_decider(self.backend),
                     per_request=mode.per_request,
                     pad_cost=pad_cost,
                 )

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from evict.truncation import AcceptanceEstimator, flat_outcomes, keep_top
+from evict.truncation import AcceptanceEstimator, TruncationPolicy, flat_outcomes, keep_top
 
 from .acceptance import AcceptResult, greedy_accept, sampling_accept
 from .drafting import draft_tree
@@ -153,7 +153,7 @@ class SpecEngine:
         steps: int = 3,
         topk: int = 1,
         num_draft_tokens: int | None = None,
-        policy: Any = None,
+        policy: TruncationPolicy | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
@@ -335,7 +335,7 @@ class SpecEngine:
         stats.accepted = produced.tolist()
         stats.emitted = self._emit(res, st.req, acc.emitted, produced, max_new_tokens)
         if self.mode == "evict":
-            self.policy.record_accepted(stats.accepted)
+            self.policy.counters.record_accepted(stats.accepted)
             if feats is not None:  # learn from this step's outcomes (used from the next step on)
                 verified, accepted = flat_outcomes(kept, acc.path, tree.scores.shape[1])
                 st.recent = self.acceptance.update(feats, verified, accepted, st.recent)

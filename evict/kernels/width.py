@@ -1,49 +1,63 @@
-"""On-device width decision: ``choose_width_triton`` and ``keep_top_triton``.
+"""On-device width decision: ``TritonDecider`` (``make_decider``), ``choose_width_triton``, ``keep_top_triton``.
 
 Why: at high batch sizes and short steps the width decision must cost a few microseconds of GPU
 time and must not copy the ``[bs, K]`` scores to the host in the step's critical path. The Triton
 path makes the whole decision on device (two launches, static shapes, no host sync, so it can sit
 inside a CUDA graph); only the caller decides when to read the chosen width back (one int, through
-:meth:`DeviceWidthDecision.to_width_decision`), or never (lagged mode keeps the index on device).
+:meth:`DeviceWidthDecision.to_width_decision`), or never (a lagged decision keeps the index on device).
 
 The rule itself lives in :mod:`evict.truncation.rule`; the kernels reproduce it exactly (same
-sanitizing, same stable tie-breaking, same clamping, same fallback) and the torch fallback used on
-CPU, when Triton is absent, or for shapes the kernel does not take, *calls* that rule.
+sanitizing, same stable tie-breaking, same clamping, same fallback) and implement its
+:class:`evict.truncation.Decider` contract. There is no torch fallback here: where a kernel cannot
+run (no triton, a CPU without ``TRITON_INTERPRET=1``, a shape it does not take) it raises
+:class:`KernelUnavailable`, and ``TruncationPolicy`` uses the torch rule from then on. This module
+imports only public names of :mod:`evict.truncation`; the truncation package never imports it.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from evict.truncation.rule import (
+from evict.truncation import (
+    TORCH_RULE,
+    Decider,
     WidthDecision,
-    _check_scores,
-    _decide_from_index,
-    _own_index,
-    _prepare,
-    _Ranked,
-    choose_width,
-    keep_top,
-    sanitize_scores,
-    sort_candidates,
+    validate_scores,
+    validate_step_cost,
+    validate_widths,
 )
 
 __all__ = [
+    "BACKENDS",
     "DeviceWidthDecision",
+    "KernelUnavailable",
+    "TritonDecider",
     "choose_width_triton",
     "keep_top_triton",
+    "make_decider",
     "triton_available",
     "triton_usable",
 ]
 
-BACKENDS = ("auto", "triton", "torch")
+logger = logging.getLogger("evict")
+
+BACKENDS = ("torch", "triton")  # what EVICT_BACKEND and --backend offer: make_decider's names
 MAX_K = 1024  # the pairwise ranking is O(K^2) per request; SGLang trees have K <= a few hundred
+
+
+class KernelUnavailable(ValueError, NotImplementedError):
+    """The kernels cannot run on these inputs; the message says how to make them run.
+
+    A ``NotImplementedError``, as the :class:`evict.truncation.Decider` contract asks: the policy
+    then switches to the torch rule with one warning.
+    """
 
 
 @functools.cache
@@ -91,7 +105,7 @@ class DeviceWidthDecision:
 
         Without arguments this reads two ints (index and width) back in one copy: the only sync,
         and the caller chooses where it happens.  A caller that forced the index already knows both
-        (lagged and off modes) and passes them: then nothing is read.
+        (lagged and off decisions) and passes them: then nothing is read.
         """
         if index is None or width is None:
             idx, width = (int(v) for v in torch.stack([self.width_index, self.width]).tolist())
@@ -104,34 +118,69 @@ class DeviceWidthDecision:
             objective=self.objective,
             expected_accepted=self.expected_accepted,
             fallback=self.fallback,
+            best_index=self.best_index,
         )
 
 
-def _check_backend(backend: str) -> None:
+class TritonDecider:
+    """The Triton kernels as a :class:`evict.truncation.Decider` (``make_decider("triton")``)."""
+
+    backend = "triton"
+
+    def __call__(
+        self,
+        scores: torch.Tensor,
+        step_cost: torch.Tensor | Sequence[float],
+        widths: torch.Tensor | Sequence[int],
+        *,
+        index: int | None = None,
+        check: bool = True,
+    ) -> WidthDecision:
+        """:func:`choose_width_triton`, read back as :func:`evict.truncation.choose_width` returns it.
+
+        With ``index`` the width is known on the host from ``widths`` (pass host widths, e.g. a
+        tuple, as ``TruncationPolicy`` does): nothing is read from the device.
+        """
+        d = choose_width_triton(scores, step_cost, widths, index=index, check=check)
+        if index is None:
+            return d.to_width_decision()
+        values = widths.tolist() if isinstance(widths, torch.Tensor) else widths
+        return d.to_width_decision(index, min(int(values[index]), scores.shape[1] + 1))
+
+
+def make_decider(backend: str) -> Decider:
+    """The decider behind a backend name, chosen once when a policy is built.
+
+    ``TruncationPolicy(cost, widths, decider=make_decider(name))`` is how the engine CLI, the bench
+    (``--backend``) and the plugin (``EVICT_BACKEND``) turn the name into an implementation.
+    ``"triton"`` without the triton package logs one warning and gives the torch rule.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def _use_triton(scores: torch.Tensor, backend: str) -> bool:
-    """Pick the implementation; ``backend="triton"`` raises with the fix when it cannot run."""
-    from_kernel_limits = 0 < scores.shape[0] and 0 < scores.shape[1] <= MAX_K
     if backend == "torch":
-        return False
-    if backend == "auto":
-        return from_kernel_limits and triton_usable(scores.device)
+        return TORCH_RULE
     if not triton_available():
-        raise ValueError("backend='triton' needs the triton package: pip install 'evict[triton]'")
+        logger.warning(
+            "evict: Triton width kernel unavailable (the triton package is not installed); using the torch rule"
+        )
+        return TORCH_RULE
+    return TritonDecider()
+
+
+def _check_runnable(scores: torch.Tensor) -> None:
+    """Raise :class:`KernelUnavailable`, with the fix, when the kernels cannot take ``scores``."""
+    if not triton_available():
+        raise KernelUnavailable("the Triton kernels need the triton package: pip install 'evict[triton]'")
     if not triton_usable(scores.device):
-        raise ValueError(
-            f"backend='triton' cannot run on {scores.device} tensors: use CUDA tensors, or set "
-            "TRITON_INTERPRET=1 (before the first call) to run the kernels on CPU in Triton's interpreter"
+        raise KernelUnavailable(
+            f"the Triton kernels cannot run on {scores.device} tensors: use CUDA tensors, or set "
+            "TRITON_INTERPRET=1 (before the first call) to run them on CPU in Triton's interpreter"
         )
-    if not from_kernel_limits:
-        raise ValueError(
-            f"backend='triton' takes 1 <= bs and 1 <= K <= {MAX_K}, got scores of shape "
-            f"{tuple(scores.shape)}; use backend='auto' to fall back to the torch rule"
+    if not (0 < scores.shape[0] and 0 < scores.shape[1] <= MAX_K):
+        raise KernelUnavailable(
+            f"the Triton kernels take 1 <= bs and 1 <= K <= {MAX_K}, got scores of shape "
+            f"{tuple(scores.shape)}; use the torch rule (evict.truncation.choose_width)"
         )
-    return True
 
 
 def _kernels():  # noqa: ANN202 (the module is optional: no annotation that imports triton)
@@ -169,12 +218,6 @@ def _tiles(bs: int, k: int) -> dict[str, int]:
     return {"BLOCK_R": block_r, "BLOCK_K": block_k, "BLOCK_J": block_j}
 
 
-def _pad_kept(kept: torch.Tensor, k: int) -> torch.Tensor:
-    out = torch.full((kept.shape[0], k), -1, dtype=torch.long, device=kept.device)
-    out[:, : kept.shape[1]] = kept
-    return out
-
-
 def _check_index(index: int | torch.Tensor, num_widths: int) -> int | torch.Tensor:
     """A forced width index: an int in range (kept on the host) or a 0-d tensor (clamped on device)."""
     if isinstance(index, torch.Tensor):
@@ -186,35 +229,21 @@ def _check_index(index: int | torch.Tensor, num_widths: int) -> int | torch.Tens
     return int(index)
 
 
-def _torch_decision(
-    scores: torch.Tensor, cost: torch.Tensor, widths: torch.Tensor, index: int | torch.Tensor | None
-) -> DeviceWidthDecision:
-    """The fallback: the torch rule itself (``evict.truncation.rule``), repackaged.
+@functools.lru_cache(maxsize=64)
+def _widths_on(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
 
-    ``choose_width`` for this step's own choice; a forced index goes through the rule's own
-    ``_decide_from_index`` as given, as ``TruncationPolicy``'s lagged mode does (an int index then
-    costs no sync).
+
+def _device_widths(widths: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
+    """``widths`` as a contiguous long tensor on ``device``.
+
+    Host widths are copied once per (values, device), not per step: a per-step copy from pageable
+    host memory would wait for the GPU.
     """
-    if index is None:
-        d = choose_width(scores, cost, widths, check=False)
-        best = torch.tensor(d.width_index, dtype=torch.long, device=scores.device)
-    else:
-        ranked = _Ranked(scores, widths)
-        objective = ranked.benefit.sum(dim=0) / cost
-        best = _own_index(ranked, objective)
-        if isinstance(index, torch.Tensor):
-            index = index.to(scores.device).clamp(0, widths.numel() - 1)
-        d = _decide_from_index(ranked, objective, index)
-    dev = scores.device
-    return DeviceWidthDecision(
-        width=torch.tensor(d.width, dtype=torch.long, device=dev),
-        width_index=torch.tensor(d.width_index, dtype=torch.long, device=dev),
-        best_index=best,
-        kept=_pad_kept(d.kept, scores.shape[1]),
-        objective=d.objective,
-        expected_accepted=d.expected_accepted,
-        fallback=d.fallback,
-    )
+    if isinstance(widths, torch.Tensor) and widths.device == device:
+        return widths.to(dtype=torch.long).contiguous()
+    values = widths.tolist() if isinstance(widths, torch.Tensor) else widths
+    return _widths_on(tuple(int(v) for v in values), device)
 
 
 def choose_width_triton(
@@ -224,7 +253,6 @@ def choose_width_triton(
     *,
     index: int | torch.Tensor | None = None,
     check: bool = True,
-    backend: str = "auto",
 ) -> DeviceWidthDecision:
     """EVICT's width decision for one step, on the scores' device, without a host sync.
 
@@ -236,24 +264,26 @@ def choose_width_triton(
         scores: ``[bs, K]`` cumulative drafter probabilities (any float dtype; read as float32).
         step_cost: ``[W]`` step times ``T(bs, m)`` for this batch size (``CostTable.step_cost``).
         widths: ``[W]`` allowed widths, strictly ascending.
-        index: use this width index, as given, instead of this step's own choice (lagged mode:
-            the previous step's ``best_index``; ``"off"`` mode: ``W - 1``). Rows with bad scores
+        index: use this width index, as given, instead of this step's own choice (lagged:
+            the previous step's ``best_index``; ``"off"``: ``W - 1``). Rows with bad scores
             are then cut on their ramp (ancestor-closed, so still lossless) and ``best_index``
             still reports this step's own choice, fallback included, for the next step.
         check: validate ``widths``/``step_cost`` (reads them on the host: pass ``False`` in the
             step loop once they were validated, as ``TruncationPolicy`` does).
-        backend: ``"auto"`` (Triton when usable on this device, else the torch rule),
-            ``"triton"`` (raise if it cannot run) or ``"torch"``.
+
+    Raises :class:`KernelUnavailable` where the kernels cannot run (see :func:`triton_usable`,
+    and ``1 <= bs``, ``1 <= K <= 1024``).
     """
-    _check_backend(backend)
+    validate_scores(scores)
     dev = scores.device
-    w, c = _prepare(scores, step_cost, widths, check)  # the rule's own checks and conversions
-    w = w.to(dtype=torch.long).contiguous()
-    c = c.to(dtype=torch.float32).contiguous()
+    if check:
+        widths = validate_widths(widths)
+        step_cost = validate_step_cost(step_cost, widths.numel())
+    w = _device_widths(widths, dev)
+    c = torch.as_tensor(step_cost, dtype=torch.float32).to(dev).contiguous()
     num_w = w.numel()
     forced = None if index is None else _check_index(index, num_w)
-    if not _use_triton(scores, backend):
-        return _torch_decision(scores, c, w, forced)
+    _check_runnable(scores)
     idx_t = None
     if forced is not None:  # a launch argument on device: filled, not copied, so no sync
         idx_t = forced.to(dev) if isinstance(forced, torch.Tensor) else torch.full((), forced, device=dev)
@@ -325,17 +355,14 @@ def choose_width_triton(
     )
 
 
-def keep_top_triton(
-    scores: torch.Tensor, width: int | torch.Tensor, *, backend: str = "auto"
-) -> torch.Tensor:
-    """Kept flat indices for a width that is already known (lagged mode), on device.
+def keep_top_triton(scores: torch.Tensor, width: int | torch.Tensor) -> torch.Tensor:
+    """Kept flat indices for a width that is already known (a lagged decision), on device.
 
     Same result as :func:`evict.truncation.keep_top`. With an int ``width`` the shape is
     ``[bs, min(width, K+1) - 1]`` (exactly ``keep_top``'s); with a 0-d device tensor (e.g. the
     previous step's chosen width, never read on the host) it is ``[bs, K]`` with -1 padding.
     """
-    _check_backend(backend)
-    _check_scores(scores)
+    validate_scores(scores)
     bs, k = scores.shape
     if isinstance(width, torch.Tensor):
         if width.numel() != 1:
@@ -347,15 +374,7 @@ def keep_top_triton(
             raise ValueError(f"width m must be an int >= 1 (it counts the root), got {width!r}")
         width_t = torch.full((), int(width), dtype=torch.long, device=scores.device)
         n = min(int(width), k + 1) - 1
-    if not _use_triton(scores, backend):
-        if n is not None:
-            return keep_top(scores, n + 1)
-        # device width on the torch path: keep_top needs an int, so cut the rule's order on device
-        order = sort_candidates(sanitize_scores(scores)[0])[1]
-        pos = torch.arange(k, device=scores.device)
-        n_t = width_t.clamp(1, k + 1) - 1
-        vals = torch.where(pos < n_t, order, torch.full_like(order, k)).sort(dim=-1).values
-        return torch.where(vals < k, vals, torch.full_like(vals, -1))
+    _check_runnable(scores)
     if scores.stride(1) != 1:
         scores = scores.contiguous()
     kept = torch.empty((bs, k), dtype=torch.long, device=scores.device)

@@ -5,8 +5,11 @@ Public API, shared by the SGLang plugin, the reference engine and the benchmark 
 """
 
 from .acceptance import ACCEPTANCE_CHOICES, AcceptanceEstimator, AcceptanceFeatures, flat_outcomes
-from .policy import BACKENDS, MODES, TruncationPolicy
+from .counters import DecisionCounters
+from .policy import DECISIONS, USER_DECISIONS, CostSource, HeldIndex, StepCostTable, TruncationPolicy
 from .rule import (
+    TORCH_RULE,
+    Decider,
     WidthDecision,
     choose_width,
     choose_widths_batch_budget,
@@ -15,6 +18,7 @@ from .rule import (
     keep_top,
     sanitize_scores,
     sort_candidates,
+    validate_scores,
     validate_step_cost,
     validate_widths,
 )
@@ -25,8 +29,14 @@ __all__ = [
     "AcceptanceEstimator",
     "AcceptanceFeatures",
     "flat_outcomes",
-    "BACKENDS",
-    "MODES",
+    "DECISIONS",
+    "USER_DECISIONS",
+    "CostSource",
+    "DecisionCounters",
+    "Decider",
+    "HeldIndex",
+    "StepCostTable",
+    "TORCH_RULE",
     "TruncationPolicy",
     "WidthDecision",
     "choose_width",
@@ -38,6 +48,7 @@ __all__ = [
     "sanitize_scores",
     "sort_candidates",
     "validate_parents",
+    "validate_scores",
     "validate_step_cost",
     "validate_widths",
 ]

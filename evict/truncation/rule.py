@@ -20,10 +20,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 __all__ = [
+    "Decider",
+    "TORCH_RULE",
     "WidthDecision",
     "sanitize_scores",
     "sort_candidates",
@@ -32,6 +35,7 @@ __all__ = [
     "choose_widths_per_request",
     "choose_widths_batch_budget",
     "keep_top",
+    "validate_scores",
     "validate_widths",
     "validate_step_cost",
 ]
@@ -56,6 +60,19 @@ class WidthDecision:
     # -1 padded after each row's ascending real indices. None: every request keeps width - 1.
     kept_counts: torch.Tensor | None = None
     budget_index: int | None = None  # per-request widths: index of the budget width m_j <= m*
+    best_index: torch.Tensor | None = None  # this step's own choice, when already known: see own_index
+
+    def own_index(self) -> torch.Tensor:
+        """This step's own choice as a 0-d long tensor on the scores' device, never read on the host.
+
+        The argmax of ``objective``, or the largest width when a row fell back, even when the
+        caller fixed ``width_index``: what a lagged decision carries to the next step.  Derived
+        on first use (an off decision never needs it) unless the decider already knew it.
+        """
+        if self.best_index is None:
+            last = self.objective.numel() - 1
+            self.best_index = self.objective.argmax().masked_fill(self.fallback.any(), last)
+        return self.best_index
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +127,8 @@ def validate_step_cost(step_cost: torch.Tensor | Sequence[float], num_widths: in
     return c if c.dtype == torch.float32 else c.to(torch.float32)
 
 
-def _check_scores(scores: torch.Tensor) -> None:
+def validate_scores(scores: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``scores`` is a 2-D floating-point tensor ``[bs, K]`` (values are not read)."""
     if not isinstance(scores, torch.Tensor):
         raise ValueError(f"scores must be a torch.Tensor [bs, K], got {type(scores).__name__}")
     if scores.dim() != 2:
@@ -133,7 +151,7 @@ def sanitize_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     children) and callers fall back to the full tree.  Scores above 1 (numerical noise in a
     product of probabilities) are clamped to 1, which keeps parent >= child.
     """
-    _check_scores(scores)
+    validate_scores(scores)
     clean, good = _sanitize(scores)
     return clean, ~good
 
@@ -208,14 +226,23 @@ _PLANS: dict[tuple[tuple[int, ...], int, str], _WidthPlan] = {}
 _MAX_PLANS = 256
 
 
-def _get_plan(widths: torch.Tensor, k: int, device: torch.device) -> _WidthPlan:
-    """Cached :class:`_WidthPlan` per (widths, K, device): standalone calls skip the set-up ops."""
-    key = (tuple(int(v) for v in widths.tolist()), k, str(device))
+def _get_plan(widths: torch.Tensor | Sequence[int], k: int, device: torch.device) -> _WidthPlan:
+    """Cached :class:`_WidthPlan` per (widths, K, device): the one plan cache, bounded.
+
+    Keyed by the widths' values, so host widths (a tuple, or a CPU tensor) cost no device read:
+    ``TruncationPolicy`` passes a tuple and its steps read nothing on the host here.
+    """
+    if isinstance(widths, tuple):  # the policy's host ints: the key as given
+        values = widths
+    else:
+        values = tuple(int(v) for v in (widths.tolist() if isinstance(widths, torch.Tensor) else widths))
+    key = (values, k, str(device))
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        plan = _PLANS[key] = _WidthPlan(widths.to(device), k, device)
+        w = torch.as_tensor(key[0], dtype=torch.long, device=device)
+        plan = _PLANS[key] = _WidthPlan(w, k, device)
     return plan
 
 
@@ -253,11 +280,11 @@ class _Ranked:
 
     __slots__ = ("good", "order", "benefit", "plan", "k", "_bad")
 
-    def __init__(self, scores: torch.Tensor, widths: torch.Tensor, plan: _WidthPlan | None = None) -> None:
+    def __init__(self, scores: torch.Tensor, plan: _WidthPlan) -> None:
         clean, self.good = _sanitize(scores)
         sorted_scores, self.order = sort_candidates(clean)
         self.k = clean.shape[-1]
-        self.plan = plan if plan is not None else _get_plan(widths, self.k, clean.device)
+        self.plan = plan
         self.benefit = _benefit(sorted_scores, self.plan)  # [bs, W]
         self._bad: torch.Tensor | None = None
 
@@ -280,16 +307,16 @@ def expected_accepted_lengths(
     Returns float32 ``[bs, W]``.  Widths above ``K + 1`` are clamped to ``K + 1``.  Bad rows (see
     :func:`sanitize_scores`) are computed on their replacement ramp.
     """
-    _check_scores(scores)
-    w = validate_widths(widths) if check else torch.as_tensor(widths, dtype=torch.long)
-    return _Ranked(scores, w).benefit
+    validate_scores(scores)
+    w = validate_widths(widths) if check else widths
+    return _Ranked(scores, _get_plan(w, scores.shape[-1], scores.device)).benefit
 
 
 def keep_top(scores: torch.Tensor, m: int) -> torch.Tensor:
     """Kept candidate flat indices for width ``m``: ``LongTensor [bs, min(m, K+1) - 1]``, ascending."""
     if isinstance(m, bool) or int(m) != m or m < 1:
         raise ValueError(f"width m must be an int >= 1 (it counts the root), got {m!r}")
-    _check_scores(scores)
+    validate_scores(scores)
     clean, _ = _sanitize(scores)
     _, order = sort_candidates(clean)
     return _kept_indices(order, min(int(m), clean.shape[-1] + 1) - 1)
@@ -300,41 +327,20 @@ def _prepare(
     step_cost: torch.Tensor | Sequence[float],
     widths: torch.Tensor | Sequence[int],
     check: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_scores(scores)
+) -> tuple[_WidthPlan, torch.Tensor]:
+    """The cached plan of ``widths`` for these scores, and ``step_cost`` as float32 on their device."""
+    validate_scores(scores)
     if check:
-        w = validate_widths(widths)
-        c = validate_step_cost(step_cost, w.numel())
+        widths = validate_widths(widths)
+        c = validate_step_cost(step_cost, widths.numel())
     else:
-        w = torch.as_tensor(widths, dtype=torch.long)
         c = torch.as_tensor(step_cost, dtype=torch.float32)
-    return w.to(scores.device), c.to(scores.device)
+    return _get_plan(widths, scores.shape[-1], scores.device), c.to(scores.device)
 
 
-def _decide_from_index(ranked: _Ranked, objective: torch.Tensor, index: torch.Tensor | int) -> WidthDecision:
-    """Build a :class:`WidthDecision` for width index ``index`` (an int, or a 0-d LongTensor).
-
-    The index is used as given: pass :func:`_own_index` for this step's own choice (bad requests
-    force the largest width), or a width the host fixed before this step's scores existed (lagged
-    mode), which cuts bad rows on their ramp (their first flat indices, ancestor-closed, so
-    verification stays lossless).  Reading a tensor index is the one host sync of a step (the kept
-    tensor's shape depends on the width); an int index makes the call sync-free.
-    """
-    idx = int(index)
-    width = ranked.plan.eff_list[idx]
-    return WidthDecision(
-        width=width,
-        width_index=idx,
-        kept=_kept_indices(ranked.order, width - 1, ranked.plan),
-        objective=objective,
-        expected_accepted=ranked.benefit[:, idx],
-        fallback=ranked.bad,
-    )
-
-
-def _own_index(ranked: _Ranked, objective: torch.Tensor) -> torch.Tensor:
-    """This step's own choice as a 0-d device tensor: the argmax, or the largest width on a fallback."""
-    return torch.where(ranked.good.all(), objective.argmax(), ranked.plan.last)
+def _check_index(index: int, num_widths: int) -> None:
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_widths:
+        raise ValueError(f"index must be an int in [0, {num_widths}) (a position in widths), got {index!r}")
 
 
 def choose_width(
@@ -342,6 +348,7 @@ def choose_width(
     step_cost: torch.Tensor | Sequence[float],
     widths: torch.Tensor | Sequence[int],
     *,
+    index: int | None = None,
     check: bool = True,
 ) -> WidthDecision:
     """EVICT's rule: one width for the whole batch, the global argmax of throughput.
@@ -350,12 +357,80 @@ def choose_width(
     local maximum: real cost curves are staircases).  Exact ties go to the smaller width.  If any
     request has NaN/inf/negative scores the step falls back to the largest allowed width (the full
     tree) and ``fallback`` flags those requests.  ``check=False`` skips the configuration checks
-    on ``step_cost``/``widths`` (callers that validated them once, e.g. ``TruncationPolicy``).
+    on ``step_cost``/``widths``/``index`` (callers that validated them once, e.g.
+    ``TruncationPolicy``).
+
+    ``index`` fixes the width index instead (a width the host chose before this step's scores
+    existed: lagged and off decisions).  It is used as given: a bad row is then cut on its ramp
+    (its first flat indices, ancestor-closed, so verification stays lossless) and flagged in
+    ``fallback``.  Either way :meth:`WidthDecision.own_index` is this step's own choice, fallback
+    included, for the next lagged step.  Reading this step's own index is the one host sync (the kept tensor's shape
+    depends on the width); with ``index`` and host ``widths`` (e.g. a tuple) nothing is read.
+    This is the torch :class:`Decider`; the Triton kernel (``evict.kernels``) implements the same.
     """
-    w, c = _prepare(scores, step_cost, widths, check)
-    ranked = _Ranked(scores, w)
+    plan, c = _prepare(scores, step_cost, widths, check)
+    ranked = _Ranked(scores, plan)
     objective = ranked.benefit.sum(dim=0) / c
-    return _decide_from_index(ranked, objective, _own_index(ranked, objective))
+    best = None
+    if index is None:
+        best = torch.where(ranked.good.all(), objective.argmax(), plan.last)
+        index = int(best)
+    elif check:
+        _check_index(index, plan.widths.numel())
+    width = plan.eff_list[index]
+    return WidthDecision(
+        width=width,
+        width_index=index,
+        kept=_kept_indices(ranked.order, width - 1, plan),
+        objective=objective,
+        expected_accepted=ranked.benefit[:, index],
+        fallback=ranked.bad,
+        best_index=best,
+    )
+
+
+class Decider(Protocol):
+    """The width decision of one step: the contract between the policy and its implementations.
+
+    Why a contract: the torch rule (:data:`TORCH_RULE`, i.e. :func:`choose_width`) and the Triton
+    kernel (``evict.kernels.TritonDecider``) must be interchangeable step by step, and the policy
+    must pick one when it is built without importing the kernels.  An implementation takes
+    :func:`choose_width`'s arguments, returns its :class:`WidthDecision`, and
+    raises ``NotImplementedError`` when it cannot run on these inputs (device, shape): the policy
+    then uses :data:`TORCH_RULE` from that step on.
+    """
+
+    backend: str  # the name reported by TruncationPolicy.stats() and the start-up logs
+
+    def __call__(
+        self,
+        scores: torch.Tensor,
+        step_cost: torch.Tensor | Sequence[float],
+        widths: torch.Tensor | Sequence[int],
+        *,
+        index: int | None = None,
+        check: bool = True,
+    ) -> WidthDecision: ...
+
+
+class _TorchRule:
+    """:func:`choose_width` as a :class:`Decider`."""
+
+    backend = "torch"
+
+    def __call__(
+        self,
+        scores: torch.Tensor,
+        step_cost: torch.Tensor | Sequence[float],
+        widths: torch.Tensor | Sequence[int],
+        *,
+        index: int | None = None,
+        check: bool = True,
+    ) -> WidthDecision:
+        return choose_width(scores, step_cost, widths, index=index, check=check)
+
+
+TORCH_RULE: Decider = _TorchRule()  # the policy's default, and what it falls back to
 
 
 def choose_widths_per_request(
@@ -371,8 +446,8 @@ def choose_widths_per_request(
     top ``m_r - 1`` candidates (ancestor-closed).  Ties go to the smaller width; bad requests get the
     largest allowed width.  No host sync.
     """
-    w, c = _prepare(scores, step_cost, widths, check)
-    ranked = _Ranked(scores, w)
+    plan, c = _prepare(scores, step_cost, widths, check)
+    ranked = _Ranked(scores, plan)
     ratio = ranked.benefit / c  # [bs, W]
     idx = torch.where(ranked.good, ratio.argmax(dim=-1), ranked.plan.last)
     widths_r = ranked.eff_widths[idx]
@@ -415,14 +490,13 @@ def choose_widths_batch_budget(
     flat indices then -1 padding, and whose ``kept_counts`` ``[bs]`` counts the real ones.  The only
     host sync is reading the chosen width (the kept tensor's shape), as in :func:`choose_width`.
     """
-    w, c = _prepare(scores, step_cost, widths, check)
+    plan, c = _prepare(scores, step_cost, widths, check)
     if check and not (isinstance(pad_cost, (int, float)) and 0.0 <= float(pad_cost) <= 1.0):
         raise ValueError(f"pad_cost must be a number in [0, 1], got {pad_cost!r}")
     clean, good = _sanitize(scores)
     sorted_s, order = sort_candidates(clean)
     bs, k = clean.shape
-    plan = _get_plan(w, k, clean.device)
-    nw = w.numel()
+    nw = plan.widths.numel()
     caps = plan.sel  # [W] m_i - 1, clamped to K
     rank = plan.arange()  # [K]
     # capped[i, r, q]: request r's q-th best score if q < m_i - 1, else -1 (never selected)
