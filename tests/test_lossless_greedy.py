@@ -54,13 +54,13 @@ def test_ar_matches_target_greedy(pair_and_reference):
 
 
 @pytest.mark.parametrize(
-    "policy_mode", ["immediate", "off", "lagged", "immediate+per-request", "off+per-request"]
+    "decision_case", ["immediate", "off", "lagged", "immediate+per-request", "off+per-request"]
 )
-def test_evict_matches_target_greedy(pair_and_reference, policy_mode):
+def test_evict_matches_target_greedy(pair_and_reference, decision_case):
     """``+per-request``: per-request widths under a batch budget, padding free (pad_cost 0) so it
     really occurs; padded slots hold the root token and must never be accepted."""
     kind, target, drafter, ref = pair_and_reference
-    decision, per_request = policy_mode.split("+")[0], policy_mode.endswith("+per-request")
+    decision, per_request = decision_case.split("+")[0], decision_case.endswith("+per-request")
     policy = TruncationPolicy(
         STAIRCASE, widths=WIDTHS, decision=decision, per_request=per_request, pad_cost=0.0
     )
@@ -75,11 +75,11 @@ def test_evict_matches_target_greedy(pair_and_reference, policy_mode):
         assert any(min(s.kept_counts) < s.width - 1 for s in res.steps)  # padding really occurs
 
 
-@pytest.mark.parametrize("policy_mode", ["immediate", "lagged"])
-def test_evict_with_acceptance_estimator_matches_target_greedy(pair_and_reference, policy_mode):
+@pytest.mark.parametrize("decision_case", ["immediate", "lagged"])
+def test_evict_with_acceptance_estimator_matches_target_greedy(pair_and_reference, decision_case):
     """Calibrated scores (learned from past outcomes, across generate calls) change the cut, never the text."""
     kind, target, drafter, ref = pair_and_reference
-    policy = TruncationPolicy(STAIRCASE, widths=WIDTHS, decision=policy_mode)
+    policy = TruncationPolicy(STAIRCASE, widths=WIDTHS, decision=decision_case)
     est = AcceptanceEstimator(topk=2, max_depth=4, prior_strength=2.0, half_life=64.0)
     engine = SpecEngine(target, drafter, mode="evict", steps=4, topk=2, policy=policy, acceptance=est)
     for _ in range(3):  # the estimator keeps learning across calls

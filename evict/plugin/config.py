@@ -29,6 +29,7 @@ __all__ = [
     "EvictConfig",
     "EvictConfigError",
     "parse_env",
+    "resolve_pad_cost",
     "resolve_widths",
     "load_cost_table",
     "target_config_hash",
@@ -61,6 +62,17 @@ ENV_VARS: dict[str, tuple[str, str]] = {
         "raw",
         "`raw` (rank nodes by the drafter's cumulative probabilities) or `calibrated` (by the online "
         "acceptance estimator, learned from past verifications; same lossless rule)",
+    ),
+    "EVICT_PER_REQUEST": (
+        "0",
+        "1 = per-request widths inside the batch: the batch verifies one width, each request keeps its "
+        "own best nodes under a batch-wide budget and the rest of its slots are padding (needs "
+        "EVICT_DECISION=immediate)",
+    ),
+    "EVICT_PAD_COST": (
+        "the table's metadata.padding_cost, else 1",
+        "what a padded slot costs relative to a real node, in [0, 1] (used with EVICT_PER_REQUEST=1; "
+        "1 = padding computed like a token, so one width for all; near 0 only on a GPU)",
     ),
     "EVICT_LOG_INTERVAL": ("100", "log EVICT metrics every N decode steps (0 = never)"),
     "EVICT_RECALIBRATE": ("0", "1 = ignore the cached start-up calibration and measure the table again"),
@@ -103,10 +115,12 @@ class EvictConfig:
     log_interval: int
     recalibrate: bool = False  # EVICT_RECALIBRATE: ignore a cached calibration
     acceptance: str = "raw"  # EVICT_ACCEPTANCE: "raw" | "calibrated"
+    per_request: bool = False  # EVICT_PER_REQUEST: per-request widths inside the batch
+    pad_cost: float | None = None  # EVICT_PAD_COST; None = the table's metadata.padding_cost, else 1
 
     @property
-    def policy_mode(self) -> str:
-        """The ``TruncationPolicy`` mode: ``off`` under the kill switch, else the decision mode."""
+    def policy_decision(self) -> str:
+        """The ``TruncationPolicy`` decision: ``off`` under the kill switch, else the user's."""
         return "off" if self.disable else self.decision
 
 
@@ -188,10 +202,34 @@ def parse_env(environ: Mapping[str, str] | None = None) -> EvictConfig:
     if log_interval < 0:
         raise EvictConfigError(f"EVICT_LOG_INTERVAL={log_interval} is negative; use 0 to turn logging off")
 
+    per_request = _bool("EVICT_PER_REQUEST", _get(env, "EVICT_PER_REQUEST", "0"))
+    decision = _choice("EVICT_DECISION", _get(env, "EVICT_DECISION", "immediate"), _DECISIONS)
+    if per_request and decision != "immediate":
+        raise EvictConfigError(
+            f"EVICT_PER_REQUEST=1 needs EVICT_DECISION=immediate (got {decision!r}): the batch-wide budget "
+            "is chosen from this step's scores, so a lagged decision would sync the host anyway; unset "
+            "EVICT_DECISION or EVICT_PER_REQUEST"
+        )
+    pad_raw = _get(env, "EVICT_PAD_COST", "").strip()
+    pad_cost = None
+    if pad_raw:
+        try:
+            pad_cost = float(pad_raw)
+        except ValueError:
+            raise EvictConfigError(
+                f"EVICT_PAD_COST={pad_raw!r} is not a number; give a fraction of a node's cost in [0, 1] "
+                "(0 = padding is free, 1 = it costs a token)"
+            ) from None
+        if not 0.0 <= pad_cost <= 1.0:  # also refuses nan
+            raise EvictConfigError(
+                f"EVICT_PAD_COST={pad_raw!r} is outside [0, 1]; give a fraction of a node's cost "
+                "(0 = padding is free, 1 = it costs a token)"
+            )
+
     return EvictConfig(
         cost_table=Path(table_raw).expanduser() if table_raw else None,
         widths=_parse_widths(widths_raw) if widths_raw else None,
-        decision=_choice("EVICT_DECISION", _get(env, "EVICT_DECISION", "immediate"), _DECISIONS),
+        decision=decision,
         disable=_bool("EVICT_DISABLE", _get(env, "EVICT_DISABLE", "0")),
         allow_table_mismatch=_bool(
             "EVICT_ALLOW_TABLE_MISMATCH", _get(env, "EVICT_ALLOW_TABLE_MISMATCH", "0")
@@ -200,7 +238,31 @@ def parse_env(environ: Mapping[str, str] | None = None) -> EvictConfig:
         log_interval=log_interval,
         recalibrate=_bool("EVICT_RECALIBRATE", _get(env, "EVICT_RECALIBRATE", "0")),
         acceptance=_choice("EVICT_ACCEPTANCE", _get(env, "EVICT_ACCEPTANCE", "raw"), ACCEPTANCE_CHOICES),
+        per_request=per_request,
+        pad_cost=pad_cost,
     )
+
+
+def resolve_pad_cost(config: EvictConfig, table: Any = None) -> float:
+    """``EVICT_PAD_COST``, else the cost table's ``metadata.padding_cost``, else 1 (padding costs a token).
+
+    The same default as ``evict generate`` and the benchmark's ``--pad-cost``.  A table value
+    outside [0, 1] is a configuration error naming the table.
+    """
+    if config.pad_cost is not None:
+        return float(config.pad_cost)
+    meta = getattr(table, "metadata", None) or {}
+    raw = meta.get("padding_cost", 1.0)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise EvictConfigError(
+            f"EVICT_COST_TABLE={config.cost_table}: metadata.padding_cost={raw!r} is not a number in [0, 1]; "
+            "fix the table or set EVICT_PAD_COST"
+        )
+    return value
 
 
 def resolve_widths(

@@ -12,15 +12,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["EvictMetrics", "format_stats"]
+if TYPE_CHECKING:  # the metrics stay torch-free at import
+    from evict.truncation import TruncationPolicy
+
+__all__ = ["EvictMetrics", "RealNodeCounter", "format_stats"]
 
 logger = logging.getLogger(__name__)
 
 
-def format_stats(stats: dict[str, Any], switches: int = 0, width_counts: dict[int, int] | None = None) -> str:
-    """One log line from ``TruncationPolicy.stats()`` (and how often each width was verified)."""
+def format_stats(
+    stats: dict[str, Any],
+    switches: int = 0,
+    width_counts: dict[int, int] | None = None,
+    real_nodes: tuple[float, int] | None = None,
+) -> str:
+    """One log line from ``TruncationPolicy.stats()`` (and how often each width was verified).
+
+    ``real_nodes`` (per-request widths only): the mean real (non-padding) candidates verified per
+    request and step, and how many steps were padded, next to the width histogram.
+    """
 
     def f(x: Any) -> str:
         return f"{x:.2f}" if isinstance(x, float) else str(x)
@@ -30,8 +42,13 @@ def format_stats(stats: dict[str, Any], switches: int = 0, width_counts: dict[in
         f"accept_len predicted={f(stats['mean_predicted_accepted'])} "
         f"realized={f(stats['mean_realized_accepted'])} fallbacks={stats['fallbacks']} "
         f"errors={stats.get('errors', 0)} "
-        f"width_switches={switches} mode={stats['mode']} backend={stats['backend']}"
+        f"width_switches={switches} decision={stats['decision']} backend={stats['backend']}"
         + (f" widths={','.join(f'{w}:{n}' for w, n in sorted(width_counts.items()))}" if width_counts else "")
+        + (
+            f" real_nodes_per_req={f(float(real_nodes[0]))} padded_steps={int(real_nodes[1])}"
+            if real_nodes is not None
+            else ""
+        )
     )
 
 
@@ -40,12 +57,13 @@ class EvictMetrics:
 
     def __init__(
         self,
-        policy: Any,
+        policy: TruncationPolicy,
         log_interval: int,
         log_fn: Callable[[str], None] | None = None,
         switches_fn: Callable[[], int] | None = None,
         logging_rank: bool = True,
         width_counts_fn: Callable[[], dict[int, int]] | None = None,
+        real_nodes_fn: Callable[[], tuple[float, int] | None] | None = None,
     ) -> None:
         self.policy = policy
         self.log_interval = int(log_interval)
@@ -55,6 +73,8 @@ class EvictMetrics:
         self._log = log_fn if log_fn is not None else logger.info
         self._switches = switches_fn if switches_fn is not None else (lambda: 0)
         self._width_counts = width_counts_fn if width_counts_fn is not None else dict
+        # per-request widths only: (mean real nodes per request-step, padded steps); None: not logged
+        self._real_nodes = real_nodes_fn if real_nodes_fn is not None else (lambda: None)
         self.steps = 0
 
     def on_decode_step(self) -> None:
@@ -66,9 +86,46 @@ class EvictMetrics:
     def record_num_correct_drafts(self, num_correct_drafts_per_req: Sequence[int]) -> None:
         """Realized accepted length per request = correct drafts + the bonus token."""
         if len(num_correct_drafts_per_req):
-            self.policy.record_accepted([int(n) + 1 for n in num_correct_drafts_per_req])
+            self.policy.counters.record_accepted([int(n) + 1 for n in num_correct_drafts_per_req])
 
     def log_now(self) -> str:
-        line = format_stats(self.policy.stats(), self._switches(), self._width_counts())
+        line = format_stats(self.policy.stats(), self._switches(), self._width_counts(), self._real_nodes())
         self._log(line)
         return line
+
+
+class RealNodeCounter:
+    """Real (non-padding) candidates verified per request and step, for per-request widths.
+
+    A padded step adds its ``kept_counts`` on the device (no host sync); other steps add
+    ``width - 1`` per request on the host.  ``mean`` reads the device sum, so only the logging
+    rank calls it, when it logs.
+    """
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.padded_steps = 0
+        self._host = 0
+        self._device: Any = None
+
+    def add_full(self, batch_size: int, width: int) -> None:
+        """A step whose every request verified all ``width - 1`` candidates."""
+        self.requests += int(batch_size)
+        self._host += int(batch_size) * max(int(width) - 1, 0)
+
+    def add_counts(self, kept_counts: Any) -> None:
+        """A padded step: ``kept_counts [bs]`` real candidates per request (a device tensor)."""
+        self.requests += int(kept_counts.numel())
+        self.padded_steps += 1
+        total = kept_counts.sum()
+        self._device = total if self._device is None else self._device + total
+
+    def summary(self) -> tuple[float, int]:
+        """``(mean, padded_steps)`` for the metrics line."""
+        return self.mean(), self.padded_steps
+
+    def mean(self) -> float:
+        if not self.requests:
+            return float("nan")
+        device = 0 if self._device is None else int(self._device)
+        return (self._host + device) / self.requests

@@ -24,8 +24,11 @@ __all__ = [
     "ACTIVE_SCORE_SINK",
     "ScoreSink",
     "cut_draft_tree",
+    "fill_padding_tokens",
     "gather_candidate_scores",
+    "padded_frame",
     "ramp_kept",
+    "unlink_padding",
     "verify_spec_steps",
 ]
 
@@ -61,6 +64,75 @@ def ramp_kept(bs: int, width: int, device: torch.device | str) -> torch.Tensor:
     every parent precedes its child, so the prefix is ancestor-closed: verification stays lossless.
     """
     return torch.arange(max(int(width) - 1, 0), device=device).expand(int(bs), -1)
+
+
+def padded_frame(scores: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The width-m tree a per-request cut is verified in, and which of its nodes are real.
+
+    Per-request widths (``choose_widths_batch_budget``): ``kept [bs, m-1]`` holds each request's
+    real positions among the ``N-1`` candidates (ascending) followed by ``-1`` padding.  SGLang's
+    tree builder needs ``m-1`` distinct candidates per request, so each row is completed with the
+    request's best-scored other candidates: the result is its top-``(m-1)`` by ``scores [bs, N-1]``
+    (ties: lower position first), because the real set is a prefix of that order, and always
+    contains the real set.  It is ancestor-closed (a completing node's parent scores at least as
+    high and sits at a lower position, so it ranks first) and the padded nodes' descendants in it
+    are padded too (the real set is ancestor-closed).
+
+    Returns ``(frame [bs, m-1]`` ascending positions, ``real [bs, m-1]`` bool).  Device ops only.
+    """
+    bs, cols = scores.shape
+    width_m1 = kept.shape[1]
+    kept = kept.to(device=scores.device, dtype=torch.long)
+    is_real = torch.zeros((bs, cols + 1), dtype=torch.bool, device=scores.device)
+    is_real.scatter_(1, torch.where(kept < 0, torch.full_like(kept, cols), kept), True)
+    is_real = is_real[:, :cols]
+    # real first, then by score (descending, stable: ties keep the lower position first)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    real_sorted = is_real.gather(1, order)
+    order = order.gather(
+        1, torch.sort(real_sorted.to(torch.int8), dim=1, descending=True, stable=True).indices
+    )
+    frame = order[:, :width_m1].sort(dim=1).values
+    return frame, is_real.gather(1, frame)
+
+
+def fill_padding_tokens(draft_tokens: torch.Tensor, real: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """``draft_tokens [bs, m-1]`` with each padded slot holding its request's root token ``root [bs]``.
+
+    Why: on a GPU a padded slot is still computed; the root token routes it to experts the batch
+    already reads, so it costs no extra expert weight reads.
+    """
+    return torch.where(real, draft_tokens, root.view(-1, 1).to(draft_tokens.dtype).expand_as(draft_tokens))
+
+
+def unlink_padding(
+    next_token: torch.Tensor, next_sibling: torch.Tensor, real: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Splice the padded nodes out of SGLang's first-child / next-sibling lists.
+
+    ``next_token``/``next_sibling [bs, m]`` are ``build_eagle_verify_input``'s
+    ``retrieve_next_token``/``retrieve_next_sibling`` (verify-local indices, -1 = none) for the
+    width-m tree of :func:`padded_frame`; ``real [bs, m-1]`` marks its real candidates (node
+    ``j >= 1`` is candidate ``j-1``; the root is real).  Every link is moved past padded nodes along
+    the sibling chain, so the acceptance walks (``verify_tree_greedy``,
+    ``tree_speculative_sampling_target_only``) and the grammar tree never reach a padded node, and
+    the padded nodes' own links are cleared.  A padded node's descendants are padded too, so a real
+    node is never lost.  A node has at most ``topk`` children, so ``topk`` hops reach the first real
+    sibling or the end of the chain.  Device ops only, no host sync.
+    """
+    bs, m = next_token.shape
+    pad = torch.cat([torch.zeros((bs, 1), dtype=torch.bool, device=real.device), ~real], dim=1)
+    sib = next_sibling
+
+    def skip(link: torch.Tensor) -> torch.Tensor:
+        for _ in range(max(int(topk), 1)):
+            safe = link.clamp(min=0)
+            hop = (link >= 0) & pad.gather(1, safe)
+            link = torch.where(hop, sib.gather(1, safe), link)
+        return link
+
+    none = torch.full_like(next_token, -1)
+    return torch.where(pad, none, skip(next_token)), torch.where(pad, none, skip(next_sibling))
 
 
 def verify_spec_steps(num_steps: int, width: int) -> int:

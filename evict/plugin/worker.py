@@ -57,6 +57,7 @@ from sglang.srt.speculative.spec_utils import draft_tp_context
 from sglang.srt.utils.common import get_available_gpu_memory, log_info_on_rank0
 
 from evict.engine.tree_layout import flat_parents, num_candidates
+from evict.kernels import make_decider
 from evict.plugin.calibration import (
     GraphReplay,
     calibrate_or_load,
@@ -68,17 +69,21 @@ from evict.plugin.config import (
     EvictConfigError,
     load_cost_table,
     parse_env,
+    resolve_pad_cost,
     resolve_widths,
     target_config_hash,
 )
-from evict.plugin.metrics import EvictMetrics
+from evict.plugin.metrics import EvictMetrics, RealNodeCounter
 from evict.plugin.tp_sync import WidthAgreement
 from evict.plugin.tree_cut import (
     ACTIVE_SCORE_SINK,
     ScoreSink,
     cut_draft_tree,
+    fill_padding_tokens,
     gather_candidate_scores,
+    padded_frame,
     ramp_kept,
+    unlink_padding,
     verify_spec_steps,
 )
 from evict.plugin.width_states import WidthStateSet
@@ -161,6 +166,17 @@ def _without_draft_decode_graph() -> Iterator[None]:
         _eagle_worker_v2.EAGLEDraftCudaGraphRunner = saved
 
 
+def _pads(decision: Any) -> bool:
+    """Whether a decision is a per-request cut with padding: its budget is below its width (host ints)."""
+    budget = getattr(decision, "budget_index", None)
+    return (
+        decision is not None
+        and getattr(decision, "kept_counts", None) is not None
+        and budget is not None
+        and int(budget) < int(decision.width_index)
+    )
+
+
 class _NoGraphs(RuntimeError):
     """No captured graphs to replay (CPU, ``--disable-cuda-graph``)."""
 
@@ -201,7 +217,7 @@ class EvictDraftWorker(EagleDraftWorker):
         )
         self.score_sink = ScoreSink(max_bs, self.full_num_draft_tokens - 1, self.device)
         # Set by EvictWorkerV2 once the width states exist.
-        self.truncation_policy: Any = None
+        self.truncation_policy: TruncationPolicy | None = None
         self.use_width: Callable[[int], None] | None = None
         self.width_agreement: WidthAgreement | None = None  # TP > 1 only
         self.last_decision: Any = None
@@ -210,6 +226,7 @@ class EvictDraftWorker(EagleDraftWorker):
         self.acceptance: AcceptanceEstimator | None = None
         self.acceptance_candidates = num_candidates(self.speculative_num_steps, self.topk)
         self._pending_outcome: tuple[AcceptanceFeatures, torch.Tensor] | None = None
+        self.real_nodes = RealNodeCounter()  # EVICT_PER_REQUEST=1: real candidates per request-step
 
     def draft_forward(self, forward_batch: Any):
         # Also entered by draft CUDA-graph capture, which then records the score copy.
@@ -287,7 +304,7 @@ class EvictDraftWorker(EagleDraftWorker):
             decision = policy.decide(scores)
             index = decision.width_index
         except Exception as exc:  # never fail a request over the cut: verify the full tree
-            policy.record_error(exc, "width decision failed; verifying the full tree")
+            policy.counters.record_error(exc, "width decision failed; verifying the full tree")
         if self.width_agreement is not None:
             agreed = self.width_agreement.agree(index)
             if agreed != index:
@@ -295,6 +312,8 @@ class EvictDraftWorker(EagleDraftWorker):
         self.last_decision = decision
         width = min(int(policy.widths[index]), n)
         self.width_counts[width] = self.width_counts.get(width, 0) + 1
+        if decision is not None and _pads(decision):
+            return width, decision.kept  # per request: real positions, then -1 (padding)
         if width >= n:
             return n, None
         if decision is not None:
@@ -310,13 +329,33 @@ class EvictDraftWorker(EagleDraftWorker):
             try:
                 scores = self.kept_scores(batch, parent_list, top_scores_index)
             except Exception as exc:  # the estimator must never fail a request: rank by raw scores
-                self.truncation_policy.record_error(exc, "acceptance estimator failed; using raw scores")
+                self.truncation_policy.counters.record_error(
+                    exc, "acceptance estimator failed; using raw scores"
+                )
                 self._pending_outcome = None
         width, kept = self.choose_width(batch, scores)
+        real = None  # per-request widths: [bs, m-1] real (True) or padding slots of the cut tree
+        if kept is not None and _pads(self.last_decision):
+            try:
+                ranked = scores if scores is not None else self.score_sink.read(batch.seq_lens.shape[0])
+                kept, real = padded_frame(ranked, kept)
+            except Exception as exc:  # never fail a request over the cut: same width, no padding
+                self.truncation_policy.counters.record_error(
+                    exc, "per-request cut failed; verifying without padding"
+                )
+                kept, real = ramp_kept(batch.seq_lens.shape[0], width, self.device), None
         if kept is not None:
             top_scores_index, draft_tokens = cut_draft_tree(top_scores_index, draft_tokens, kept)
-        if self._pending_outcome is not None:  # the estimator learns about the nodes verified
-            self._pending_outcome = (self._pending_outcome[0], top_scores_index)
+        if real is not None:  # padded slots hold the root token: experts the batch already reads
+            draft_tokens = fill_padding_tokens(draft_tokens, real, draft_input.bonus_tokens)
+        if getattr(self.truncation_policy, "per_request", False) and not batch.forward_mode.is_idle():
+            if real is not None:
+                self.real_nodes.add_counts(self.last_decision.kept_counts)
+            else:
+                self.real_nodes.add_full(batch.seq_lens.shape[0], width)
+        if self._pending_outcome is not None:  # the estimator learns about the real nodes verified
+            verified = top_scores_index if real is None else torch.where(real, top_scores_index, -1)
+            self._pending_outcome = (self._pending_outcome[0], verified)
         if self.use_width is not None:
             # Before the build (it writes the width-m backend's verify mask), and on every step:
             # verify and draft extend read the width from the workers, not from this call.
@@ -327,6 +366,14 @@ class EvictDraftWorker(EagleDraftWorker):
         )
         if not batch.forward_mode.is_idle():
             verify_input.spec_steps = verify_spec_steps(kwargs["num_steps"], width)
+            if real is not None:
+                # Padded slots stay in the width-m tree (mask, positions, KV slots: rejected like any
+                # node, freed with them) but out of the child/sibling lists: never reached, never accepted.
+                nxt, sib = unlink_padding(
+                    verify_input.retrieve_next_token, verify_input.retrieve_next_sibling, real, self.topk
+                )
+                verify_input.retrieve_next_token.copy_(nxt)
+                verify_input.retrieve_next_sibling.copy_(sib)
         return verify_input
 
     def _draft_extend_for_decode(self, batch: Any, batch_result: Any, *, kv_loc_plan: Any = None):
@@ -359,10 +406,15 @@ class EvictWorkerV2(EAGLEWorkerV2):
             switches_fn=lambda: self.width_states.switches,
             logging_rank=get_parallel().tp_rank == 0,
             width_counts_fn=lambda: self._draft_worker.width_counts,
+            real_nodes_fn=lambda: (
+                self._draft_worker.real_nodes.summary()
+                if getattr(self.truncation_policy, "per_request", False)
+                else None
+            ),
         )
 
     # -- start-up -------------------------------------------------------------------------------
-    def _build_policy(self) -> Any:
+    def _build_policy(self) -> TruncationPolicy:
         """The policy from ``EVICT_COST_TABLE``; without one, a full-tree placeholder until calibration."""
         cfg = self.evict_config
         n = self.full_num_draft_tokens
@@ -370,7 +422,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
         if cfg.disable:
             # Kill switch: only the full tree is captured and verified; same code path otherwise.
             self.evict_widths = (n,)
-            return TruncationPolicy([1.0], widths=[n], mode="off", backend="torch")
+            return TruncationPolicy([1.0], widths=[n], decision="off")
         table = load_cost_table(
             cfg,
             config_hash=target_config_hash(self.server_args.model_path, self.server_args.revision),
@@ -382,8 +434,21 @@ class EvictWorkerV2(EAGLEWorkerV2):
         if table is None:
             # No table given: init_cuda_graphs measures one from the captured graphs.
             self.needs_calibration = True
-            return TruncationPolicy([1.0], widths=[n], mode="off", backend="torch")
-        return TruncationPolicy(table, widths=self.evict_widths, mode=cfg.policy_mode, backend=cfg.backend)
+            return TruncationPolicy([1.0], widths=[n], decision="off")
+        return TruncationPolicy(
+            table,
+            widths=self.evict_widths,
+            decision=cfg.policy_decision,
+            decider=make_decider(cfg.backend),
+            **self._per_request(table),
+        )
+
+    def _per_request(self, table: Any) -> dict[str, Any]:
+        """``per_request``/``pad_cost`` for a served policy (EVICT_PER_REQUEST, EVICT_PAD_COST)."""
+        cfg = self.evict_config
+        if not cfg.per_request or cfg.disable:
+            return {}
+        return {"per_request": True, "pad_cost": resolve_pad_cost(cfg, table)}
 
     def _gpu_name(self) -> str | None:
         return torch.cuda.get_device_name(self.gpu_id) if torch.cuda.is_available() else None
@@ -399,7 +464,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
         log says how to give a table instead.
         """
         cfg, n = self.evict_config, self.full_num_draft_tokens
-        full_tree = TruncationPolicy([1.0], widths=[n], mode="off", backend="torch")
+        full_tree = TruncationPolicy([1.0], widths=[n], decision="off")
         try:
             replay, batch_sizes = self._graph_replay()
         except _NoGraphs as exc:
@@ -436,7 +501,11 @@ class EvictWorkerV2(EAGLEWorkerV2):
             )
             return full_tree
         return TruncationPolicy(
-            table, widths=self.width_states.widths, mode=cfg.policy_mode, backend=cfg.backend
+            table,
+            widths=self.width_states.widths,
+            decision=cfg.policy_decision,
+            decider=make_decider(cfg.backend),
+            **self._per_request(table),
         )
 
     def _graph_replay(self) -> tuple[GraphReplay, tuple[int, ...]]:
@@ -507,16 +576,21 @@ class EvictWorkerV2(EAGLEWorkerV2):
             self.truncation_policy = self.evict_metrics.policy = self._calibrate_policy()
         dw.truncation_policy = self.truncation_policy
         dw.use_width = self.use_width
-        if self.evict_config.acceptance == "calibrated" and self.truncation_policy.mode != "off":
+        if self.evict_config.acceptance == "calibrated" and self.truncation_policy.decision != "off":
             # Learns only from past verifications (lossless); identical on every TP rank.
             dw.acceptance = AcceptanceEstimator(self.topk, self.speculative_num_steps, device=self.device)
         disabled = ", DISABLED (full tree every step)" if self.evict_config.disable else ""
+        per_request = (
+            f", per-request widths (pad cost {self.truncation_policy.pad_cost:g})"
+            if getattr(self.truncation_policy, "per_request", False)
+            else ""
+        )
         tp = f", widths agreed across {get_parallel().tp_size} TP ranks" if dw.width_agreement else ""
         log_info_on_rank0(
             logger,
             f"EVICT: verify widths {list(self.width_states.widths)} (N={self.full_num_draft_tokens}), "
-            f"decision={self.truncation_policy.mode}, backend={self.truncation_policy.backend}, "
-            f"acceptance={'calibrated' if dw.acceptance is not None else 'raw'}{disabled}{tp}; "
+            f"decision={self.truncation_policy.decision}, backend={self.truncation_policy.backend}, "
+            f"acceptance={'calibrated' if dw.acceptance is not None else 'raw'}{per_request}{disabled}{tp}; "
             f"memory per extra width:\n{self.width_states.memory_report()}",
         )
 

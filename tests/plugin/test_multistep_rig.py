@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -66,13 +67,19 @@ from sglang.srt.speculative.eagle_utils import TreeMaskMode, eagle_prepare_for_d
 from transformers import PretrainedConfig  # noqa: E402
 
 from evict.engine.acceptance import greedy_accept, sampling_accept  # noqa: E402
-from evict.engine.tree_layout import DraftTree, num_candidates, select_verify_tree, sglang_parents  # noqa: E402
+from evict.engine.tree_layout import (  # noqa: E402
+    PAD_PARENT,
+    DraftTree,
+    num_candidates,
+    select_verify_tree,
+    sglang_parents,
+)
 from evict.plugin import worker as evict_worker  # noqa: E402
-from evict.plugin.metrics import EvictMetrics  # noqa: E402
+from evict.plugin.metrics import EvictMetrics, RealNodeCounter  # noqa: E402
 from evict.plugin.tree_cut import ScoreSink  # noqa: E402
 from evict.plugin.width_states import WidthStateSet  # noqa: E402
 from evict.testing import cpu_ops  # noqa: E402
-from evict.truncation import AcceptanceEstimator, TruncationPolicy  # noqa: E402
+from evict.truncation import AcceptanceEstimator, TruncationPolicy, choose_widths_batch_budget  # noqa: E402
 
 pytestmark = pytest.mark.sglang
 
@@ -255,13 +262,42 @@ class ScriptedCostPolicy(TruncationPolicy):
     """EVICT's policy, over a step cost under which only the scripted width is affordable."""
 
     def __init__(self) -> None:
-        super().__init__([1.0] * len(WIDTHS), widths=list(WIDTHS), mode="immediate")
+        super().__init__([1.0] * len(WIDTHS), widths=list(WIDTHS), decision="immediate")
         self.want = N
 
     def step_cost(self, batch_size, device="cpu"):
         cost = torch.full((len(WIDTHS),), 1e6)
         cost[WIDTHS.index(self.want)] = 1.0
         return cost.to(device)
+
+
+class ScriptedPerRequestPolicy(TruncationPolicy):
+    """EVICT_PER_REQUEST=1 with padding free (pad cost 0): the batch verifies the scripted width, and
+    the shared budget rule (``choose_widths_batch_budget``, the policy's own per-request rule) picks
+    how many of its slots hold real nodes under a step cost linear in the width.
+
+    Why the width is fixed: with a pad cost of 0 the rule always verifies the widest graph (padding
+    is free), so the scripted widths are imposed through the rule's ``index`` argument (what a
+    host-known width does), and only the budget is chosen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            lambda bs, widths: 1.0 + 0.12 * (widths.float() - 1.0),
+            widths=list(WIDTHS),
+            per_request=True,
+            pad_cost=0.0,
+        )
+        self.want = N
+        self.decisions = []
+
+    def decide(self, scores):
+        cost = self.step_cost(scores.shape[0], scores.device)
+        d = choose_widths_batch_budget(
+            scores, cost, self.widths.to(scores.device), pad_cost=self.pad_cost, index=WIDTHS.index(self.want)
+        )
+        self.decisions.append(d)
+        return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,10 +417,25 @@ class Rig:
     """Scheduler, models and pools around a real ``EvictWorkerV2`` for one decode run."""
 
     def __init__(
-        self, monkeypatch, *, sampling: bool, mask_mode: TreeMaskMode, seed: int, acceptance: bool = False
+        self,
+        monkeypatch,
+        *,
+        sampling: bool,
+        mask_mode: TreeMaskMode,
+        seed: int,
+        acceptance: bool = False,
+        per_request: bool = False,
     ) -> None:
         self.g = torch.Generator().manual_seed(seed)
+        # SGLang draws the verify coins from the global generator (no per-request seed here): seed it
+        # too, so that a run is reproducible (unseeded, the coverage checks failed about 1 run in 15)
+        torch.manual_seed(seed)
         self.sampling = sampling
+        self.per_request = per_request
+        self.padded_steps = 0  # steps with at least one padded slot
+        self.padded_slots = 0
+        self.empty_rows = 0  # requests that verified the root alone inside a wider tree
+        self.learned = []  # per-request + calibrated: (verified mask, padded flat mask) per update
         self.rec = StepRecord()
         self.step = 0
         self._install_recorders(monkeypatch)
@@ -448,7 +499,9 @@ class Rig:
                 [p.clone() for p in parents_list],
             )
             rec.organized_width = num_draft_token
-            return organize(score_list, token_list, parents_list, num_draft_token)
+            out = organize(score_list, token_list, parents_list, num_draft_token)
+            rec.organized_index = out[1].clone()  # [bs, N-1] flat index of each organized position
+            return out
 
         def build_recorded(
             batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kw
@@ -460,6 +513,9 @@ class Rig:
             rec.verify_input = build(
                 batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kw
             )
+            # SGLang's links before EVICT splices the padding out (in place) for the width-m tree
+            rec.raw_next = rec.verify_input.retrieve_next_token.clone()
+            rec.raw_sibling = rec.verify_input.retrieve_next_sibling.clone()
             return rec.verify_input
 
         def prepare_extend_recorded(draft_extend_input, batch, predict, num_draft_tokens, *args, **kw):
@@ -540,6 +596,13 @@ class Rig:
         if acceptance:  # EVICT_ACCEPTANCE=calibrated
             dw.acceptance = AcceptanceEstimator(TOPK, STEPS)
             dw.acceptance_candidates = num_candidates(STEPS, TOPK)
+            update = dw.acceptance.update
+
+            def update_recorded(feats, verified, accepted, *a, **kw):
+                self.rec.learned = (verified.clone(), accepted.clone())
+                return update(feats, verified, accepted, *a, **kw)
+
+            dw.acceptance.update = update_recorded
 
         w = object.__new__(evict_worker.EvictWorkerV2)
         w._draft_worker, w._target_worker = dw, target
@@ -550,7 +613,8 @@ class Rig:
         w.adaptive_controller = None
         w.enable_dp_spec_prefill_coordination = False
         w.evict_widths = WIDTHS
-        w.truncation_policy = ScriptedCostPolicy()
+        w.truncation_policy = ScriptedPerRequestPolicy() if self.per_request else ScriptedCostPolicy()
+        dw.real_nodes = RealNodeCounter()
         # one captured state per width, as EvictWorkerV2.init_cuda_graphs registers them
         w.width_states = WidthStateSet(w._apply_width_state)
         for m in WIDTHS:
@@ -701,11 +765,48 @@ class Rig:
                 if kids and float(torch.rand((), generator=self.g)) < 0.8:
                     pick = kids[int(torch.randint(len(kids), (1,), generator=self.g))]
                     logits[b * m + j, int(tokens[b, pick])] += 6.0
+                pad_kids = self._padded_children(b, j)
+                if pad_kids and float(torch.rand((), generator=self.g)) < 0.5:
+                    # a padded child (the root token) is what the target wants here: accepting it
+                    # would be wrong, so only its absence from the links keeps the step lossless
+                    logits[b * m + j, int(tokens[b, pad_kids[0]])] += 9.0
         self.rec.target_logits = logits.clone()
         hidden = torch.zeros(BS * m, HIDDEN)
         hidden[:, 0] = torch.arange(BS * m, dtype=torch.float32)  # node marker
         out = LogitsProcessorOutput(next_token_logits=logits, hidden_states=hidden)
         return SimpleNamespace(logits_output=out, routed_experts_output=None, indexer_topk_output=None)
+
+    def _padded_children(self, b: int, j: int) -> list[int]:
+        """Children of node j in SGLang's own (unspliced) links that EVICT padded."""
+        if not self.per_request or getattr(self.rec, "raw_next", None) is None:
+            return []
+        real = self._real_slots()
+        if real is None:
+            return []
+        out, c = [], int(self.rec.raw_next[b, j])
+        while c != -1:
+            if not bool(real[b, c]):
+                out.append(c)
+            c = int(self.rec.raw_sibling[b, c])
+        return out
+
+    def _real_slots(self):
+        """[BS, m] bool: the verify slots holding real nodes this step (None: no padding)."""
+        d = self.worker._draft_worker.last_decision
+        if d is None or d.kept_counts is None or d.budget_index is None or d.budget_index >= d.width_index:
+            return None
+        m = d.width
+        kept = self.rec.build["top_scores_index"]  # the frame: flat indices of slots 1..m-1
+        real = torch.ones(BS, m, dtype=torch.bool)
+        for b in range(BS):
+            flat_real = {int(x) for x in self._real_flat(d, b)}
+            real[b, 1:] = torch.tensor([int(x) in flat_real for x in kept[b]], dtype=torch.bool)
+        return real
+
+    def _real_flat(self, d, b: int) -> list[int]:
+        """Flat candidate indices of request b's real nodes (the decision holds positions among N-1)."""
+        organized = self.rec.organized_index[b]
+        return [int(organized[int(p)]) for p in d.kept[b] if int(p) >= 0]
 
     # -- one decode step --------------------------------------------------------------------------
     def run_step(self, want: int) -> None:
@@ -776,6 +877,15 @@ class Rig:
             assert bool(((parents < 0) | (kept.unsqueeze(1) == parents.unsqueeze(2)).any(2)).all()), ctx
         vt = select_verify_tree(tree, kept, rec.build["bonus"].long())
         v = rec.verify_input
+        real = self._real_slots() if self.per_request else None
+        if self.per_request:
+            self._check_padding(ctx, m, vt, real)
+        if real is not None:  # the reference tree: padded slots hold the root token, linked to nothing
+            vt = dataclasses.replace(
+                vt,
+                tokens=torch.where(real, vt.tokens, vt.tokens[:, :1].expand(BS, m)),
+                parent=torch.where(real, vt.parent, torch.full_like(vt.parent, PAD_PARENT)),
+            )
         assert v.draft_token_num == m and v.spec_steps == spec_steps, ctx
         assert torch.equal(v.draft_token.view(BS, m), vt.tokens), f"{ctx}: SGLang verified a different tree"
 
@@ -803,6 +913,8 @@ class Rig:
             # a chain from the root through kept nodes, each the previous node's child
             assert path[0] == 0 and all(int(vt.parent[i, c]) == p for p, c in zip(path, path[1:])), ctx
             assert n_acc <= m, ctx
+            if real is not None:
+                assert all(bool(real[i, c]) for c in path), f"{ctx}: request {i} accepted a padded slot"
             assert n_acc == int(ref.num_accepted[i]) + 1, (
                 f"{ctx}: request {i} accepted {n_acc - 1}, reference {int(ref.num_accepted[i])}"
             )
@@ -852,6 +964,54 @@ class Rig:
         self._check_kv_accounting(f"{ctx}, after finishing requests")
         self.step += 1
 
+    def _check_padding(self, ctx: str, m: int, vt, real) -> None:
+        """Per-request widths: the decision, the links SGLang walks, and what the estimator learns."""
+        rec, d = self.rec, self.worker._draft_worker.last_decision
+        assert d.kept_counts is not None and d.budget_index is not None, ctx
+        assert d.budget_index <= d.width_index, ctx
+        v = rec.verify_input
+        nxt, sib = v.retrieve_next_token.view(BS, m), v.retrieve_next_sibling.view(BS, m)
+        if real is None:  # the full budget: SGLang's own links, untouched
+            assert bool((d.kept_counts == max(m - 1, 0)).all()), ctx
+            assert torch.equal(nxt, rec.raw_next.view(BS, m)) and torch.equal(
+                sib, rec.raw_sibling.view(BS, m)
+            ), ctx
+            return
+        counts = real[:, 1:].sum(1)
+        assert torch.equal(counts, d.kept_counts.cpu()), ctx
+        self.padded_steps += 1
+        self.padded_slots += int((~real).sum())
+        self.empty_rows += int((counts == 0).sum())
+        bonus = rec.build["bonus"].long()
+        tokens = v.draft_token.view(BS, m)
+        for b in range(BS):
+            # padded slots hold the root token
+            assert bool((tokens[b, ~real[b]] == bonus[b]).all()), f"{ctx}: request {b} padding"
+            # walking the links from the root reaches every real node, through its real parent, and
+            # no padded node
+            seen, stack = {}, [0]
+            while stack:
+                cur = stack.pop()
+                c = int(nxt[b, cur])
+                while c != -1:
+                    assert c not in seen, ctx
+                    seen[c] = cur
+                    stack.append(c)
+                    c = int(sib[b, c])
+            want = {j for j in range(1, m) if bool(real[b, j])}
+            assert set(seen) == want, f"{ctx}: request {b} links reach {sorted(seen)}, real {sorted(want)}"
+            assert all(int(vt.parent[b, c]) == p for c, p in seen.items()), ctx
+        learned = getattr(rec, "learned", None)
+        if self.worker._draft_worker.acceptance is not None:
+            assert learned is not None, f"{ctx}: the estimator did not learn from this step"
+            verified = learned[0]
+            for b in range(BS):
+                flat_real = set(self._real_flat(d, b))
+                got = {int(x) for x in verified[b].nonzero().flatten()}
+                assert got == flat_real, (
+                    f"{ctx}: request {b} learned from {sorted(got)}, real {sorted(flat_real)}"
+                )
+
     def _check_kv_accounting(self, ctx: str) -> None:
         """Allocated = kept (committed) + reserved (allocated, not committed) + freed; no slot twice."""
         kept = sum(r.kv.kv_committed_len for r in self.reqs)
@@ -872,8 +1032,23 @@ class Rig:
         assert not bool(torch.isin(owned, self.allocator.free_pages).any()), f"{ctx}: an owned slot is free"
 
 
-def _run(monkeypatch, *, sampling: bool, mask_mode: TreeMaskMode, seed: int, acceptance: bool = False) -> Rig:
-    rig = Rig(monkeypatch, sampling=sampling, mask_mode=mask_mode, seed=seed, acceptance=acceptance)
+def _run(
+    monkeypatch,
+    *,
+    sampling: bool,
+    mask_mode: TreeMaskMode,
+    seed: int,
+    acceptance: bool = False,
+    per_request: bool = False,
+) -> Rig:
+    rig = Rig(
+        monkeypatch,
+        sampling=sampling,
+        mask_mode=mask_mode,
+        seed=seed,
+        acceptance=acceptance,
+        per_request=per_request,
+    )
     for want in WIDTH_SCRIPT:
         rig.run_step(want)
     return rig
@@ -881,7 +1056,7 @@ def _run(monkeypatch, *, sampling: bool, mask_mode: TreeMaskMode, seed: int, acc
 
 def _check_coverage(rig: Rig) -> None:
     assert rig.step == len(WIDTH_SCRIPT) >= 50
-    assert rig.policy.steps == len(WIDTH_SCRIPT)
+    assert rig.policy.counters.steps == len(WIDTH_SCRIPT)
     assert rig.finished >= 2, "requests finish and free their KV during the run"
     assert rig.worker.width_states.switches >= 20
     # acceptance of every kind: none at all, and the whole depth at narrow and full widths
@@ -912,3 +1087,50 @@ def test_calibrated_acceptance_learns_from_every_verification_and_stays_lossless
     trials = sum(row["trials"] for row in est.reliability())
     # one trial per verified node whose parent was accepted: at least the root's kept children each step
     assert trials >= sum(1 for m in WIDTH_SCRIPT if m > 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-request widths (EVICT_PER_REQUEST=1, pad cost 0): one width for the batch, padding per request
+# ---------------------------------------------------------------------------------------------
+def _check_per_request_coverage(rig: Rig, root_alone: bool = True) -> None:
+    assert rig.step == len(rig.policy.decisions) == len(WIDTH_SCRIPT) >= 50
+    assert rig.finished >= 2, "requests finish and free their KV during the run"
+    assert rig.worker.width_states.switches >= 20
+    # the budget rule really padded: some request kept fewer than m-1 real nodes on many steps,
+    # some verified the root alone inside a wider tree
+    short = [d for d in rig.policy.decisions if bool((d.kept_counts < d.width - 1).any())]
+    assert len(short) == rig.padded_steps >= 10, (len(short), rig.padded_steps)
+    assert rig.padded_slots >= 50 and (rig.empty_rows >= 1 or not root_alone), (
+        rig.padded_slots,
+        rig.empty_rows,
+    )
+    assert any(a == 1 for (m, a) in rig.accepted_at if m > 1)
+    assert any(a >= 3 for (m, a) in rig.accepted_at)
+    # the metrics line's real nodes per request: exactly the kept counts of every step
+    want = sum(int(d.kept_counts.sum()) for d in rig.policy.decisions) / (BS * rig.step)
+    assert rig.worker._draft_worker.real_nodes.mean() == pytest.approx(want)
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_per_request_greedy_multistep_decode_pads_and_stays_lossless(monkeypatch):
+    rig = _run(monkeypatch, sampling=False, mask_mode=TreeMaskMode.FULL_MASK, seed=4, per_request=True)
+    _check_per_request_coverage(rig)
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_per_request_sampling_multistep_decode_pads_and_stays_lossless(monkeypatch):
+    rig = _run(monkeypatch, sampling=True, mask_mode=TreeMaskMode.QLEN_ONLY, seed=5, per_request=True)
+    _check_per_request_coverage(rig, root_alone=False)  # the sampled coins vary from run to run
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_per_request_calibrated_acceptance_learns_only_from_real_nodes(monkeypatch):
+    rig = _run(
+        monkeypatch,
+        sampling=False,
+        mask_mode=TreeMaskMode.FULL_MASK,
+        seed=6,
+        acceptance=True,
+        per_request=True,
+    )
+    _check_per_request_coverage(rig, root_alone=False)  # calibrated scores rarely leave a request bare

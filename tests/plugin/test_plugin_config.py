@@ -56,7 +56,7 @@ def test_defaults_from_empty_environment():
         recalibrate=False,
         acceptance="raw",
     )
-    assert cfg.policy_mode == "immediate"
+    assert cfg.policy_decision == "immediate"
 
 
 def test_all_variables_parsed():
@@ -84,7 +84,7 @@ def test_all_variables_parsed():
         "triton",
         7,
     )
-    assert cfg.policy_mode == "off"  # the kill switch wins over the decision mode
+    assert cfg.policy_decision == "off"  # the kill switch wins over the decision mode
 
 
 def test_unknown_variable_names_the_closest_known_one():
@@ -107,6 +107,11 @@ def test_unknown_variable_names_the_closest_known_one():
         ("EVICT_LOG_INTERVAL", "-1", "negative"),
         ("EVICT_RECALIBRATE", "always", "not a boolean"),
         ("EVICT_ACCEPTANCE", "learned", "raw, calibrated"),
+        ("EVICT_PER_REQUEST", "sometimes", "not a boolean"),
+        ("EVICT_PAD_COST", "free", "not a number"),
+        ("EVICT_PAD_COST", "1.5", "outside [0, 1]"),
+        ("EVICT_PAD_COST", "-0.1", "outside [0, 1]"),
+        ("EVICT_PAD_COST", "nan", "outside [0, 1]"),
     ],
 )
 def test_bad_values_are_clear_errors(name, value, needle):
@@ -224,3 +229,29 @@ def test_target_config_hash_matches_the_profilers_raw_json_hash(tmp_path, caplog
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(EvictConfigError, match="cannot read"):
         target_config_hash(str(tmp_path))
+
+
+def test_per_request_widths_are_off_by_default_and_parsed():
+    cfg = parse_env({})
+    assert (cfg.per_request, cfg.pad_cost) == (False, None)
+    cfg = parse_env({"EVICT_PER_REQUEST": "1", "EVICT_PAD_COST": " 0 "})
+    assert (cfg.per_request, cfg.pad_cost, cfg.decision) == (True, 0.0, "immediate")
+
+
+def test_per_request_widths_need_the_immediate_decision():
+    with pytest.raises(EvictConfigError, match="EVICT_PER_REQUEST=1 needs EVICT_DECISION=immediate"):
+        parse_env({"EVICT_PER_REQUEST": "1", "EVICT_DECISION": "lagged"})
+
+
+def test_pad_cost_comes_from_the_variable_else_the_table_else_one(tmp_path):
+    from types import SimpleNamespace
+
+    from evict.plugin.config import resolve_pad_cost
+
+    table = SimpleNamespace(metadata={"padding_cost": 0.25})
+    assert resolve_pad_cost(parse_env({"EVICT_PER_REQUEST": "1"}), table) == 0.25
+    assert resolve_pad_cost(parse_env({"EVICT_PER_REQUEST": "1", "EVICT_PAD_COST": "0.5"}), table) == 0.5
+    assert resolve_pad_cost(parse_env({"EVICT_PER_REQUEST": "1"}), SimpleNamespace(metadata={})) == 1.0
+    assert resolve_pad_cost(parse_env({"EVICT_PER_REQUEST": "1"}), None) == 1.0
+    with pytest.raises(EvictConfigError, match="padding_cost"):
+        resolve_pad_cost(parse_env({}), SimpleNamespace(metadata={"padding_cost": "lots"}))

@@ -119,7 +119,7 @@ def test_verify_spec_steps_bounds_depth_by_width():
 
 
 def test_metrics_log_every_interval_with_predicted_and_realized():
-    policy = TruncationPolicy([1.0, 1.0, 1.0], widths=[2, 3, 4], mode="immediate")
+    policy = TruncationPolicy([1.0, 1.0, 1.0], widths=[2, 3, 4], decision="immediate")
     lines: list[str] = []
     metrics = EvictMetrics(policy, log_interval=2, log_fn=lines.append, switches_fn=lambda: 5)
     scores = torch.tensor([[0.5, 0.25, 0.125], [0.9, 0.8, 0.7]])
@@ -140,7 +140,7 @@ def test_metrics_log_every_interval_with_predicted_and_realized():
 
 
 def test_log_interval_zero_never_logs_and_never_divides_by_zero():
-    policy = TruncationPolicy([1.0], widths=[4], mode="off")
+    policy = TruncationPolicy([1.0], widths=[4], decision="off")
     lines: list[str] = []
     metrics = EvictMetrics(policy, log_interval=0, log_fn=lines.append)
     for _ in range(5):
@@ -159,7 +159,7 @@ def test_only_the_logging_rank_reads_the_counters():
 
     lines: list[str] = []
     for rank0 in (True, False):
-        policy = CountingPolicy([1.0], widths=[4], mode="off")
+        policy = CountingPolicy([1.0], widths=[4], decision="off")
         metrics = EvictMetrics(policy, log_interval=1, log_fn=lines.append, logging_rank=rank0)
         for _ in range(3):
             policy.decide(torch.ones(1, 3))

@@ -128,7 +128,7 @@ def test_policy_kept_sets_are_ancestor_closed(bs, topk, steps, n, tie):
     widths = sorted({w for w in (1, 2, 3, 4, 8, 16, n) if w <= n})
     # steep cost: small widths win; flat cost: the full tree
     for cost in ([1.0 + 3.0 * w for w in widths], [1.0] * len(widths)):
-        policy = TruncationPolicy(cost, widths=widths, mode="immediate")
+        policy = TruncationPolicy(cost, widths=widths, decision="immediate")
         for seed in range(3):
             lists = draft_tree(bs, topk, steps, seed, tie=tie)
             parent_list, top_index, _ = organize_draft_results(*lists, n)

@@ -165,7 +165,7 @@ def make_batch(bs=2, idle=False):
 def test_draft_cuts_the_tree_and_switches_width_before_building_the_verify_input(monkeypatch):
     rec = _Recorder()
     widths = [2, 4, 8]
-    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=widths, mode="immediate")  # steep: narrow wins
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=widths, decision="immediate")  # steep: narrow wins
     dw = make_draft_worker(monkeypatch, rec, policy)
     dw.draft(make_batch())
     m = dw.last_decision.width
@@ -183,7 +183,7 @@ def test_the_tree_is_built_with_the_real_depth_and_only_spec_steps_is_lowered(mo
     """Defect 2: the CUDA tree kernel refuses any depth whose parent stride is not topk*(d-1)+1."""
     rec = _Recorder()
     for cost, want in (([1.0, 50.0, 60.0], 2), ([1.0, 1.0, 60.0], 4)):
-        policy = TruncationPolicy(cost, widths=[2, 4, 8], mode="immediate")
+        policy = TruncationPolicy(cost, widths=[2, 4, 8], decision="immediate")
         dw = make_draft_worker(monkeypatch, rec, policy, steps=5)
         verify_input = dw.draft(make_batch())
         assert dw.last_decision.width == want
@@ -200,7 +200,7 @@ def test_consecutive_steps_at_one_width_leave_that_width_for_draft_extend(monkey
     from evict.plugin.width_states import WidthStateSet
 
     rec = _Recorder()
-    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], mode="immediate")
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], decision="immediate")
     dw = make_draft_worker(monkeypatch, rec, policy)
     w = _fake_evict_worker()
     w._draft_worker = dw
@@ -223,7 +223,7 @@ def test_consecutive_steps_at_one_width_leave_that_width_for_draft_extend(monkey
 def test_lagged_decision_verifies_this_steps_best_nodes_at_the_previous_steps_width(monkeypatch):
     rec = _Recorder()
     widths, cost = [2, 4, 8], [1.0, 1.15, 1.6]
-    policy = TruncationPolicy(cost, widths=widths, mode="lagged")
+    policy = TruncationPolicy(cost, widths=widths, decision="lagged")
     dw = make_draft_worker(monkeypatch, rec, policy)
     confident = draft_lists(seed=1)
     unsure = [[s * 0.05 for s in confident[0]], *confident[1:]]
@@ -247,7 +247,7 @@ def test_lagged_decision_verifies_this_steps_best_nodes_at_the_previous_steps_wi
 
 def test_a_failing_decision_verifies_the_full_tree_and_is_counted(monkeypatch, caplog):
     rec = _Recorder()
-    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], mode="immediate")
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], decision="immediate")
     dw = make_draft_worker(monkeypatch, rec, policy)
 
     def broken(scores):
@@ -276,7 +276,7 @@ class _FakeAgreement:
 
 def test_tp_ranks_verify_the_widest_proposal_and_a_fallback_anywhere_is_a_fallback_everywhere(monkeypatch):
     rec = _Recorder()
-    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], mode="immediate")
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], decision="immediate")
     dw = make_draft_worker(monkeypatch, rec, policy)
     dw.width_agreement = _FakeAgreement([0, 1, 2])  # other ranks: narrowest, middle, full (their fallback)
     got = []
@@ -292,7 +292,7 @@ def test_tp_ranks_verify_the_widest_proposal_and_a_fallback_anywhere_is_a_fallba
 
 def test_a_rank_whose_decision_failed_proposes_the_full_tree(monkeypatch):
     rec = _Recorder()
-    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], mode="immediate")
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], decision="immediate")
     dw = make_draft_worker(monkeypatch, rec, policy)
     monkeypatch.setattr(policy, "decide", lambda scores: 1 / 0)
     dw.width_agreement = _FakeAgreement([0])
@@ -302,7 +302,7 @@ def test_a_rank_whose_decision_failed_proposes_the_full_tree(monkeypatch):
 
 def test_an_overruled_rank_without_a_decision_keeps_the_first_candidates(monkeypatch):
     rec = _Recorder()
-    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], mode="immediate")
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], decision="immediate")
     dw = make_draft_worker(monkeypatch, rec, policy)
     monkeypatch.setattr(policy, "decide", lambda scores: 1 / 0)
     dw.width_agreement = SimpleNamespace(agree=lambda index: 1)  # the others agreed on width 4
@@ -314,8 +314,8 @@ def test_an_overruled_rank_without_a_decision_keeps_the_first_candidates(monkeyp
 
 def test_flat_cost_and_kill_switch_verify_the_full_tree(monkeypatch):
     for policy in (
-        TruncationPolicy([1.0, 1.0, 1.0], widths=[2, 4, 8], mode="immediate"),
-        TruncationPolicy([1.0], widths=[8], mode="off"),
+        TruncationPolicy([1.0, 1.0, 1.0], widths=[2, 4, 8], decision="immediate"),
+        TruncationPolicy([1.0], widths=[8], decision="off"),
     ):
         rec = _Recorder()
         dw = make_draft_worker(monkeypatch, rec, policy)
@@ -327,10 +327,10 @@ def test_flat_cost_and_kill_switch_verify_the_full_tree(monkeypatch):
 
 def test_idle_batch_takes_no_decision(monkeypatch):
     rec = _Recorder()
-    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], mode="immediate")
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], decision="immediate")
     dw = make_draft_worker(monkeypatch, rec, policy)
     dw.draft(make_batch(idle=True))
-    assert dw.last_decision is None and policy.steps == 0
+    assert dw.last_decision is None and policy.counters.steps == 0
     assert rec.events == [("prepare", 8), ("use", 8), ("build", 8)]
 
 
@@ -412,7 +412,7 @@ def test_prefill_batches_run_on_the_full_width_state(monkeypatch):
 
 def test_realized_accept_lengths_reach_the_policy_counters():
     w = _fake_evict_worker()
-    policy = TruncationPolicy([1.0], widths=[8], mode="off")
+    policy = TruncationPolicy([1.0], widths=[8], decision="off")
     w.adaptive_controller = None
     w.evict_metrics = evict_worker.EvictMetrics(policy, log_interval=0)
     w.on_verify_complete_cpu([0, 2, 5], batch_size=3)
@@ -433,6 +433,8 @@ _PINNED_SOURCES = {
     "eagle_worker_v2.EAGLEWorkerV2.forward_batch_generation": "e41ad8d8053cf2c0",
     "eagle_worker_v2.EAGLEWorkerV2.verify": "b411b3e604893569",
     "eagle_worker_common.build_eagle_verify_input": "710372aeb30979fe",
+    # EVICT_PER_REQUEST splices padded nodes out of the first-child / next-sibling lists it builds
+    "eagle_utils.build_tree_kernel_efficient": "4663a0ad18708537",
 }
 
 
@@ -573,7 +575,7 @@ def test_without_a_table_the_server_calibrates_from_its_captured_graphs(monkeypa
     monkeypatch.setattr(evict_worker, "get_parallel", lambda: SimpleNamespace(tp_size=1, tp_rank=0))
     w, log = _calibrating_worker(tmp_path)
     policy = w._calibrate_policy()
-    assert policy.mode == "immediate" and policy.widths.tolist() == [4, 8]
+    assert policy.decision == "immediate" and policy.widths.tolist() == [4, 8]
     # every width's verify and draft-extend graph, and the draft graph, replayed at the shared sizes
     assert {name for name, _ in log} == {"draft", "verify-4", "verify-8", "extend-4", "extend-8"}
     assert {bs for _, bs in log} == {1, 2, 4}
@@ -587,7 +589,7 @@ def test_without_a_table_or_graphs_the_server_verifies_the_full_tree_and_says_wh
     w, log = _calibrating_worker(tmp_path, with_graphs=False)
     with caplog.at_level("WARNING"):
         policy = w._calibrate_policy()
-    assert policy.mode == "off" and policy.widths.tolist() == [8] and log == []
+    assert policy.decision == "off" and policy.widths.tolist() == [8] and log == []
     assert any("nothing to calibrate from" in r.getMessage() for r in caplog.records)
 
 
@@ -597,7 +599,7 @@ def test_calibrated_acceptance_learns_from_the_verified_cut_tree(monkeypatch):
     from evict.truncation import AcceptanceEstimator
 
     rec = _Recorder()
-    policy = TruncationPolicy([1.0, 1.0, 50.0], widths=[2, 4, 8], mode="immediate")  # width 4 wins
+    policy = TruncationPolicy([1.0, 1.0, 50.0], widths=[2, 4, 8], decision="immediate")  # width 4 wins
     dw = make_draft_worker(monkeypatch, rec, policy)
     dw.acceptance = AcceptanceEstimator(4, 3)
     dw.acceptance_candidates = num_candidates(3, 4)

@@ -12,7 +12,10 @@ What must hold, on every server unless noted:
 - a request dropped mid-stream is aborted and its KV slots come back (``num_used_tokens`` returns
   to its idle value, and the server keeps serving);
 - ``max_tokens=1``, stop strings, and a prompt of several prefill chunks work;
-- EVICT: the metrics line shows more than one verified width, and repeated widths.
+- EVICT: the metrics line shows more than one verified width, and repeated widths;
+- EVICT with per-request widths (``EVICT_PER_REQUEST=1``, ``EVICT_PAD_COST=0``: a fourth server,
+  started with the others, tested only here): greedy output at 6 concurrent requests identical to
+  no speculation while its metrics line shows padded steps.
 
 Marker ``server`` (excluded from the default run; ``.ci/run`` runs it in the SGLang environment).
 Needs sglang==0.5.23 and about 4-6 minutes on 2 cores.
@@ -76,17 +79,22 @@ def _server_specs(log_dir: Path) -> dict[str, CpuServer]:
         "EVICT_WIDTHS": EVICT_WIDTHS,
         "EVICT_LOG_INTERVAL": str(EVICT_LOG_INTERVAL),
     }
+    per_request_env = {**evict_env, "EVICT_PER_REQUEST": "1", "EVICT_PAD_COST": "0"}
     spec = ["--speculative-algorithm"]
     return {
         "plain": CpuServer(COMMON_ARGS, base_env, log_dir / "plain.log", name="plain"),
         "eagle3": CpuServer([*COMMON_ARGS, *spec, "EAGLE3", *EAGLE3_FLAGS], base_env, log_dir / "eagle3.log", name="eagle3"),
         "evict": CpuServer([*COMMON_ARGS, *spec, "EVICT", *EAGLE3_FLAGS], evict_env, log_dir / "evict.log", name="evict"),
+        "evict_per_request": CpuServer(
+            [*COMMON_ARGS, *spec, "EVICT", *EAGLE3_FLAGS], per_request_env, log_dir / "evict_per_request.log",
+            name="evict_per_request",
+        ),
     }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    """All three servers, started together; a server that failed to start is its exception."""
+    """All four servers, started together; a server that failed to start is its exception."""
     specs = _server_specs(tmp_path_factory.mktemp("cpu_servers"))
     out: dict[str, CpuServer | Exception] = {}
     try:
@@ -354,3 +362,29 @@ def test_evict_metrics_show_several_widths_and_repeats(servers, prompts):
         assert set(counts) <= set(allowed), last
         assert sum(counts.values()) == steps, last
         assert len([w for w, c in counts.items() if c >= 2]) >= 2, last
+
+
+# ------------------------------------------------------------------------------------------------
+# EVICT with per-request widths: padded slots are never accepted
+# ------------------------------------------------------------------------------------------------
+
+_PADDED = re.compile(r"real_nodes_per_req=([\d.]+) padded_steps=(\d+)")
+
+
+def test_per_request_widths_pad_and_keep_greedy_output_identical(servers, prompts, reference):
+    """EVICT_PER_REQUEST=1 with EVICT_PAD_COST=0: the batch verifies one width, each request keeps its
+    own best nodes and the rest are padding (root token, unlinked); the output must not change."""
+    server = get(servers, "evict_per_request")
+    got = greedy_texts(server, prompts, concurrency=len(prompts))
+    diff = [i for i, (a, b) in enumerate(zip(got, reference, strict=True)) if a != b]
+    assert not diff, (
+        f"per-request widths differ on prompts {diff}: {got[diff[0]]!r} vs {reference[diff[0]]!r}"
+    )
+    log = server.log()
+    assert "per-request widths (pad cost 0)" in log, server.log_tail()
+    lines = _PADDED.findall(log)
+    assert lines, f"no per-request metrics in the log:\n{server.log_tail()}"
+    last = log.rsplit("EVICT: steps=", 1)[-1].splitlines()[0]
+    real, padded = float(lines[-1][0]), int(lines[-1][1])
+    assert padded >= 1 and "errors=0" in last and "fallbacks=0" in last, last
+    assert 0.0 <= real < 7.0, last  # N = 8: fewer than N-1 real nodes per request on average
