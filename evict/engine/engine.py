@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -203,6 +204,9 @@ class SpecEngine:
         if mode == "oracle" and temperature != 0.0:
             raise ValueError("mode 'oracle' is a greedy benchmark ceiling; use temperature 0")
         self.acceptance = acceptance
+        # Called after every decode step with (draft tree, kept, acceptance, step stats), untimed:
+        # analysis tools read what the step verified and accepted (evict.bench.oracle_gap).
+        self.observer: Callable[[Any, torch.Tensor | None, AcceptResult, StepStats], None] | None = None
 
     # -- helpers --------------------------------------------------------------------------------
     @property
@@ -344,6 +348,8 @@ class SpecEngine:
             _sync(device)
         st.root = acc.bonus
         stats.extend_s = time.perf_counter() - t4
+        if self.observer is not None:
+            self.observer(tree, kept, acc, stats)
         return stats
 
     @property

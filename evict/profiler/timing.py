@@ -7,12 +7,12 @@ One place for it because the profiler (eager forwards) and the server's start-up
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["CLOCKS", "cuda_event_timer", "time_call"]
+__all__ = ["CLOCKS", "cuda_event_timer", "decode_step_ms", "decode_step_samples", "time_call"]
 
 CLOCKS = ("wall", "cpu")
 
@@ -43,3 +43,41 @@ def time_call(fn: Callable[[], object], device: torch.device, clock: str = "wall
     t0 = timer()
     fn()
     return (timer() - t0) * 1000.0
+
+
+def decode_step_samples(
+    engine: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    device: torch.device,
+    clock: str = "wall",
+    repeats: int = 5,
+    warmup: int = 2,
+    tokens: tuple[int, int] = (4, 16),
+) -> list[float]:
+    """Ms of one decode step of ``engine`` (anything with ``generate(prompts, n)``) on ``prompts``, per repeat.
+
+    Each sample decodes the prompts twice, ``tokens`` new tokens apart, and divides the time
+    difference by the difference in decode steps, so the prefill cancels and ``clock`` can be the
+    process CPU time (a shared machine) as well as the wall clock.
+    """
+    batch = [list(p) for p in prompts]
+    samples = []
+    for rep in range(warmup + repeats):
+        steps, times = [], []
+        for n in tokens:
+            box: list[Any] = []
+            times.append(time_call(lambda n=n, box=box: box.append(engine.generate(batch, n)), device, clock))
+            steps.append(len(box[0].steps))
+        if rep >= warmup and steps[1] > steps[0]:
+            samples.append((times[1] - times[0]) / (steps[1] - steps[0]))
+    if not samples:
+        raise RuntimeError(
+            f"decoding {tokens[1]} tokens took no more steps than {tokens[0]}: nothing to time"
+        )
+    return samples
+
+
+def decode_step_ms(engine: Any, prompts: Sequence[Sequence[int]], **kwargs: Any) -> float:
+    """Median of :func:`decode_step_samples` (same arguments)."""
+    return float(torch.tensor(decode_step_samples(engine, prompts, **kwargs)).median())

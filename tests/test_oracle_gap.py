@@ -1,0 +1,141 @@
+"""The oracle-gap decomposition (``evict.bench.oracle_gap``): its exact-replay claim and its ceiling.
+
+The tool never decodes a cut tree: it reads what a cut to width m would have accepted off one
+full-tree decode. These tests check that claim against real decodes at each width, and that the
+width oracle really is the best any per-step width choice can do.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from engine_fixtures import oracle_pair
+
+from evict.bench import oracle_gap as og
+from evict.engine import SpecEngine
+from evict.profiler import timing
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 3, 3]]
+STEPS, TOPK = 3, 2  # K = 2 + 2 * 4 = 10 candidates
+
+
+def test_acceptance_by_width_counts_the_leading_path_nodes_inside_the_cut():
+    step = og.CapturedStep(scores=torch.zeros((2, 10)), path_ranks=[[0, 2, 5], []])
+    widths = torch.tensor([2, 3, 4, 7, 11])
+    # width m keeps ranks < m - 1; the bonus token always counts
+    assert og.acceptance_by_width(step, widths).tolist() == [[2, 2, 3, 4, 4], [1, 1, 1, 1, 1]]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return oracle_pair(0)
+
+
+def test_the_capture_predicts_what_each_width_really_accepts(pair):
+    """First decode step of a batch: the full-tree capture and a real decode at width m start from
+    the same state and draft the same tree, so the replayed acceptance must equal the real one."""
+    target, drafter = pair
+    full = SpecEngine(target, drafter, mode="static", steps=STEPS, topk=TOPK)
+    steps = og.capture_steps(full, [PROMPTS], 6)
+    assert steps and all(s.batch_size <= len(PROMPTS) for s in steps)
+    widths = [2, 3, 4, 6, 8, 11]
+    replay = og.acceptance_by_width(steps[0], torch.tensor(widths))
+    deep = 0
+    for j, m in enumerate(widths):
+        real = SpecEngine(target, drafter, mode="static", steps=STEPS, topk=TOPK, num_draft_tokens=m)
+        first = real.generate(PROMPTS, 6).steps[0]
+        assert replay[:, j].tolist() == first.accepted, f"width {m}"
+        deep += sum(a > 2 for a in first.accepted)
+    assert deep > 0  # the check covers paths longer than one node
+    assert full.observer is None  # the hook is removed after the capture
+
+
+def test_the_width_oracle_is_the_best_ratio_of_sums_over_all_per_step_choices():
+    gen = torch.Generator().manual_seed(3)
+    accs = [torch.randint(1, 6, (2, 3), generator=gen).cummax(dim=1).values for _ in range(4)]
+    costs = [torch.tensor([1.0, 1.7, 2.9]) + torch.rand(3, generator=gen) for _ in range(4)]
+    picks = og._width_oracle(accs, costs, start=1.0)
+
+    def ratio(choice):
+        return sum(float(a[:, j].sum()) for a, j in zip(accs, choice)) / sum(
+            float(c[j]) for c, j in zip(costs, choice)
+        )
+
+    best = max(itertools.product(range(3), repeat=4), key=ratio)
+    assert ratio(picks) == pytest.approx(ratio(best))
+
+
+def test_gap_rows_bound_every_width_rule_by_the_width_oracle(pair):
+    target, drafter = pair
+    full = SpecEngine(target, drafter, mode="static", steps=STEPS, topk=TOPK)
+    steps = og.capture_steps(full, [PROMPTS, PROMPTS[:2]], 8)
+    widths = [2, 3, 4, 6, 8, 11]
+    # a made-up convex step time per (active batch size, width)
+    step_ms = {(b, m): 5.0 + 0.4 * b * m + 0.02 * (b * m) ** 2 for b in (1, 2, 3) for m in widths}
+    rows, diag = og.gap_rows(steps, widths, step_ms)
+    by_name = {r.name: r for r in rows}
+    oracle = by_name["width oracle"].throughput
+    for r in rows:
+        if r.name != "node oracle":
+            assert r.throughput <= oracle * (1 + 1e-6), r.name
+    assert diag["best_static_width"] in widths
+    r2 = diag["r2_predicted_vs_realized"]
+    assert r2 != r2 or 0.0 <= r2 <= 1.0  # NaN when the realized lengths are constant
+    text = og.render_gap(3, rows, diag)
+    assert "width oracle" in text and "(best static)" in text
+
+
+@pytest.mark.parametrize(
+    "argv,problem",
+    [
+        (["--widths", "1", "4"], "--widths must be >= 2"),
+        (["--widths", "4", "2"], "ascending"),
+        (["--batch-sizes", "0"], "--batch-sizes must be >= 1"),
+        (["--num-prompts", "0"], "--num-prompts must be >= 1"),
+    ],
+)
+def test_bad_arguments_end_with_one_line_and_status_2(argv, problem, capsys):
+    with pytest.raises(SystemExit) as exc:
+        og.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert problem in err and len(err.splitlines()) == 1
+
+
+class _Steps:
+    def __init__(self, n: int) -> None:
+        self.steps = [None] * n
+
+
+class _FakeEngine:
+    """Decodes ``n`` tokens in ``n // 2`` steps and remembers its last result."""
+
+    last: _Steps | None = None
+
+    def generate(self, prompts, n):
+        self.last = _Steps(n // 2)
+        return self.last
+
+
+def test_a_decode_step_is_timed_with_the_prefill_cancelled(monkeypatch):
+    engine = _FakeEngine()
+
+    def fake_time_call(fn, device, clock):  # 7 ms of prefill, then 3 ms per decode step
+        fn()
+        return 7.0 + 3.0 * len(engine.last.steps)
+
+    monkeypatch.setattr(timing, "time_call", fake_time_call)
+    samples = timing.decode_step_samples(engine, [[1, 2]], device=torch.device("cpu"), repeats=3, warmup=1)
+    assert samples == pytest.approx([3.0, 3.0, 3.0])
+    assert timing.decode_step_ms(
+        engine, [[1, 2]], device=torch.device("cpu"), repeats=1, warmup=0
+    ) == pytest.approx(3.0)
+
+
+def test_a_decode_that_takes_no_extra_step_is_refused():
+    with pytest.raises(RuntimeError, match="nothing to time"):
+        timing.decode_step_ms(
+            _FakeEngine(), [[1]], device=torch.device("cpu"), repeats=1, warmup=0, tokens=(4, 5)
+        )
