@@ -108,6 +108,7 @@ def test_the_cache_key_changes_with_what_the_table_was_measured_for():
         {"num_threads": 1},
         {"grid": AutoGrid(widths=(1, 2, 20))},
         {"grid": AutoGrid(draft_steps=4)},
+        {"grid": AutoGrid(engine_overhead=False)},
         {"clock": "cpu"},
     ):
         assert auto.cache_key(**{**base, **change}) != key, change
@@ -221,3 +222,59 @@ def test_bench_on_a_foreign_shipped_table_exits_0_with_this_machines_measured_ta
     shutil.rmtree(tmp_path / "out")
     assert cli.main(argv + ["--device", "cpu", "--out", str(tmp_path / "out")]) == 0
     assert "reusing this machine's table" in capsys.readouterr().out
+
+
+def test_the_engine_step_raises_fixed_ms_to_the_whole_step(monkeypatch):
+    """fixed_ms = max(drafting, engine step at width w - verify forward at w), per batch size."""
+    import evict.profiler.torch_backend as tb
+
+    grid = AutoGrid(
+        batch_sizes=(1, 4),
+        widths=(1, 2, 4, 8),
+        repeats=2,
+        warmup=1,
+        context_len=16,
+        draft_steps=2,
+        draft_topk=2,
+    )
+    seen = {}
+
+    def fake_overhead(model_dir, drafter_dir, *, device, dtype, grid, width):
+        seen["width"] = width
+        # per repeat; bs 1: far above the forwards (median 1000); bs 4: below the drafting cost
+        return {1: [1000.0, 1300.0, 900.0], 4: [0.001, 0.001]}
+
+    monkeypatch.setattr(auto, "measure_step_overhead", fake_overhead)
+    monkeypatch.setattr(tb, "measure_draft_cost", lambda spec, path, steps, topk: {1: 0.5, 4: 0.7})
+    table = auto.measure_table(TARGET, DRAFTER, device="cpu", dtype="float32", grid=grid, progress=False)
+    assert seen["width"] == 4  # the largest grid width <= 8 that the (2, 2) tree (N = 7) can verify
+    verify_at = table.median[0][table.widths.index(4)]
+    assert table.fixed_ms[0] == pytest.approx(1000.0 - verify_at, abs=1e-3)
+    assert table.fixed_ms[1] == pytest.approx(0.7)
+    assert "whole decode step at width 4" in table.metadata["fixed_ms"]
+    assert "2 forwards x 2 tokens" in table.metadata["fixed_ms"]  # what the bench parses is kept
+    # a disturbed step timing (1300 / 900) counts in the spread that decides caching
+    assert table.metadata["step_overhead_spread"] == pytest.approx(1300 / 900, abs=1e-3)
+    assert auto.table_spread(table) == pytest.approx(1300 / 900, abs=1e-3)
+    off = auto.measure_table(
+        TARGET,
+        DRAFTER,
+        device="cpu",
+        dtype="float32",
+        grid=AutoGrid(**{**grid.__dict__, "engine_overhead": False}),
+        progress=False,
+    )
+    assert off.fixed_ms == pytest.approx([0.5, 0.7]) and "step_overhead_spread" not in off.metadata
+
+
+def test_the_engine_step_is_timed_at_a_width_the_grid_and_the_tree_hold():
+    assert auto.overhead_width(AutoGrid()) == 8
+    assert auto.overhead_width(AutoGrid(widths=(1, 2, 4, 6, 16), draft_steps=2, draft_topk=2)) == 6
+    assert auto.overhead_width(AutoGrid(widths=(1, 2, 3), draft_steps=1, draft_topk=1)) == 2
+    assert auto.overhead_width(AutoGrid(widths=(16, 32))) == 16
+
+
+def test_measure_step_overhead_times_the_real_engine_at_each_batch_size():
+    grid = AutoGrid(batch_sizes=(1, 2), widths=(1, 2, 4), context_len=12, draft_steps=2, draft_topk=2)
+    out = auto.measure_step_overhead(TARGET, DRAFTER, device="cpu", dtype="float32", grid=grid, width=4)
+    assert set(out) == {1, 2} and all(len(v) == 3 and min(v) > 0 for v in out.values())

@@ -104,38 +104,41 @@ def test_bad_arguments_end_with_one_line_and_status_2(argv, problem, capsys):
     assert problem in err and len(err.splitlines()) == 1
 
 
-class _Steps:
-    def __init__(self, n: int) -> None:
-        self.steps = [None] * n
+class _Step:
+    def __init__(self, active: int, ms: float) -> None:
+        self.active = list(range(active))
+        self.draft_s, self.decision_s, self.verify_s, self.extend_s = 0.001 * ms, 0.0, 0.0, 0.0
+
+
+class _Result:
+    def __init__(self, steps: list[_Step]) -> None:
+        self.steps = steps
 
 
 class _FakeEngine:
-    """Decodes ``n`` tokens in ``n // 2`` steps and remembers its last result."""
+    """Three full-batch steps (the middle one disturbed), then a tail step with one request left."""
 
-    last: _Steps | None = None
+    def __init__(self) -> None:
+        self.calls = 0
 
     def generate(self, prompts, n):
-        self.last = _Steps(n // 2)
-        return self.last
+        self.calls += 1
+        bs = len(prompts)
+        return _Result([_Step(bs, 3.0), _Step(bs, 90.0), _Step(bs, 3.0 + self.calls), _Step(1, 500.0)])
 
 
-def test_a_decode_step_is_timed_with_the_prefill_cancelled(monkeypatch):
+def test_a_decode_step_is_the_median_of_the_full_batch_steps():
     engine = _FakeEngine()
-
-    def fake_time_call(fn, device, clock):  # 7 ms of prefill, then 3 ms per decode step
-        fn()
-        return 7.0 + 3.0 * len(engine.last.steps)
-
-    monkeypatch.setattr(timing, "time_call", fake_time_call)
-    samples = timing.decode_step_samples(engine, [[1, 2]], device=torch.device("cpu"), repeats=3, warmup=1)
-    assert samples == pytest.approx([3.0, 3.0, 3.0])
-    assert timing.decode_step_ms(
-        engine, [[1, 2]], device=torch.device("cpu"), repeats=1, warmup=0
-    ) == pytest.approx(3.0)
+    samples = timing.decode_step_samples(engine, [[1, 2], [3]], new_tokens=8, repeats=2, warmup=1)
+    # warm-up call 1 dropped; calls 2 and 3: median of (3, 90, 3 + call); the tail step never counts
+    assert samples == pytest.approx([5.0, 6.0]) and engine.calls == 3
+    assert timing.decode_step_ms(_FakeEngine(), [[1], [2]], repeats=1, warmup=0) == pytest.approx(4.0)
 
 
-def test_a_decode_that_takes_no_extra_step_is_refused():
-    with pytest.raises(RuntimeError, match="nothing to time"):
-        timing.decode_step_ms(
-            _FakeEngine(), [[1]], device=torch.device("cpu"), repeats=1, warmup=0, tokens=(4, 5)
-        )
+def test_a_decode_without_a_full_batch_step_is_refused():
+    class Empty:
+        def generate(self, prompts, n):
+            return _Result([_Step(1, 2.0)])
+
+    with pytest.raises(RuntimeError, match="no decode step with all 2 prompts active"):
+        timing.decode_step_ms(Empty(), [[1], [2]], repeats=1, warmup=0)

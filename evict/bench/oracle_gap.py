@@ -132,8 +132,7 @@ def measure_step_ms(
     prompts: Sequence[Sequence[int]],
     sizes: Sequence[int],
     *,
-    device: torch.device,
-    clock: str = "cpu",
+    new_tokens: int = 24,
     repeats: int = 3,
 ) -> dict[tuple[int, int], float]:
     """Median ms of a decode step per (batch size, width), widths interleaved.
@@ -150,7 +149,7 @@ def measure_step_ms(
         order = list(points)
         random.Random(rep).shuffle(order)
         for b, w in order:
-            ms = decode_step_ms(engines[w], prompts[:b], device=device, clock=clock, repeats=1, warmup=0)
+            ms = decode_step_ms(engines[w], prompts[:b], new_tokens=new_tokens, repeats=1, warmup=0)
             if rep:
                 samples[(b, w)].append(ms)
     return {p: statistics.median(v) for p, v in samples.items()}
@@ -305,12 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48, help="new tokens per prompt (default 48)")
     p.add_argument("--timing-repeats", type=int, default=3, help="timed repeats per point (default 3)")
     p.add_argument(
-        "--clock",
-        choices=["cpu", "wall"],
-        default="cpu",
-        help="cpu (default; process CPU time, needs one thread: for shared machines) or wall",
-    )
-    p.add_argument(
         "--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS), help="allowed widths (root included)"
     )
     p.add_argument("--evict-tree", type=parse_tree, default=None, help="draft tree (default: the table's)")
@@ -340,8 +333,6 @@ def _main(argv: list[str] | None) -> int:
         parser.error(f"--widths: {exc}")
     if widths[0] < 2:
         parser.error("--widths must be >= 2 (width 1 verifies no draft node)")
-    if args.clock == "cpu" and args.threads != 1:
-        parser.error("--clock cpu adds up the CPU time of every thread: use --threads 1, or --clock wall")
     if args.json is not None:
         check_output_file(args.json, "--json", "oracle_gap.json")
     torch.set_num_threads(args.threads)
@@ -349,7 +340,7 @@ def _main(argv: list[str] | None) -> int:
 
     from .cli import _load, evict_tree_for  # noqa: PLC0415 (the bench's testbed and cost-table loading)
 
-    args.extra_cost_table = []
+    args.clock, args.extra_cost_table = "cpu", []  # what the bench's loader reads
     target, drafter, tokenizer, table, _, table_path = _load(args, args.device)
     steps_, topk, _ = args.evict_tree or evict_tree_for(table)
     k = num_candidates(steps_, topk)
@@ -373,18 +364,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"bs {bs}: capturing {len(batches)} batches at the full width {full} ...", flush=True)
         steps = capture_steps(engines[full], batches, args.max_new_tokens)
         sizes = timing_sizes(bs)
-        print(
-            f"bs {bs}: timing {len(widths)} widths at batch sizes {sizes} ({args.clock} clock) ...",
-            flush=True,
-        )
-        step_ms = measure_step_ms(
-            engines,
-            prompts,
-            sizes,
-            device=torch.device(args.device),
-            clock=args.clock,
-            repeats=args.timing_repeats,
-        )
+        print(f"bs {bs}: timing {len(widths)} widths at batch sizes {sizes} (wall clock) ...", flush=True)
+        step_ms = measure_step_ms(engines, prompts, sizes, repeats=args.timing_repeats)
         rows, diag = gap_rows(steps, widths, step_ms, table)
         print(render_gap(bs, rows, diag))
         report[str(bs)] = {

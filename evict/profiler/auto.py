@@ -20,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,6 +62,9 @@ DEFAULT_DRAFT_TREE: tuple[int, int] = (5, 4)  # (steps, topk) of the bench's EVI
 # spread by 10x and more and whole rows are inflated, which prices widths wrongly.
 NOISY_SPREAD = 1.5
 CACHE_SUBDIR = "cost_tables"
+# The reference engine's whole decode step is timed at this width (the largest grid width up to it
+# that the draft tree holds) to price what a step costs beyond its verify forward.
+OVERHEAD_WIDTH = 8
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class AutoGrid:
     context_len: int = AUTO_CONTEXT_LEN
     draft_steps: int = DEFAULT_DRAFT_TREE[0]
     draft_topk: int = DEFAULT_DRAFT_TREE[1]
+    engine_overhead: bool = True  # price the engine's whole step (measure_step_overhead)
 
     @classmethod
     def covering(
@@ -140,6 +146,7 @@ def cache_key(
         "num_threads": int(num_threads),
         "grid": [list(grid.batch_sizes), list(grid.widths), grid.repeats, grid.warmup, grid.context_len],
         "draft_tree": [grid.draft_steps, grid.draft_topk],
+        "engine_overhead": grid.engine_overhead,
         "clock": clock,
         "torch": torch.__version__,
         "evict": _evict_version(),
@@ -193,8 +200,73 @@ def measure_table(
         result.meta["fixed_ms"] = draft_cost_note(Path(drafter_dir), grid.draft_steps, grid.draft_topk)
         result.meta["draft_steps"] = grid.draft_steps
         result.meta["draft_topk"] = grid.draft_topk
+        if grid.engine_overhead:
+            _price_whole_step(
+                result, Path(model_dir), Path(drafter_dir), device=device, dtype=dtype, grid=grid
+            )
     result.meta["command"] = "measured automatically (no cost table given; see docs/profiling.md)"
     return result_to_table(result, source=source)
+
+
+def overhead_width(grid: AutoGrid) -> int:
+    """The grid width at which the engine's whole step is timed: the largest up to
+    ``OVERHEAD_WIDTH`` that the draft tree can verify (else the smallest grid width)."""
+    tree_n = grid.draft_topk + (grid.draft_steps - 1) * grid.draft_topk**2 + 1
+    cap = min(OVERHEAD_WIDTH, tree_n)
+    return max((w for w in grid.widths if w <= cap), default=min(grid.widths))
+
+
+def measure_step_overhead(
+    model_dir: Path, drafter_dir: Path, *, device: str, dtype: str, grid: AutoGrid, width: int
+) -> dict[int, list[float]]:
+    """Per batch size of ``grid``: per repeat, the median ms of a reference-engine decode step at
+    ``width`` (:func:`evict.profiler.timing.decode_step_samples`), on random prompts of the grid's
+    context length."""
+    from evict.engine import SpecEngine  # noqa: PLC0415 (heavy)
+    from evict.models import Eagle3Drafter, Qwen3MoeTarget  # noqa: PLC0415
+    from evict.profiler.timing import decode_step_samples  # noqa: PLC0415
+    from evict.profiler.torch_backend import DTYPES  # noqa: PLC0415
+
+    target = Qwen3MoeTarget.from_pretrained(model_dir, dtype=DTYPES[dtype], device=device)
+    drafter = Eagle3Drafter.from_pretrained(drafter_dir, target, dtype=DTYPES[dtype], device=device)
+    engine = SpecEngine(
+        target, drafter, mode="static", steps=grid.draft_steps, topk=grid.draft_topk, num_draft_tokens=width
+    )
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(target.config.vocab_size)
+    out: dict[int, list[float]] = {}
+    with torch.inference_mode():
+        for bs in grid.batch_sizes:
+            prompts = torch.randint(0, vocab, (bs, grid.context_len), generator=gen).tolist()
+            out[int(bs)] = decode_step_samples(engine, prompts, repeats=3, warmup=1)
+    return out
+
+
+def _price_whole_step(
+    result: Any, model_dir: Path, drafter_dir: Path, *, device: str, dtype: str, grid: AutoGrid
+) -> None:
+    """Raise ``fixed_ms`` to what an engine step costs beyond its verify forward.
+
+    Why: the rule weighs the tokens a wider verify buys against the whole step. The profiled
+    forwards leave out what the engine does around them (tree masks, the acceptance walk, the KV
+    commit, host work: 3-4 ms of a 14 ms step at bs 1 on a 2-core EPYC), so a forward-only table
+    overprices width and EVICT verifies too little (``python -m evict.bench.oracle_gap``: 5-7%
+    slower than deciding from measured whole steps). ``fixed_ms[bs]`` becomes the larger of the
+    drafting cost and (engine step at width w) - (verify forward at w); the spread of the repeats
+    is recorded for :func:`table_spread`.
+    """
+    width = overhead_width(grid)
+    step = measure_step_overhead(model_dir, drafter_dir, device=device, dtype=dtype, grid=grid, width=width)
+    spread = 1.0
+    for bs, samples in step.items():
+        verify_ms = result.point(bs, width).median_ms
+        result.fixed_ms[bs] = max(result.fixed_ms[bs], statistics.median(samples) - verify_ms)
+        spread = max(spread, max(samples) / min(samples) if min(samples) > 0 else math.inf)
+    result.meta["step_overhead_spread"] = round(spread, 3)
+    result.meta["fixed_ms"] += (
+        f"; raised to the reference engine's whole decode step at width {width} minus its verify "
+        "forward (masks, acceptance walk, KV commit and host work included)"
+    )
 
 
 def resolve_cost_table(
@@ -318,9 +390,15 @@ def resolve_cost_table(
 
 
 def table_spread(table: CostTable) -> float:
-    """Median over the grid of p90 / p10: about 1 for a steady measurement, far above on a busy machine."""
+    """Median over the grid of p90 / p10: about 1 for a steady measurement, far above on a busy machine.
+
+    The engine's whole-step timing counts too (``metadata.step_overhead_spread``, max / min of its
+    repeats at any batch size): it prices every step, so a disturbed one must not be cached either.
+    """
     ratios = sorted(hi / lo for r10, r90 in zip(table.p10, table.p90) for lo, hi in zip(r10, r90) if lo > 0)
-    return ratios[len(ratios) // 2] if ratios else 1.0
+    grid = ratios[len(ratios) // 2] if ratios else 1.0
+    step = (table.metadata or {}).get("step_overhead_spread", 1.0)
+    return max(grid, float(step) if isinstance(step, (int, float)) else 1.0)
 
 
 def _mismatch_summary(exc: CostTableError, path: Path) -> str:

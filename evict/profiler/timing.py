@@ -6,6 +6,7 @@ One place for it because the profiler (eager forwards) and the server's start-up
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,35 +50,36 @@ def decode_step_samples(
     engine: Any,
     prompts: Sequence[Sequence[int]],
     *,
-    device: torch.device,
-    clock: str = "wall",
-    repeats: int = 5,
-    warmup: int = 2,
-    tokens: tuple[int, int] = (4, 16),
+    new_tokens: int = 24,
+    repeats: int = 3,
+    warmup: int = 1,
 ) -> list[float]:
-    """Ms of one decode step of ``engine`` (anything with ``generate(prompts, n)``) on ``prompts``, per repeat.
+    """Per repeat, the median wall ms of a decode step of ``engine`` over ``prompts``.
 
-    Each sample decodes the prompts twice, ``tokens`` new tokens apart, and divides the time
-    difference by the difference in decode steps, so the prefill cancels and ``clock`` can be the
-    process CPU time (a shared machine) as well as the wall clock.
+    ``engine`` is a :class:`evict.engine.SpecEngine` (``generate`` returns per-step times). Only
+    the steps in which every prompt is still generating count, so the batch size is the one asked
+    for; a step is everything the engine does in it (draft, decision, verify forward, acceptance,
+    KV commit, draft extend), the prefill excluded. The median over a decode's steps shrugs off
+    the odd disturbed step, which a difference of two whole-decode timings does not.
     """
     batch = [list(p) for p in prompts]
     samples = []
     for rep in range(warmup + repeats):
-        steps, times = [], []
-        for n in tokens:
-            box: list[Any] = []
-            times.append(time_call(lambda n=n, box=box: box.append(engine.generate(batch, n)), device, clock))
-            steps.append(len(box[0].steps))
-        if rep >= warmup and steps[1] > steps[0]:
-            samples.append((times[1] - times[0]) / (steps[1] - steps[0]))
+        res = engine.generate(batch, new_tokens)
+        if rep < warmup:
+            continue
+        ms = [
+            1e3 * (s.draft_s + s.decision_s + s.verify_s + s.extend_s)
+            for s in res.steps
+            if len(s.active) == len(batch)
+        ]
+        if ms:
+            samples.append(statistics.median(ms))
     if not samples:
-        raise RuntimeError(
-            f"decoding {tokens[1]} tokens took no more steps than {tokens[0]}: nothing to time"
-        )
+        raise RuntimeError(f"no decode step with all {len(batch)} prompts active in {new_tokens} new tokens")
     return samples
 
 
 def decode_step_ms(engine: Any, prompts: Sequence[Sequence[int]], **kwargs: Any) -> float:
     """Median of :func:`decode_step_samples` (same arguments)."""
-    return float(torch.tensor(decode_step_samples(engine, prompts, **kwargs)).median())
+    return statistics.median(decode_step_samples(engine, prompts, **kwargs))
