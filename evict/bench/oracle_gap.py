@@ -46,7 +46,13 @@ import torch
 
 from evict.boundary import OneLineArgumentParser, check_output_file, run_console
 from evict.profiler.timing import decode_step_ms
-from evict.truncation import choose_width, expected_accepted_lengths, sort_candidates, validate_widths
+from evict.truncation import (
+    choose_width,
+    expected_accepted_lengths,
+    sanitize_scores,
+    sort_candidates,
+    validate_widths,
+)
 
 from .modes import num_candidates, parse_tree
 from .prompts import build_ood_prompts, build_prompts
@@ -83,14 +89,15 @@ def capture_steps(
 ) -> list[CapturedStep]:
     """Decode ``batches`` with ``engine`` (a full-tree static ``SpecEngine``), recording each step.
 
-    A node's rank is its position in :func:`evict.truncation.sort_candidates` order (stable, ties to
+    A node's rank is its position in the order every cut keeps (:func:`evict.truncation.sanitize_scores`,
+    then :func:`~evict.truncation.sort_candidates`: stable, ties to
     the lower flat index), the order every cut keeps.
     """
     steps: list[CapturedStep] = []
 
     def observe(tree: Any, kept: torch.Tensor, acc: Any, stats: Any) -> None:
         scores = tree.scores.detach().float().cpu()
-        _, order = sort_candidates(scores.clamp(min=0.0, max=1.0).nan_to_num(0.0))
+        _, order = sort_candidates(sanitize_scores(scores)[0])  # exactly the order keep_top cuts
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
         kept_c, path = kept.cpu(), acc.path.cpu()
