@@ -89,9 +89,9 @@ def capture_steps(
 ) -> list[CapturedStep]:
     """Decode ``batches`` with ``engine`` (a full-tree static ``SpecEngine``), recording each step.
 
-    A node's rank is its position in the order every cut keeps (:func:`evict.truncation.sanitize_scores`,
-    then :func:`~evict.truncation.sort_candidates`: stable, ties to
-    the lower flat index), the order every cut keeps.
+    A node's rank is its position in the order every cut keeps: scores cleaned by
+    :func:`evict.truncation.sanitize_scores`, then :func:`~evict.truncation.sort_candidates` (stable,
+    ties to the lower flat index).
     """
     steps: list[CapturedStep] = []
 
