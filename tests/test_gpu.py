@@ -77,3 +77,48 @@ def test_lagged_and_off_steps_make_no_synchronizing_call(mode: str, backend: str
         torch.cuda.set_sync_debug_mode("default")
     assert pol.stats()["steps"] == 300
     assert pol.backend == backend and pol.stats()["errors"] == 0  # the kernel ran every step
+
+
+def test_engine_on_cuda_is_lossless_on_the_testbed_pair() -> None:
+    """The reference engine on the GPU: static tree, EVICT (immediate, lagged, calibrated) and AR all
+    emit the AR engine's greedy tokens, with EVICT really choosing several widths."""
+    from evict.engine import SpecEngine
+    from evict.models import load_testbed
+    from evict.truncation import AcceptanceEstimator
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        target, drafter, tok = load_testbed(device="cuda")
+    except FileNotFoundError:
+        pytest.skip("testbed weights not shipped in this checkout")
+    prompts = [
+        [int(i) for i in tok.encode(t)]
+        for t in ("import os\n", "def main(args):\n    ", 'class Parser:\n    """', "for i in range(")
+    ]
+    ref = SpecEngine(target, None, mode="ar").generate(prompts, 24).tokens
+    widths = [1, 2, 4, 8, 16, 32]
+    staircase = [1.0, 1.1, 1.3, 1.7, 2.6, 4.2]
+    widths_seen: set[int] = set()
+    for decision in ("immediate", "lagged"):
+        for acceptance in (None, AcceptanceEstimator(topk=4, max_depth=5)):
+            policy = TruncationPolicy(staircase, widths=widths, decision=decision)
+            eng = SpecEngine(
+                target,
+                drafter,
+                mode="evict",
+                steps=5,
+                topk=4,
+                num_draft_tokens=32,
+                policy=policy,
+                acceptance=acceptance,
+            )
+            res = eng.generate(prompts, 24)
+            assert res.tokens == ref, (decision, acceptance is not None)
+            widths_seen |= {s.width for s in res.steps}
+    static = SpecEngine(target, drafter, mode="static", steps=5, topk=4, num_draft_tokens=32).generate(
+        prompts, 24
+    )
+    assert static.tokens == ref
+    assert static.mean_accepted_length > 1.5
+    assert len(widths_seen) >= 2, widths_seen

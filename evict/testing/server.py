@@ -23,7 +23,7 @@ from typing import Any
 
 from evict.testing.cpu_server import cpu_env
 
-__all__ = ["CpuServer", "ServerStartError", "free_port"]
+__all__ = ["CpuServer", "GpuServer", "ServerStartError", "free_port"]
 
 
 class ServerStartError(RuntimeError):
@@ -62,6 +62,12 @@ class CpuServer:
         self.log_path = Path(log_path) if log_path is not None else Path(f"{name}.{self.port}.log")
         self.proc: subprocess.Popen[bytes] | None = None
 
+    launcher = "evict.testing.cpu_server"
+
+    def base_env(self) -> dict[str, str]:
+        """The launcher's environment before ``env`` is applied."""
+        return cpu_env()
+
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
@@ -70,7 +76,7 @@ class CpuServer:
         """Start the process group (returns at once; see ``wait_ready``)."""
         if self.proc is not None:
             raise RuntimeError(f"{self.name} already started")
-        env = cpu_env()
+        env = self.base_env()
         for key, value in self.env.items():
             if value is None:
                 env.pop(key, None)
@@ -79,7 +85,7 @@ class CpuServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "evict.testing.cpu_server", *self.args],
+                [sys.executable, "-m", self.launcher, *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -169,3 +175,14 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class GpuServer(CpuServer):
+    """The same process-group handling for ``python -m evict.testing.gpu_server`` (SGLang on CUDA)."""
+
+    launcher = "evict.testing.gpu_server"
+
+    def base_env(self) -> dict[str, str]:
+        from evict.testing.gpu_server import gpu_env
+
+        return gpu_env()
