@@ -70,9 +70,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
         "EVICT_DECISION=immediate)",
     ),
     "EVICT_PAD_COST": (
-        "the table's metadata.padding_cost, else 1",
+        "the table's measured metadata.padding_cost, else 1",
         "what a padded slot costs relative to a real node, in [0, 1] (used with EVICT_PER_REQUEST=1; "
-        "1 = padding computed like a token, so one width for all; near 0 only on a GPU)",
+        "1 = padding computed like a token, so one width for all; lower only where it was measured)",
     ),
     "EVICT_LOG_INTERVAL": ("100", "log EVICT metrics every N decode steps (0 = never)"),
     "EVICT_RECALIBRATE": ("0", "1 = ignore the cached start-up calibration and measure the table again"),
@@ -116,7 +116,7 @@ class EvictConfig:
     recalibrate: bool = False  # EVICT_RECALIBRATE: ignore a cached calibration
     acceptance: str = "raw"  # EVICT_ACCEPTANCE: "raw" | "calibrated"
     per_request: bool = False  # EVICT_PER_REQUEST: per-request widths inside the batch
-    pad_cost: float | None = None  # EVICT_PAD_COST; None = the table's metadata.padding_cost, else 1
+    pad_cost: float | None = None  # EVICT_PAD_COST; None = the table's measured padding_cost, else 1
 
     @property
     def policy_decision(self) -> str:
@@ -243,15 +243,34 @@ def parse_env(environ: Mapping[str, str] | None = None) -> EvictConfig:
     )
 
 
-def resolve_pad_cost(config: EvictConfig, table: Any = None) -> float:
-    """``EVICT_PAD_COST``, else the cost table's ``metadata.padding_cost``, else 1 (padding costs a token).
+def _is_measured(meta: Mapping[str, Any]) -> bool:
+    """Whether a table's numbers were measured (not modeled or illustrative, see configs/)."""
+    if meta.get("modeled") or meta.get("illustrative"):
+        return False
+    return str(meta.get("backend", "")).lower() not in ("modeled", "illustrative")
 
-    The same default as ``evict generate`` and the benchmark's ``--pad-cost``.  A table value
+
+def resolve_pad_cost(config: EvictConfig, table: Any = None) -> float:
+    """``EVICT_PAD_COST``, else the table's *measured* ``metadata.padding_cost``, else 1.
+
+    1: a padded slot costs what a real node costs.  Why not less by default: a padded slot holds
+    the root token, which routes to experts the batch already reads only in the first MoE layer;
+    after the first attention layer its hidden state depends on its position and its ancestors'
+    (padded) slots, so its routing, and its cost, are its own.  A modeled table's
+    ``padding_cost`` (such a model assumes the premise) is ignored with a warning.  A table value
     outside [0, 1] is a configuration error naming the table.
     """
     if config.pad_cost is not None:
         return float(config.pad_cost)
     meta = getattr(table, "metadata", None) or {}
+    if "padding_cost" in meta and not _is_measured(meta):
+        logger.warning(
+            "EVICT: %s: metadata.padding_cost=%r is not a measurement (the table is modeled); using pad cost "
+            "1 (a padded slot costs a node). Set EVICT_PAD_COST to a value measured on this GPU to override",
+            config.cost_table,
+            meta["padding_cost"],
+        )
+        return 1.0
     raw = meta.get("padding_cost", 1.0)
     try:
         value = float(raw)

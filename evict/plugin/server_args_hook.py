@@ -13,8 +13,11 @@ one at start-up from its captured graphs (:mod:`evict.plugin.calibration`).
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sglang.srt.arg_groups.overrides import declare_resolution, resolved_view, resolving_view
@@ -34,7 +37,9 @@ __all__ = [
     "validate_evict_server_args",
     "is_evict",
     "reserve_width_graph_memory",
+    "width_graph_reserve",
     "width_graph_reserve_mb",
+    "WidthReserve",
 ]
 
 logger = logging.getLogger(__name__)
@@ -125,15 +130,141 @@ def _config_hash(server_args: Any) -> str | None:
 
 
 def width_graph_reserve_mb(widths: tuple[int, ...], num_draft_tokens: int, max_bs: int) -> float:
-    """Memory (MB) to keep free for the graphs of the widths below N.
+    """The fallback reserve (MB) when :func:`width_graph_reserve` cannot size the backend.
 
-    SGLang reserves ``max_bs * 2`` MB for a set of decode graphs (``reserve_for_graph_mb``); each
-    extra width captures one more set (target verify and draft extend; its draft-decode graphs and
-    attention workspace are shared with N's), so each gets the same reserve.  A heuristic from
-    SGLang's own: the start-up log reports what each width really took.
+    SGLang's own heuristic for one set of decode graphs (``reserve_for_graph_mb``: ``max_bs * 2``
+    MB), once per width below N.
     """
     extra = sum(1 for w in widths if w != num_draft_tokens)
     return float(extra * max(int(max_bs), 1) * 2)
+
+
+MIB = 1 << 20
+FLASHINFER_INT_WORKSPACE = (
+    8 * MIB
+)  # flashinfer: each prefill wrapper's int workspace (GPU) and its pinned twin
+
+_BACKEND_ALIASES = {
+    "flashinfer": "flashinfer",
+    "flashinferattnbackend": "flashinfer",
+    "triton": "triton",
+    "tritonattnbackend": "triton",
+    "fa3": "fa3",
+    "flashattentionbackend": "fa3",
+}
+
+
+@dataclass(frozen=True)
+class WidthReserve:
+    """What the graphs of each extra width allocate (bytes), and how it was computed."""
+
+    gpu_bytes: dict[int, int] = field(default_factory=dict)  # width -> device memory
+    pinned_bytes: dict[int, int] = field(default_factory=dict)  # width -> pinned host memory
+    basis: str = ""
+
+    @property
+    def total_gpu_bytes(self) -> int:
+        return sum(self.gpu_bytes.values())
+
+    @property
+    def total_gpu_mb(self) -> float:
+        return self.total_gpu_bytes / MIB
+
+
+def width_graph_reserve(
+    backend: str,
+    widths: Sequence[int],
+    num_draft_tokens: int,
+    capture_bs: Sequence[int],
+    context_len: int,
+    *,
+    draft_extend: bool = True,
+    num_wrappers: int = 1,
+) -> WidthReserve:
+    """Device memory the graphs of each width below N allocate, from SGLang 0.5.23's allocations.
+
+    Each extra width m builds a target-verify attention backend and a draft-extend one and captures
+    their graphs for every captured batch size; with ``B = max(capture_bs)``, ``S = len(capture_bs)``,
+    ``C = context_len`` and ``T = B * m`` graph tokens, ``init_cuda_graph_state`` allocates, per width:
+
+    - ``flashinfer`` (``flashinfer_backend.py``), target and draft extend alike:
+      ``kv_indices`` int32 ``[T * C]`` per wrapper, the custom mask uint8 ``[T * C]``, and per captured
+      batch size one ``BatchPrefillWithPagedKVCacheWrapper`` per wrapper, each with an 8 MiB int
+      workspace on the GPU and an 8 MiB pinned host twin (``flashinfer/prefill.py``);
+    - ``triton`` (``triton_backend.py``): ``kv_indices`` int64 ``[T * C]`` for each backend, and the
+      target's FULL_MASK verify mask uint8 ``[B * m * (C + m)]`` (``verify_mask.py``); its attention
+      logits scale with heads x kv splits and are left to the measurement;
+    - ``fa3`` (``flashattention_backend.py``): the target's verify mask, bool ``[B * m * (C + m)]``;
+      its page tables do not depend on m.
+
+    ``widths`` may include N (skipped: its graphs are SGLang's own).  ``draft_extend=False`` when the
+    draft-extend graphs are not captured.  Raises ``ValueError`` for a backend not modelled here
+    (callers then use :func:`width_graph_reserve_mb`).
+    """
+    name = _BACKEND_ALIASES.get(str(backend).lower())
+    if name is None:
+        raise ValueError(
+            f"no graph-memory model for attention backend {backend!r} (modelled: flashinfer, triton, fa3)"
+        )
+    sizes = sorted({int(b) for b in capture_bs if int(b) > 0})
+    if not sizes:
+        raise ValueError("no captured batch sizes")
+    if int(context_len) < 1:
+        raise ValueError(f"context length must be >= 1, got {context_len!r}")
+    big_b, n_sizes, ctx, wrappers = sizes[-1], len(sizes), int(context_len), max(int(num_wrappers), 1)
+    backends = 2 if draft_extend else 1
+    gpu: dict[int, int] = {}
+    pinned: dict[int, int] = {}
+    for m in sorted({int(w) for w in widths}):
+        if m == int(num_draft_tokens):
+            continue
+        tokens = big_b * m
+        if name == "flashinfer":
+            per_backend = (
+                4 * tokens * ctx * wrappers + tokens * ctx + n_sizes * wrappers * FLASHINFER_INT_WORKSPACE
+            )
+            gpu[m] = backends * per_backend
+            pinned[m] = backends * n_sizes * wrappers * FLASHINFER_INT_WORKSPACE
+        elif name == "triton":
+            gpu[m] = backends * 8 * tokens * ctx + big_b * m * (ctx + m)
+            pinned[m] = 0
+        else:  # fa3
+            gpu[m] = big_b * m * (ctx + m)
+            pinned[m] = 0
+    basis = (
+        f"{name}, {backends} backend(s) per width, max bs {big_b}, {n_sizes} captured sizes, context {ctx}"
+    )
+    return WidthReserve(gpu, pinned, basis)
+
+
+def _decode_graph_sizes(view: Any) -> list[int] | None:
+    """The decode graphs' captured batch sizes, or None when none are captured (off, or not a GPU)."""
+    max_bs = _decode_graph_max_bs(view)
+    if max_bs is None:
+        return None
+    sizes = getattr(view.cuda_graph_config.decode, "bs", None)
+    return sorted({int(b) for b in sizes if 0 < int(b) <= max_bs}) if sizes else [int(max_bs)]
+
+
+def _context_len(view: Any) -> int | None:
+    """``--context-length``, else the target's ``max_position_embeddings`` (local config.json)."""
+    if getattr(view, "context_length", None):
+        return int(view.context_length)
+    try:
+        cfg = json.loads((Path(view.model_path) / "config.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    value = cfg.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _attention_backend(view: Any) -> str | None:
+    for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
+        value = getattr(view, name, None)
+        if value:
+            return str(value)
+    return None
 
 
 def _decode_graph_max_bs(view: Any) -> int | None:
@@ -155,9 +286,12 @@ def reserve_width_graph_memory(server_args: Any, widths: tuple[int, ...]) -> flo
     """Lower an automatic ``--mem-fraction-static`` so the extra widths' graphs fit.
 
     Why here: SGLang sizes the KV pool from ``mem_fraction_static`` before any graph is captured,
-    and its automatic value leaves room for one set of decode graphs only.  A value the user gave
-    is kept (and the start-up log shows what the widths took).  Returns the new fraction, or None
-    when nothing changed (user value, no graphs, no GPU, no extra width).
+    and its automatic value leaves room for one set of decode graphs only.  The reserve is
+    :func:`width_graph_reserve` for the resolved attention backend, captured batch sizes and
+    context length (SGLang's ``max_bs x 2`` MB heuristic per width when the backend is not
+    modelled).  A value the user gave is kept (and the start-up log shows what the widths took).
+    Returns the new fraction, or None when nothing changed (user value, no graphs, no GPU, no
+    extra width).
     """
     if getattr(server_args, "mem_fraction_static", None) is not None:  # the user's own value
         return None
@@ -166,20 +300,34 @@ def reserve_width_graph_memory(server_args: Any, widths: tuple[int, ...]) -> flo
     max_bs = _decode_graph_max_bs(view)
     if fraction is None or max_bs is None:
         return None
+    sizes = _decode_graph_sizes(view) or [int(max_bs)]
     from sglang.srt.utils.common import get_device_memory_capacity  # noqa: PLC0415
 
     gpu_mem = get_device_memory_capacity(view.device)
-    reserve = width_graph_reserve_mb(widths, view.speculative_num_draft_tokens, max_bs)
+    n = view.speculative_num_draft_tokens
+    extra = sum(1 for w in widths if w != n)
+    try:
+        context_len = _context_len(view)
+        if context_len is None:
+            raise ValueError("unknown context length (pass --context-length)")
+        estimate = width_graph_reserve(_attention_backend(view) or "", widths, n, sizes, context_len)
+        reserve, basis = estimate.total_gpu_mb, estimate.basis
+        if estimate.pinned_bytes and any(estimate.pinned_bytes.values()):
+            basis += f"; plus {sum(estimate.pinned_bytes.values()) / MIB:.0f} MB of pinned host memory"
+    except ValueError as exc:
+        reserve = width_graph_reserve_mb(widths, n, max_bs)
+        basis = f"SGLang's max_bs x 2 MB per graph set ({exc})"
     if not gpu_mem or reserve <= 0:
         return None
     lowered = round(fraction - reserve / gpu_mem, 3)
     declare_resolution(server_args, _SOURCE, mem_fraction_static=lowered)
     logger.info(
         "EVICT: --mem-fraction-static %.3f -> %.3f to keep %.0f MB free for the graphs of %d extra "
-        "verify widths (pass --mem-fraction-static to choose it yourself)",
+        "verify widths (%s; pass --mem-fraction-static to choose it yourself)",
         fraction,
         lowered,
         reserve,
-        sum(1 for w in widths if w != view.speculative_num_draft_tokens),
+        extra,
+        basis,
     )
     return lowered

@@ -99,8 +99,12 @@ def padded_frame(scores: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor
 def fill_padding_tokens(draft_tokens: torch.Tensor, real: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
     """``draft_tokens [bs, m-1]`` with each padded slot holding its request's root token ``root [bs]``.
 
-    Why: on a GPU a padded slot is still computed; the root token routes it to experts the batch
-    already reads, so it costs no extra expert weight reads.
+    Why a fixed token: a padded slot is still computed (the width-m graph has its place), and its
+    token must be a valid id; the root is one the request already holds.  It is not free: only
+    the first layer's router sees the root token's embedding (experts the batch already reads);
+    after the first attention layer the slot's hidden state depends on its position and on its
+    (padded) ancestors, so later layers may route it to experts of its own.  Hence a padded slot's
+    default cost is a node's (``pad_cost`` 1) unless a table measured less.
     """
     return torch.where(real, draft_tokens, root.view(-1, 1).to(draft_tokens.dtype).expand_as(draft_tokens))
 

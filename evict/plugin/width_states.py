@@ -25,17 +25,32 @@ class WidthStateSet(Generic[S]):
         self._apply = apply
         self._states: dict[int, S] = {}
         self._memory_gb: dict[int, float] = {}
+        self._seconds: dict[int, float] = {}
         self.active_width: int | None = None
         self.switches = 0
 
-    def register(self, width: int, state: S, memory_gb: float = 0.0) -> None:
-        """Add the state captured for ``width`` and what it cost (GB of device memory)."""
+    def register(self, width: int, state: S, memory_gb: float = 0.0, seconds: float = 0.0) -> None:
+        """Add the state captured for ``width`` and what it cost (GB of device memory, capture seconds)."""
         if isinstance(width, bool) or int(width) != width or width < 1:
             raise ValueError(f"width must be an int >= 1, got {width!r}")
         if width in self._states:
             raise ValueError(f"a state for width {width} is already registered")
         self._states[int(width)] = state
         self._memory_gb[int(width)] = float(memory_gb)
+        self._seconds[int(width)] = float(seconds)
+
+    def reset(self, states: dict[int, S], active: int) -> None:
+        """Replace every state (a recapture): widths not in ``states`` are dropped, ``active`` applied.
+
+        Costs of the widths kept stay as measured at start-up.
+        """
+        if active not in states:
+            raise KeyError(f"active width {active} is not among the new states {sorted(states)}")
+        self._states = {int(w): st for w, st in states.items()}
+        self._memory_gb = {w: self._memory_gb.get(w, 0.0) for w in self._states}
+        self._seconds = {w: self._seconds.get(w, 0.0) for w in self._states}
+        self.active_width = None
+        self.activate(active)
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -61,7 +76,9 @@ class WidthStateSet(Generic[S]):
         return True
 
     def memory_report(self) -> str:
-        """One line per width with its capture cost, for the start-up log."""
-        lines = [f"  width {w:>3}: {self._memory_gb[w]:7.3f} GB" for w in self.widths]
-        total = sum(self._memory_gb.values())
-        return "\n".join([*lines, f"  total      {total:7.3f} GB"])
+        """One line per width with its capture cost (memory and time), for the start-up log."""
+        lines = [
+            f"  width {w:>3}: {self._memory_gb[w]:7.3f} GB {self._seconds[w]:7.1f} s" for w in self.widths
+        ]
+        total, seconds = sum(self._memory_gb.values()), sum(self._seconds.values())
+        return "\n".join([*lines, f"  total      {total:7.3f} GB {seconds:7.1f} s"])

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -74,7 +75,8 @@ from evict.plugin.config import (
     target_config_hash,
 )
 from evict.plugin.metrics import EvictMetrics, RealNodeCounter
-from evict.plugin.tp_sync import WidthAgreement
+from evict.plugin.server_args_hook import width_graph_reserve
+from evict.plugin.tp_sync import WidthAgreement, policy_fingerprint
 from evict.plugin.tree_cut import (
     ACTIVE_SCORE_SINK,
     ScoreSink,
@@ -87,7 +89,14 @@ from evict.plugin.tree_cut import (
     verify_spec_steps,
 )
 from evict.plugin.width_states import WidthStateSet
-from evict.truncation import AcceptanceEstimator, AcceptanceFeatures, TruncationPolicy, flat_outcomes
+from evict.truncation import (
+    AcceptanceEstimator,
+    AcceptanceFeatures,
+    TruncationPolicy,
+    choose_width,
+    choose_widths_batch_budget,
+    flat_outcomes,
+)
 
 __all__ = ["EvictDraftWorker", "EvictWorkerV2", "install_hooks"]
 
@@ -151,19 +160,37 @@ def _eagle_draft_worker_cls(cls: type) -> Iterator[None]:
         _eagle_worker_v2.EagleDraftWorker = saved
 
 
+class _SkipDraftDecodeCapture:
+    """Stands in for ``EAGLEDraftCudaGraphRunner`` while a width state is captured (never built)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("EVICT: a width state must not capture draft-decode graphs")
+
+
 @contextlib.contextmanager
 def _without_draft_decode_graph() -> Iterator[None]:
     """Make ``EagleDraftWorker._capture_cuda_graphs`` capture only its draft-extend graph.
 
-    It builds the draft-decode runner from the module-level class name; a width state reuses the
-    full state's draft-decode graph, so a second capture would only cost memory.
+    A width state reuses the full state's draft-decode graphs, so a second capture would only cost
+    memory.  ``_capture_cuda_graphs`` picks the draft-decode runner class through the module-level
+    ``_select_spec_graph_runner_cls`` from the module-level ``EAGLEDraftCudaGraphRunner`` and skips
+    the whole capture (its begin/end log lines included) when the class is None.  Here the name is
+    a marker that the selector turns into None, so nothing is captured and nothing is logged.
     """
-    saved = _eagle_worker_v2.EAGLEDraftCudaGraphRunner
-    _eagle_worker_v2.EAGLEDraftCudaGraphRunner = lambda worker: None
+    saved_cls = _eagle_worker_v2.EAGLEDraftCudaGraphRunner
+    saved_select = _eagle_worker_v2._select_spec_graph_runner_cls
+
+    def select(*, builtin_runner_cls, oot_runner_cls):
+        chosen = saved_select(builtin_runner_cls=builtin_runner_cls, oot_runner_cls=oot_runner_cls)
+        return None if chosen is _SkipDraftDecodeCapture else chosen
+
+    _eagle_worker_v2.EAGLEDraftCudaGraphRunner = _SkipDraftDecodeCapture
+    _eagle_worker_v2._select_spec_graph_runner_cls = select
     try:
         yield
     finally:
-        _eagle_worker_v2.EAGLEDraftCudaGraphRunner = saved
+        _eagle_worker_v2.EAGLEDraftCudaGraphRunner = saved_cls
+        _eagle_worker_v2._select_spec_graph_runner_cls = saved_select
 
 
 def _pads(decision: Any) -> bool:
@@ -190,12 +217,36 @@ def _graph_sizes(runner: Any) -> list[int]:
 
 
 def _replay_graph(runner: Any, bs: int) -> Any:
-    """Replay ``runner``'s graph for batch size ``bs`` on its static buffers (timing only)."""
+    """Replay ``runner``'s graph for batch size ``bs`` on its static buffers (timing only).
+
+    Inside the runner's model context and the backend's ``replay_session()``, as SGLang's own
+    ``execute`` replays: the breakable backend (``--cuda-graph-backend breakable``) runs the eager
+    pieces between its graph segments only while its session is open.
+    """
     backend = runner.backend
     for key in backend._graphs:
         if int(key.size) == bs and getattr(key, "stream_idx", None) in (None, 0):
-            return backend.replay(key, None)
+            model_context = getattr(runner, "model_context", None)
+            with (
+                model_context() if callable(model_context) else contextlib.nullcontext(),
+                backend.replay_session(),
+            ):
+                return backend.replay(key, None)
     raise _NoGraphs(f"no graph captured for batch size {bs}")
+
+
+def _decide_at(policy: TruncationPolicy, scores: torch.Tensor, index: int, widths: tuple[int, ...]):
+    """The policy's rule at a width index the TP ranks agreed on (no counters, nothing held).
+
+    What an overruled rank verifies: the same rule as every other rank's at the same width, so
+    ranks whose scores are identical keep identical trees (for one width: its top m-1 nodes).
+    """
+    cost = policy.step_cost(scores.shape[0], scores.device)
+    if getattr(policy, "per_request", False):
+        return choose_widths_batch_budget(
+            scores, cost, widths, pad_cost=policy.pad_cost, index=index, check=False
+        )
+    return choose_width(scores, cost, widths, index=index, check=False)
 
 
 class EvictDraftWorker(EagleDraftWorker):
@@ -227,6 +278,8 @@ class EvictDraftWorker(EagleDraftWorker):
         self.acceptance_candidates = num_candidates(self.speculative_num_steps, self.topk)
         self._pending_outcome: tuple[AcceptanceFeatures, torch.Tensor] | None = None
         self.real_nodes = RealNodeCounter()  # EVICT_PER_REQUEST=1: real candidates per request-step
+        self._widths_of: TruncationPolicy | None = None  # the policy _widths_cache was read from
+        self._widths_cache: tuple[int, ...] = ()
 
     def draft_forward(self, forward_batch: Any):
         # Also entered by draft CUDA-graph capture, which then records the score copy.
@@ -264,8 +317,16 @@ class EvictDraftWorker(EagleDraftWorker):
         parents = flat_parents(parent_list, self.topk, k)
         calibrated, feats = self.acceptance.calibrate(flat, parents)
         if feats is not None:
+            # build_verify_input replaces the kept index with an owned copy of what is verified
             self._pending_outcome = (feats, top_scores_index)
         return calibrated.gather(1, top_scores_index.long())
+
+    def _host_widths(self, policy: TruncationPolicy) -> tuple[int, ...]:
+        """The policy's widths as host ints, read once per policy (never per step)."""
+        if getattr(self, "_widths_of", None) is not policy:
+            self._widths_cache = tuple(int(w) for w in policy.widths.tolist())
+            self._widths_of = policy
+        return self._widths_cache
 
     def learn(self, accept_index: torch.Tensor, width: int) -> None:
         """Feed one verification's outcome to the estimator (device ops only, no host sync).
@@ -289,28 +350,46 @@ class EvictDraftWorker(EagleDraftWorker):
         """This step's verify width and kept positions ``[bs, m-1]`` (None = the whole tree).
 
         Never raises: a failed decision verifies the full tree.  Under TP > 1 the ranks agree on
-        the widest proposal (``WidthAgreement``), so a fallback on one rank is a fallback on every
-        rank.  Idle batches take no decision and no collective: without DP attention (which EVICT
-        refuses) the ranks of a TP group are idle together.
+        the widest proposal (``WidthAgreement``, a host collective: no device sync), so a fallback
+        on one rank is a fallback on every rank, and a rank overruled to a wider width decides again
+        at the agreed width (the same rule as the others', so identical scores keep identical
+        trees).  ``off`` takes no collective: every rank verifies the full tree by construction
+        (the ranks' policies were checked identical at start-up).  Idle batches take no decision
+        and no collective: without DP attention (which EVICT refuses) the ranks of a TP group are
+        idle together.  Host reads: immediate mode's one (the chosen index); none in lagged mode
+        after its first step (but the held index) and none in off mode.
         """
         n = self.full_num_draft_tokens
         policy = self.truncation_policy
         if policy is None or batch.forward_mode.is_idle():
             return n, None
+        widths = self._host_widths(policy)
         if scores is None:
             scores = self.score_sink.read(batch.seq_lens.shape[0])
-        decision, index = None, policy.widths.numel() - 1
+        decision, index = None, len(widths) - 1
         try:
             decision = policy.decide(scores)
             index = decision.width_index
         except Exception as exc:  # never fail a request over the cut: verify the full tree
             policy.counters.record_error(exc, "width decision failed; verifying the full tree")
-        if self.width_agreement is not None:
+        if self.width_agreement is not None and policy.decision != "off":
             agreed = self.width_agreement.agree(index)
             if agreed != index:
                 decision, index = None, agreed
+                if 0 <= agreed < len(widths):
+                    try:
+                        decision = _decide_at(policy, scores, agreed, widths)
+                    except Exception as exc:  # the first m-1 candidates below (ancestor-closed)
+                        policy.counters.record_error(exc, "decision at the agreed width failed")
+        if not 0 <= index < len(widths):
+            # The ranks index different widths: impossible once start-up agreed on the policy.
+            policy.counters.record_error(
+                IndexError(f"agreed width index {index} outside {list(widths)}"),
+                "the TP ranks' widths differ; verifying the full tree",
+            )
+            decision, index = None, len(widths) - 1
         self.last_decision = decision
-        width = min(int(policy.widths[index]), n)
+        width = min(widths[index], n)
         self.width_counts[width] = self.width_counts.get(width, 0) + 1
         if decision is not None and _pads(decision):
             return width, decision.kept  # per request: real positions, then -1 (padding)
@@ -346,7 +425,7 @@ class EvictDraftWorker(EagleDraftWorker):
                 kept, real = ramp_kept(batch.seq_lens.shape[0], width, self.device), None
         if kept is not None:
             top_scores_index, draft_tokens = cut_draft_tree(top_scores_index, draft_tokens, kept)
-        if real is not None:  # padded slots hold the root token: experts the batch already reads
+        if real is not None:  # padded slots hold the root token (a valid id; costed as a node by default)
             draft_tokens = fill_padding_tokens(draft_tokens, real, draft_input.bonus_tokens)
         if getattr(self.truncation_policy, "per_request", False) and not batch.forward_mode.is_idle():
             if real is not None:
@@ -354,7 +433,15 @@ class EvictDraftWorker(EagleDraftWorker):
             else:
                 self.real_nodes.add_full(batch.seq_lens.shape[0], width)
         if self._pending_outcome is not None:  # the estimator learns about the real nodes verified
-            verified = top_scores_index if real is None else torch.where(real, top_scores_index, -1)
+            if real is not None:
+                verified = torch.where(real, top_scores_index, -1)
+            elif kept is not None:
+                verified = top_scores_index  # gathered by cut_draft_tree: this step's own tensor
+            else:
+                # The full tree: SGLang's top_scores_index, which after a draft-graph replay is the
+                # graph's output storage in the shared graph pool; the verify replay may reuse that
+                # block before learn() reads it (garbage indices -> an out-of-bounds scatter).
+                verified = top_scores_index.clone()
             self._pending_outcome = (self._pending_outcome[0], verified)
         if self.use_width is not None:
             # Before the build (it writes the width-m backend's verify mask), and on every step:
@@ -550,35 +637,35 @@ class EvictWorkerV2(EAGLEWorkerV2):
         )
         self.width_states.register(self.full_num_draft_tokens, full)
         self.width_states.active_width = self.full_num_draft_tokens
-        with (
-            draft_tp_context(dw.parallel_layout),
-            speculative_moe_backend_context(),
-            speculative_moe_a2a_backend_context(),
-        ):
+        with self._capture_context():
             for width in self.evict_widths:
                 if width == self.full_num_draft_tokens:
                     continue
                 before = get_available_gpu_memory(self.device, self.gpu_id)
                 tic = time.perf_counter()
                 state = self.build_width_state(width, full)
+                seconds = time.perf_counter() - tic
                 used = before - get_available_gpu_memory(self.device, self.gpu_id)
-                self.width_states.register(width, state, memory_gb=used)
+                self.width_states.register(width, state, memory_gb=used, seconds=seconds)
                 log_info_on_rank0(
                     logger,
-                    f"EVICT: captured width {width} in {time.perf_counter() - tic:.1f} s, {used:.3f} GB",
+                    f"EVICT: captured width {width} (target verify + draft extend) in {seconds:.1f} s, "
+                    f"{used:.3f} GB",
                 )
         # Building states must not have moved the live pointers, but re-point at N to be sure.
         self._apply_width_state(self.full_num_draft_tokens, full)
         if get_parallel().tp_size > 1:
-            # The target's TP group (not the draft's, which draft_tp_context may patch in).
-            dw.width_agreement = WidthAgreement(get_tp_group().device_group, self.device)
+            # The target's TP group (not the draft's, which draft_tp_context may patch in), on its
+            # CPU (gloo) side: the agreed index is read on the host without a device sync.
+            dw.width_agreement = WidthAgreement(get_tp_group().cpu_group, "cpu")
         if self.needs_calibration:
-            self.truncation_policy = self.evict_metrics.policy = self._calibrate_policy()
-        dw.truncation_policy = self.truncation_policy
-        dw.use_width = self.use_width
+            self.truncation_policy = self._calibrate_policy()
+        self._set_policy(self.truncation_policy)
+        self._agree_on_policy("start-up")
         if self.evict_config.acceptance == "calibrated" and self.truncation_policy.decision != "off":
             # Learns only from past verifications (lossless); identical on every TP rank.
             dw.acceptance = AcceptanceEstimator(self.topk, self.speculative_num_steps, device=self.device)
+        self._hook_recapture()
         disabled = ", DISABLED (full tree every step)" if self.evict_config.disable else ""
         per_request = (
             f", per-request widths (pad cost {self.truncation_policy.pad_cost:g})"
@@ -591,17 +678,107 @@ class EvictWorkerV2(EAGLEWorkerV2):
             f"EVICT: verify widths {list(self.width_states.widths)} (N={self.full_num_draft_tokens}), "
             f"decision={self.truncation_policy.decision}, backend={self.truncation_policy.backend}, "
             f"acceptance={'calibrated' if dw.acceptance is not None else 'raw'}{per_request}{disabled}{tp}; "
-            f"memory per extra width:\n{self.width_states.memory_report()}",
+            f"capture time and memory per extra width:\n{self.width_states.memory_report()}\n"
+            f"{self._memory_estimates()}",
         )
+
+    def _capture_context(self) -> contextlib.AbstractContextManager:
+        """The scopes SGLang captures the draft's graphs in (draft TP layout, speculative MoE)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(draft_tp_context(self._draft_worker.parallel_layout))
+        stack.enter_context(speculative_moe_backend_context())
+        stack.enter_context(speculative_moe_a2a_backend_context())
+        return stack
+
+    def _set_policy(self, policy: TruncationPolicy) -> None:
+        """Serve ``policy``: on both workers and the metrics, with every step cost already on device.
+
+        The cost vector of each batch size the draft can see is computed and copied now, so no
+        decode step waits for a host-to-device copy (the first step at a new size used to).
+        """
+        dw = self._draft_worker
+        self.truncation_policy = self.evict_metrics.policy = dw.truncation_policy = policy
+        dw.use_width = self.use_width
+        device = dw.score_sink.buffer.device
+        try:
+            for bs in range(1, dw.score_sink.rows + 1):
+                policy.step_cost(bs, device)
+        except Exception as exc:  # a bad cost source fails the first step instead (and falls back)
+            logger.warning("EVICT: could not precompute the step costs (%r); computing them per step", exc)
+
+    def _fingerprint_batch_sizes(self) -> tuple[int, ...]:
+        rows = self._draft_worker.score_sink.rows
+        return tuple(sorted({1, rows, *(1 << i for i in range(rows.bit_length()) if (1 << i) <= rows)}))
+
+    def _agree_on_policy(self, when: str) -> bool:
+        """TP > 1: check that every rank serves the same policy; if not, all verify the full tree.
+
+        Why: ranks agree on a width *index* each step, so they must index the same widths, with
+        the same rule.  A rank whose start-up calibration failed (or whose table differs) would
+        otherwise index out of range or choose another tree.  A collective: every rank calls it at
+        the same points (start-up, and after a graph recapture).
+        """
+        agreement = self._draft_worker.width_agreement
+        if agreement is None:
+            return True
+        fingerprint = policy_fingerprint(self.truncation_policy, self._fingerprint_batch_sizes())
+        if agreement.same_everywhere(fingerprint):
+            return True
+        logger.error(
+            "EVICT (%s): the TP ranks hold different policies (this rank: decision=%s, widths=%s); every "
+            "rank verifies the full tree. Give every rank the same EVICT_COST_TABLE, or look for a "
+            "calibration error in the other ranks' logs",
+            when,
+            self.truncation_policy.decision,
+            self.truncation_policy.widths.tolist(),
+        )
+        self._set_policy(TruncationPolicy([1.0], widths=[self.full_num_draft_tokens], decision="off"))
+        self._draft_worker.acceptance = None
+        return False
+
+    def _memory_estimates(self) -> str:
+        """The reserve EVICT's formula predicts per width, beside SGLang's own graph-memory figures."""
+        runner = self._target_worker.model_runner
+        extra = [w for w in self.width_states.widths if w != self.full_num_draft_tokens]
+        sizes = _graph_sizes(self.width_states.state(self.full_num_draft_tokens).target_graph_runner)
+        context_len = getattr(getattr(runner, "model_config", None), "context_len", None)
+        line = "EVICT: no predicted graph memory (no context length)"
+        # the live backend's class first (what was built), then the flag
+        for backend in (
+            type(runner.attn_backend).__name__,
+            getattr(self.server_args, "attention_backend", None),
+        ):
+            try:
+                reserve = width_graph_reserve(
+                    str(backend),
+                    extra,
+                    self.full_num_draft_tokens,
+                    sizes,
+                    int(context_len),
+                    draft_extend=self._draft_worker.draft_extend_attn_backend is not None,
+                )
+            except Exception as exc:  # unknown backend or no captured sizes: the measurement stands
+                line = f"EVICT: no predicted graph memory ({exc})"
+                continue
+            predicted = ", ".join(f"{w}: {b / 2**30:.3f}" for w, b in reserve.gpu_bytes.items())
+            line = f"EVICT: predicted graph memory per extra width (GB, {reserve.basis}): {predicted or '-'}"
+            break
+        try:
+            usage = self.graph_memory_usage
+        except Exception:  # noqa: BLE001 (a log line only)
+            usage = {}
+        sglang = ", ".join(f"{k}={v:.3f}" for k, v in sorted(usage.items()) if v)
+        return f"{line}; SGLang's graph memory estimate (GB, EVICT's widths included): {sglang or '-'}"
 
     def build_width_state(self, width: int, full: SpecRuntimeState) -> SpecRuntimeState:
         """Target-verify and draft-extend state for ``width``; shares all that the width does not change.
 
         Unlike SGLang's ``build_adaptive_runtime_state`` (made for changing the number of draft
         steps), a width state needs no draft-decode backend or graphs (drafting always builds the
-        full tree: ``full``'s are reused) and no workspace of its own (width states never run
-        concurrently, so the target's attention backend reuses the one global workspace instead
-        of allocating another 384 MB per width with ``init_new_workspace=True``).
+        full tree: ``full``'s are reused, and none is captured or logged) and no workspace of its
+        own (width states never run concurrently, so the target's attention backend reuses the one
+        global workspace instead of allocating another 384 MB per width with
+        ``init_new_workspace=True``).
         """
         dw = self._draft_worker
         target_runner = self._target_worker.model_runner
@@ -619,14 +796,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
             with _without_draft_decode_graph():
                 dw._capture_cuda_graphs()  # the draft-extend graph of this width only
             target_attn_backend = target_runner._get_attention_backend(init_new_workspace=False)
-            target_graph_runner = None
-            if not check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED):
-                target_graph_runner = DecodeCudaGraphRunner(
-                    target_runner,
-                    attn_backend=target_attn_backend,
-                    speculative_num_steps=self.speculative_num_steps,
-                    speculative_num_draft_tokens=width,
-                )
+            target_graph_runner = self._capture_verify_graph(width, target_attn_backend)
             return SpecRuntimeState(
                 speculative_num_steps=self.speculative_num_steps,
                 speculative_num_draft_tokens=width,
@@ -637,6 +807,115 @@ class EvictWorkerV2(EAGLEWorkerV2):
                 draft_extend_attn_backend=dw.draft_extend_attn_backend,
                 cuda_graph_runner_for_draft_extend=dw.cuda_graph_runner_for_draft_extend,
             )
+
+    def _capture_verify_graph(self, width: int, attn_backend: Any) -> Any:
+        """The target-verify graphs of ``width`` (None with decode graphs off), counted as SGLang's.
+
+        Call inside ``_override_worker_state(steps, width)``.  The memory and time go to SGLang's
+        own ``target_verify`` figures (``_additional_graph_memory_usage``), as its adaptive runtime
+        states do, so its graph-memory report includes EVICT's widths.
+        """
+        if check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED):
+            return None
+        before = get_available_gpu_memory(self.device, self.gpu_id)
+        tic = time.perf_counter()
+        runner = DecodeCudaGraphRunner(
+            self._target_worker.model_runner,
+            attn_backend=attn_backend,
+            speculative_num_steps=self.speculative_num_steps,
+            speculative_num_draft_tokens=width,
+        )
+        used = before - get_available_gpu_memory(self.device, self.gpu_id)
+        memory = getattr(self, "_additional_graph_memory_usage", None)
+        if isinstance(memory, dict):
+            memory["target_verify"] = memory.get("target_verify", 0.0) + used
+        seconds = getattr(self, "_additional_graph_time_usage", None)
+        if isinstance(seconds, dict):
+            seconds["target_verify"] = seconds.get("target_verify", 0.0) + time.perf_counter() - tic
+        return runner
+
+    # -- graph recapture (weight updates, PD role switch, elastic EP) -----------------------------
+    _RECAPTURE_ENTRY_POINTS = ("init_decode_cuda_graph", "_recapture_elastic_cuda_graphs")
+
+    def _hook_recapture(self) -> None:
+        """Rebuild the width states whenever SGLang recaptures the target's decode graphs.
+
+        SGLang 0.5.23 recaptures only the live (full-width) target runner:
+        ``ModelRunner.recapture_decode_cuda_graph`` (weight updates with ``recapture_cuda_graph``)
+        and ``ensure_decode_cuda_graphs`` (PD role switch) both call ``init_decode_cuda_graph``,
+        elastic EP calls ``_recapture_elastic_cuda_graphs``.  Each replaces
+        ``decode_cuda_graph_runner`` and nothing else, so EVICT's stored states would keep the old
+        runners (the next switch back to N would even drop the new one).  Both methods are looked
+        up on the runner instance, so wrapping them there catches every path.
+        """
+        runner = self._target_worker.model_runner
+        for name in self._RECAPTURE_ENTRY_POINTS:
+            original = getattr(runner, name, None)
+            if original is None or getattr(original, "_evict_recapture", False):
+                continue
+
+            def wrapped(*args, _original=original, _name=name, **kwargs):
+                return self._recapture(_name, _original, *args, **kwargs)
+
+            wrapped._evict_recapture = True
+            setattr(runner, name, wrapped)
+
+    def _recapture(self, what: str, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        n = self.full_num_draft_tokens
+        # SGLang captures the live runner's graphs with the live attention backend: make it N's.
+        self.width_states.activate(n)
+        runner = self._target_worker.model_runner
+        before = runner.decode_cuda_graph_runner
+        result = original(*args, **kwargs)
+        if runner.decode_cuda_graph_runner is not before:  # e.g. elastic EP without graphs: nothing new
+            self._rebuild_width_states(what)
+        return result
+
+    def _rebuild_width_states(self, what: str) -> None:
+        """After SGLang recaptured N's verify graphs: recapture every other width's, or stop using them.
+
+        The draft's graphs are not recaptured (SGLang's recapture leaves them too).  If a width
+        fails, no stale state is kept: EVICT verifies the full tree from then on, and says so.
+        """
+        n = self.full_num_draft_tokens
+        runner = self._target_worker.model_runner
+        full = dataclasses.replace(
+            self.width_states.state(n),
+            target_attn_backend=runner.attn_backend,
+            target_graph_runner=runner.decode_cuda_graph_runner,
+        )
+        states = {n: full}
+        try:
+            with self._capture_context():
+                for width in self.width_states.widths:
+                    if width == n:
+                        continue
+                    old = self.width_states.state(width)
+                    tic = time.perf_counter()
+                    with self._override_worker_state(self.speculative_num_steps, width):
+                        graph = self._capture_verify_graph(width, old.target_attn_backend)
+                    states[width] = dataclasses.replace(old, target_graph_runner=graph)
+                    log_info_on_rank0(
+                        logger,
+                        f"EVICT: recaptured the width-{width} verify graphs after {what} "
+                        f"in {time.perf_counter() - tic:.1f} s",
+                    )
+        except Exception as exc:
+            logger.error(
+                "EVICT: recapturing the verify graphs of the extra widths after %s failed (%r); their "
+                "captured states are stale, so EVICT verifies the full tree (width %d) from now on",
+                what,
+                exc,
+                n,
+                exc_info=exc,
+            )
+            self.width_states.reset({n: full}, active=n)
+            self._set_policy(TruncationPolicy([1.0], widths=[n], decision="off"))
+            self._draft_worker.acceptance = None
+        else:
+            self.width_states.reset(states, active=n)
+        self._apply_width_state(n, full)
+        self._agree_on_policy(f"after {what}")
 
     def use_width(self, width: int) -> None:
         """Verify and draft-extend this step at ``width``: its captured state, and the width itself.

@@ -88,6 +88,19 @@ class HeldIndex:
         return self._value
 
 
+def _to_device(c: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``c`` on ``device`` without a blocking copy: a CUDA copy goes from pinned memory, queued.
+
+    A plain host-to-device copy from pageable memory makes the host wait for the stream (drafting
+    included); from pinned memory with ``non_blocking`` it is queued behind the work it follows.
+    PyTorch's pinned allocator keeps the source alive until that copy has run.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and c.device.type == "cpu":
+        return c.pin_memory().to(device, non_blocking=True)
+    return c.to(device)
+
+
 class TruncationPolicy:
     """Chooses the verify width each decode step; holds the decider that computes it and the counters.
 
@@ -112,9 +125,11 @@ class TruncationPolicy:
             with the best scores and the rest of the slots are padding. Torch rule only (the
             decider implements the one-width rule, so it is not used); not with ``"lagged"`` (the
             budget needs this step's scores, so the decision would sync the host anyway).
-        pad_cost: what a padded slot costs relative to a real node, in [0, 1] (1: padding is
-            computed like a token, as on a CPU, and per-request widths reduce to one width; 0: it
-            only routes to experts the batch already reads). Used only with ``per_request``.
+        pad_cost: what a padded slot costs relative to a real node, in [0, 1] (1, the default:
+            padding is computed like a token and per-request widths reduce to one width; lower
+            only where it was measured: a padded root token reads no new experts in the first MoE
+            layer only, later layers route it by its own hidden state). Used only with
+            ``per_request``.
     """
 
     def __init__(
@@ -162,7 +177,11 @@ class TruncationPolicy:
         return self.decider.backend
 
     def step_cost(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Validated float32 ``[W]`` step times for ``batch_size``, cached per (batch size, device)."""
+        """Validated float32 ``[W]`` step times for ``batch_size``, cached per (batch size, device).
+
+        The first call for a (batch size, CUDA device) queues its copy from pinned memory (no host
+        wait); a server fills the cache for every batch size it can see before serving.
+        """
         key = (int(batch_size), str(device))
         c = self._cost_cache.get(key)
         if c is None:
@@ -170,7 +189,7 @@ class TruncationPolicy:
                 c = self._fixed_cost
             else:
                 c = validate_step_cost(self._cost_fn(int(batch_size), self.widths), self.widths.numel())
-            c = c.to(device)
+            c = _to_device(c, device)
             self._cost_cache[key] = c
         return c
 

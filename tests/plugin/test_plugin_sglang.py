@@ -254,3 +254,24 @@ def test_an_automatic_memory_fraction_leaves_room_for_the_extra_widths_graphs(mo
     assert resolution_result(given, "mem_fraction_static") == 0.7  # the user's value is kept
     assert server_args_hook.width_graph_reserve_mb((2, 4, 8), 8, 64) == 256.0
     assert server_args_hook.width_graph_reserve_mb((8,), 8, 64) == 0.0
+
+
+def test_the_reserve_follows_the_attention_backends_allocations(models, clean_env):
+    """Issue 22 item 3: with a modelled backend the reserve is what the widths' graphs allocate."""
+    from evict.plugin import server_args_hook
+
+    clean_env.setenv("EVICT_WIDTHS", "2,4")
+    clean_env.setattr("sglang.srt.utils.common.get_device_memory_capacity", lambda device=None: 80 * 1024)
+    clean_env.setattr(server_args_hook, "_decode_graph_max_bs", lambda view: 64)
+    clean_env.setattr(server_args_hook, "_decode_graph_sizes", lambda view: [1, 2, 4, 8, 16, 32, 64])
+    clean_env.setattr(server_args_hook, "_attention_backend", lambda view: "flashinfer")
+    clean_env.setattr(server_args_hook, "_context_len", lambda view: 4096)
+    auto = resolve(models, "EVICT", *TREE)
+    clean_env.setenv("EVICT_DISABLE", "1")
+    eagle = resolve(models, "EAGLE3", *TREE)
+    want = server_args_hook.width_graph_reserve("flashinfer", (2, 4, 8), 8, [1, 2, 4, 8, 16, 32, 64], 4096)
+    # width m: 2 backends x (5 bytes x 64*m tokens x 4096 + 7 captured sizes x 8 MiB)
+    assert want.gpu_bytes == {m: 2 * (5 * 64 * m * 4096 + 7 * 8 * 2**20) for m in (2, 4)}
+    assert resolution_result(auto, "mem_fraction_static") == pytest.approx(
+        round(resolution_result(eagle, "mem_fraction_static") - want.total_gpu_mb / (80 * 1024), 3)
+    )

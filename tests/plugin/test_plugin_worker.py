@@ -300,16 +300,46 @@ def test_a_rank_whose_decision_failed_proposes_the_full_tree(monkeypatch):
     assert dw.width_agreement.proposed == [2] and rec.events[-1] == ("build", 8)
 
 
-def test_an_overruled_rank_without_a_decision_keeps_the_first_candidates(monkeypatch):
+def test_an_overruled_rank_decides_again_at_the_agreed_width(monkeypatch):
+    """Issue 22 item 5: a rank overruled to a wider width keeps that width's top m-1 (the rule's tree,
+    as every rank with the same scores does), not the first m-1 candidates (another tree)."""
     rec = _Recorder()
     policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], decision="immediate")
     dw = make_draft_worker(monkeypatch, rec, policy)
     monkeypatch.setattr(policy, "decide", lambda scores: 1 / 0)
     dw.width_agreement = SimpleNamespace(agree=lambda index: 1)  # the others agreed on width 4
     dw.draft(make_batch())
+    assert rec.events[-1] == ("build", 4)
+    top = _original(*dw.lists, 4)[1]  # SGLang's own selection at width 4
+    assert not torch.equal(top, _original(*dw.lists, 8)[1][:, :3])  # the two trees differ here
+    assert torch.equal(rec.build_kwargs["top_scores_index"], top)
+    assert dw.last_decision is not None and dw.last_decision.width == 4
+
+
+def test_an_overruled_rank_that_cannot_decide_keeps_the_first_candidates(monkeypatch):
+    rec = _Recorder()
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], decision="immediate")
+    dw = make_draft_worker(monkeypatch, rec, policy)
+    monkeypatch.setattr(policy, "decide", lambda scores: 1 / 0)
+    monkeypatch.setattr(evict_worker, "_decide_at", lambda *a: 1 / 0)
+    dw.width_agreement = SimpleNamespace(agree=lambda index: 1)
+    dw.draft(make_batch())
     full_idx = _original(*dw.lists, 8)[1]
     assert rec.events[-1] == ("build", 4)
     assert torch.equal(rec.build_kwargs["top_scores_index"], full_idx[:, :3])  # ancestor-closed prefix
+    assert policy.stats()["errors"] == 2
+
+
+def test_an_agreed_index_outside_this_ranks_widths_verifies_the_full_tree(monkeypatch):
+    """Issue 22 item 5: ranks with different widths used to index ``policy.widths`` out of range
+    outside any try (an IndexError that failed the step)."""
+    rec = _Recorder()
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], decision="immediate")
+    dw = make_draft_worker(monkeypatch, rec, policy)
+    dw.width_agreement = SimpleNamespace(agree=lambda index: 5)  # another rank has six widths
+    dw.draft(make_batch())
+    assert rec.events[-1] == ("build", 8) and dw.last_decision is None
+    assert policy.stats()["errors"] == 1
 
 
 def test_flat_cost_and_kill_switch_verify_the_full_tree(monkeypatch):
@@ -472,9 +502,14 @@ def test_a_width_state_shares_the_workspace_and_the_draft_decode_graph(monkeypat
     """Defect 4: each extra width used to allocate a new attention workspace and draft-decode graphs."""
     calls = SimpleNamespace(workspace=[], decode_runner=[], factory=[], verify_graph=[])
 
-    def capture():  # stands in for EagleDraftWorker._capture_cuda_graphs on a GPU
-        calls.decode_runner.append(eagle_worker_v2.EAGLEDraftCudaGraphRunner(dw))
-        dw.cuda_graph_runner, dw.cuda_graph_runner_for_draft_extend = "new-decode-graph", "extend-graph-4"
+    def capture():  # stands in for EagleDraftWorker._capture_cuda_graphs on a GPU: picks the class as it does
+        cls = eagle_worker_v2._select_spec_graph_runner_cls(
+            builtin_runner_cls=lambda: eagle_worker_v2.EAGLEDraftCudaGraphRunner, oot_runner_cls=lambda: None
+        )
+        calls.decode_runner.append(cls)
+        if cls is not None:
+            dw.cuda_graph_runner = cls(dw)
+        dw.cuda_graph_runner_for_draft_extend = "extend-graph-4"
 
     class Factory:
         def __init__(self, runner, topk, steps, **kw):
@@ -488,7 +523,10 @@ def test_a_width_state_shares_the_workspace_and_the_draft_decode_graph(monkeypat
     dw.topk, dw.seed_dsa_topk_from_draft_extend = 4, False
     dw.draft_runner.model_config = SimpleNamespace(hf_config=SimpleNamespace())
     dw._capture_cuda_graphs = capture
-    w.speculative_num_steps = 3
+    w.speculative_num_steps, w.device, w.gpu_id = 3, "cpu", 0
+    w._additional_graph_memory_usage, w._additional_graph_time_usage = {}, {}
+    free = iter([10.0, 9.5])  # GB free before and after the verify capture
+    monkeypatch.setattr(evict_worker, "get_available_gpu_memory", lambda device, gpu_id: next(free))
     w._override_worker_state = lambda steps, width: contextlib.nullcontext()
     w._target_worker.model_runner._get_attention_backend = lambda init_new_workspace: (
         calls.workspace.append(init_new_workspace) or "verify-backend-4"
@@ -503,12 +541,16 @@ def test_a_width_state_shares_the_workspace_and_the_draft_decode_graph(monkeypat
         ),
     )
     full = w.width_states.state(8)
+    saved_cls = eagle_worker_v2.EAGLEDraftCudaGraphRunner
+    saved_select = eagle_worker_v2._select_spec_graph_runner_cls
     state = w.build_width_state(4, full)
     assert calls.workspace == [False]  # the global workspace, not another 384 MB
-    assert calls.decode_runner == [None]  # no draft-decode capture for a width state
-    assert eagle_worker_v2.EAGLEDraftCudaGraphRunner is not None and callable(
-        eagle_worker_v2.EAGLEDraftCudaGraphRunner
-    )
+    assert calls.decode_runner == [None]  # no draft-decode capture (nor its log lines) for a width state
+    assert dw.cuda_graph_runner == "draft-decode-graph"  # N's draft-decode graphs, untouched
+    assert eagle_worker_v2.EAGLEDraftCudaGraphRunner is saved_cls  # restored after the build
+    assert eagle_worker_v2._select_spec_graph_runner_cls is saved_select
+    # the verify capture is counted in SGLang's own graph-memory figures
+    assert w._additional_graph_memory_usage == {"target_verify": pytest.approx(0.5)}
     assert calls.verify_graph == [("verify-backend-4", 4)] and calls.factory == [3]
     assert (state.draft_attn_backend, state.cuda_graph_runner) == (
         full.draft_attn_backend,
@@ -534,6 +576,7 @@ class _FakeGraphRunner:
         self.backend = SimpleNamespace(
             _graphs={_Key((b,)): None for b in sizes},
             replay=lambda key, fb: log.append((name, key.size)),
+            replay_session=contextlib.nullcontext,
         )
 
 
