@@ -56,7 +56,7 @@ for step in $STEPS; do
     env) run_step env 40 "$PY" -m evict.testing.gpu_check env --out "$WORK/res" ;;
     kernels) run_step kernels 70 "$PY" -m evict.testing.gpu_check kernels --out "$WORK/res" ;;
     gputests)
-      run_step gputests 100 bash -c "$PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_lossless_greedy.py tests/test_kernels.py 2>&1; \
+      run_step gputests 100 bash -c "$PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_cuda_ops.py 2>&1; \
         $PY scripts/bench_kernels.py --iters 200 --bs 1 8 32 128 --k 8 32 64 --json $WORK/res/bench_kernels.json 2>&1" ;;
     serve) run_step serve 200 "$PY" -m evict.testing.gpu_check serve --out "$WORK/res" --budget 190 ;;
     cost) run_step cost 150 "$PY" -m evict.testing.gpu_check cost --out "$WORK/res" --budget 140 ;;
