@@ -110,7 +110,7 @@ SERVED_MODULES = (
     "sglang.srt.entrypoints.http_server",
     "sglang.srt.managers.scheduler",
     "sglang.srt.model_executor.model_runner",
-    "sglang.srt.model_executor.cuda_graph_runner",
+    "sglang.srt.model_executor.runner.decode_cuda_graph_runner",
     "sglang.srt.models.qwen3_moe",
     "sglang.srt.models.llama_eagle3",
     "sglang.srt.layers.attention.triton_backend",
