@@ -258,7 +258,7 @@ def step_serve(rec: _Record, out: Path, budget: float) -> None:
         res: dict[str, Any] = {"args": argv}
         srv = None
         try:
-            srv, start_s = _start(name, argv, env, logs, max(20.0, left - 20))
+            srv, start_s = _start(name, argv, env, logs, min(100.0, max(20.0, left - 20)))
             res["start_s"] = round(start_s, 1)
             ids1, wall1, meta1 = _serve_round(srv.url, prompts, max_new, 1)
             ids8, wall8, _ = _serve_round(srv.url, prompts, max_new, 8)
