@@ -113,3 +113,10 @@ def test_env_and_kernels_steps_record_json_without_a_gpu(tmp_path):
     )
     rec = json.loads((tmp_path / "env.json").read_text())
     assert rec["torch"] and "elapsed_s" in rec
+
+
+def test_the_launchers_environment_passes_the_plugins_config_check(tmp_path):
+    from evict.plugin.config import parse_env
+
+    env = gpu_server.gpu_env({"EVICT_GPU_SITE": str(tmp_path)}, site=tmp_path)
+    parse_env(env)  # an EVICT_* name the plugin does not know stops the launch

@@ -172,6 +172,21 @@ def _get(env: Mapping[str, str], name: str, default: str) -> str:
     return raw if raw.strip() else default
 
 
+# EVICT_* names the project's tooling reads (GPU launcher, stand-ins, bundle, GPU check): they reach
+# the server's environment by design, so they are not typos of plugin settings.
+TOOLING_ENV_VARS: frozenset[str] = frozenset(
+    {
+        "EVICT_CUDA_SHIM",
+        "EVICT_CUDA_SHIM_ALLOW_JIT",
+        "EVICT_GPU_SITE",
+        "EVICT_GPU_CHECK_WIDTHS",
+        "EVICT_GPU_WHEELS",
+        "EVICT_BUNDLE_PYTHON",
+        "EVICT_PROBE_FAKE_CUDA",
+    }
+)
+
+
 def parse_env(environ: Mapping[str, str] | None = None) -> EvictConfig:
     """Parse and validate the ``EVICT_*`` variables of ``environ`` (default ``os.environ``).
 
@@ -180,7 +195,9 @@ def parse_env(environ: Mapping[str, str] | None = None) -> EvictConfig:
     calibrates at start-up.
     """
     env = os.environ if environ is None else environ
-    unknown = sorted(k for k in env if k.startswith("EVICT_") and k not in ENV_VARS)
+    unknown = sorted(
+        k for k in env if k.startswith("EVICT_") and k not in ENV_VARS and k not in TOOLING_ENV_VARS
+    )
     if unknown:
         hints = []
         for k in unknown:

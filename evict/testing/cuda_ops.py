@@ -815,6 +815,7 @@ def _selftest_cases(device: torch.device) -> dict[str, Callable[[], None]]:
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
     def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> None:
+        b = b.to(a.device)  # expected values are often written as CPU tensors
         if not torch.allclose(a.float(), b.float(), atol=tol, rtol=tol):
             raise AssertionError(f"max |diff| = {(a.float() - b.float()).abs().max().item():.3g}")
 

@@ -138,7 +138,8 @@ PROBE_MODULES: tuple[str, ...] = (
 #: Threads), diffusion and multimodal generation, tests, benchmarks, the rust/gRPC servers (their
 #: ``.so`` files are cp311 and not carried), and features a bf16 Qwen3-MoE + EAGLE3 server does
 #: not use (DeepSeek V4 / DSA / linear-attention kernels, LoRA, PD disaggregation, HiCache storage
-#: backends, quantization schemes, other model families). Cutting a prefix only stops the *static*
+#: backends, other model families; quantization modules stay: SGLang imports them at
+#: module level on CUDA). Cutting a prefix only stops the *static*
 #: walk: whatever SGLang imports eagerly from there still goes in through the import probe.
 EXCLUDED_PREFIXES: tuple[str, ...] = (
     "sglang.multimodal_gen",
@@ -173,7 +174,6 @@ EXCLUDED_PREFIXES: tuple[str, ...] = (
     "sglang.kernels.ops.attention.fa4_sm120",
     "sglang.kernels.ops.attention.fla",
     "sglang.kernels.ops.attention.minimax_sparse",
-    "sglang.kernels.ops.mamba",
     "sglang.srt.layers.attention.dsa",
     "sglang.srt.layers.attention.dsv4",
     "sglang.srt.layers.attention.linear",
@@ -190,24 +190,8 @@ EXCLUDED_PREFIXES: tuple[str, ...] = (
     "sglang.srt.layers.attention.hpc_ops_backend",
     "sglang.srt.layers.attention.cutedsl_mla_backend",
     "sglang.srt.layers.attention.xpu_backend",
-    "sglang.srt.layers.quantization.quark",
-    "sglang.srt.layers.quantization.compressed_tensors",
-    "sglang.srt.layers.quantization.modelopt_quant",
-    "sglang.srt.layers.quantization.mxfp4",
-    "sglang.srt.layers.quantization.humming",
-    "sglang.srt.layers.quantization.petit",
     "sglang.srt.layers.quantization.npu_",
     "sglang.srt.layers.quantization.mlx",
-    "sglang.srt.layers.quantization.gguf",
-    "sglang.srt.layers.quantization.awq",
-    "sglang.srt.layers.quantization.gptq",
-    "sglang.srt.layers.quantization.marlin_",
-    "sglang.srt.layers.quantization.moe_wna16",
-    "sglang.srt.layers.quantization.auto_round",
-    "sglang.srt.layers.quantization.bitsandbytes",
-    "sglang.srt.layers.quantization.modelslim",
-    "sglang.srt.layers.quantization.minimax_",
-    "sglang.srt.layers.quantization.w4afp8",
 )
 
 #: Exceptions to :data:`EXCLUDED_PREFIXES` (same prefix rules): the model files this server loads.
@@ -522,7 +506,21 @@ def evict_sglang_imports(evict_dir: Path) -> set[str]:
 
 
 _PROBE_SCRIPT = """
-import importlib, json, sys
+import importlib, json, os, sys
+if os.environ.get("EVICT_PROBE_FAKE_CUDA") == "1":
+    # take SGLang's CUDA branches at import (no GPU here): its module-level `if _is_cuda:` imports
+    import torch
+
+    class _Props:
+        name, major, minor, multi_processor_count = "NVIDIA H200", 9, 0, 132
+        total_memory, L2_cache_size, warp_size = 143771 * 2**20, 60 * 2**20, 32
+
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    torch.cuda.get_device_name = lambda *a, **k: "NVIDIA H200"
+    torch.cuda.get_device_properties = lambda *a, **k: _Props()
 failed = {}
 for name in sys.argv[1:]:
     try:
@@ -535,17 +533,29 @@ print("@@PROBE@@" + json.dumps({"modules": mods, "failed": failed}))
 
 
 def probe_runtime_modules(
-    python: str, entries: Sequence[str], repo_root: Path | None = None, timeout: float = 600.0
+    python: str,
+    entries: Sequence[str],
+    repo_root: Path | None = None,
+    timeout: float = 600.0,
+    fake_cuda: bool = False,
 ) -> tuple[set[str], dict[str, str]]:
     """Import ``entries`` in a fresh ``python`` and return the ``sglang.*`` modules it loaded.
 
     Why on top of the static closure: SGLang imports some modules eagerly from code the closure
     cuts off (e.g. NPU / XPU graph runners pulled in at module level by the model runner); the
-    probe sees those, the static closure sees the lazy CUDA-only ones. Returns (modules, failures).
+    probe sees those, the static closure sees the lazy CUDA-only ones. ``fake_cuda`` makes torch
+    report an H200 and puts the ``sgl_kernel`` stand-in first, so the module-level ``if _is_cuda:``
+    imports are taken as on the GPU machine (the first GPU run died on one the CPU probe missed:
+    ``quantization/marlin_utils.py`` -> ``kernels.ops.gemm.gptq_marlin``). Returns (modules, failures).
     """
     env = dict(os.environ)
     if repo_root is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo_root), env.get("PYTHONPATH")]))
+    if fake_cuda:
+        # the GPU machine's view: CUDA present, sgl_kernel only as EVICT's stand-in package
+        shim = Path(__file__).resolve().parent / "cuda_shim"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), env.get("PYTHONPATH")]))
+        env.update(EVICT_PROBE_FAKE_CUDA="1", EVICT_CUDA_SHIM="1", SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK="1")
     result = subprocess.run(
         [python, "-c", _PROBE_SCRIPT, *entries],
         capture_output=True,
@@ -795,6 +805,11 @@ def build_bundle(
         probed, probe_failed = probe_runtime_modules(
             probe_python, [*PROBE_MODULES, *extra_entries], repo_root=repo_root
         )
+        cuda_probed, cuda_failed = probe_runtime_modules(
+            probe_python, [*PROBE_MODULES, *extra_entries], repo_root=repo_root, fake_cuda=True
+        )
+        probed |= cuda_probed
+        probe_failed.update({f"{k} (fake CUDA)": v for k, v in cuda_failed.items()})
         extra = {m for m in probed if m in index} - modules
         log(f"import probe: {len(probed)} sglang modules loaded, {len(extra)} beyond the static closure")
         for name, err in sorted(probe_failed.items()):

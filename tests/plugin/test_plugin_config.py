@@ -92,6 +92,16 @@ def test_unknown_variable_names_the_closest_known_one():
         parse_env({"EVICT_WIDHTS": "4,8"})
 
 
+def test_the_gpu_tooling_variables_reach_the_server_without_stopping_it():
+    # the GPU launcher sets EVICT_CUDA_SHIM in every server process (the first live launch died on it)
+    from evict.plugin.config import TOOLING_ENV_VARS
+
+    cfg = parse_env({name: "1" for name in TOOLING_ENV_VARS})
+    assert cfg == parse_env({})
+    with pytest.raises(EvictConfigError, match="EVICT_CUDA_SHIMS"):
+        parse_env({"EVICT_CUDA_SHIMS": "1"})
+
+
 @pytest.mark.parametrize(
     ("name", "value", "needle"),
     [
