@@ -105,7 +105,29 @@ def _patch_qwen3_moe(module) -> None:
     attention.__init__ = __init__
 
 
+def _patch_dual_gemm(module) -> None:
+    """Llama MLPs (the EAGLE-3 drafter) pick a CuTe-DSL dual GEMM on CUDA, which needs the
+    ``cutlass`` (nvidia-cutlass-dsl) package; without it, keep the plain gate_up/down path."""
+    cls = getattr(module, "DualGemm", None)
+    original = getattr(cls, "_select_mode", None)
+    if original is None:
+        raise RuntimeError(
+            "evict cuda_shim: sglang.srt.layers.dual_gemm.DualGemm._select_mode is missing; "
+            "this shim targets sglang 0.5.23"
+        )
+
+    def _select_mode(self, gate_up_proj, hidden_size):
+        try:
+            import cutlass  # noqa: F401
+        except ImportError:
+            return None  # no fused dual GEMM: DualGemm stays off (mode None)
+        return original(self, gate_up_proj, hidden_size)
+
+    cls._select_mode = _select_mode
+
+
 _PATCHES = {
+    "sglang.srt.layers.dual_gemm": _patch_dual_gemm,
     "sglang.kernels.jit.utils.compile.loader": _patch_loader,
     "sglang.kernels.ops.sampling.renorm": _patch_renorm,
     "sglang.srt.models.qwen3_moe": _patch_qwen3_moe,
