@@ -93,6 +93,7 @@ def test_module_imports_sees_lazy_relative_from_and_string_named_modules():
         "    if x:\n"
         "        from sglang.srt.deep import k\n"
         "    return 'sglang.srt.models.qwen3', 'not.a module', 'sglang'\n"
+        "TARGET = 'sglang.kernels.ops.moe.moe_topk_softmax:topk_softmax'\n"
     )
     found = gb.module_imports(source, "sglang.srt.pkg.m")
     assert {
@@ -104,6 +105,7 @@ def test_module_imports_sees_lazy_relative_from_and_string_named_modules():
         "sglang.srt.up.g",
     } <= found
     assert {"sglang.srt.pkg", "sglang.srt.pkg.mod", "sglang.srt.deep.k", "sglang.srt.models.qwen3"} <= found
+    assert "sglang.kernels.ops.moe.moe_topk_softmax" in found  # a kernel registry's "module:attr"
     assert "sglang" not in found and "not.a module" not in found
     assert "sglang.srt.models.qwen3" not in gb.module_imports(source, "sglang.srt.pkg.m", strings=False)
     # in a package's __init__, "." is the package itself
