@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from evict.testing import gpu_check, gpu_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,3 +122,71 @@ def test_the_launchers_environment_passes_the_plugins_config_check(tmp_path):
 
     env = gpu_server.gpu_env({"EVICT_GPU_SITE": str(tmp_path)}, site=tmp_path)
     parse_env(env)  # an EVICT_* name the plugin does not know stops the launch
+
+
+_FAKE_CUDA = """
+import torch
+
+
+class _Props:
+    name, major, minor, multi_processor_count = "NVIDIA H200", 9, 0, 132
+    total_memory, L2_cache_size, warp_size = 143771 * 2**20, 60 * 2**20, 32
+
+
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+torch.cuda.current_device = lambda: 0
+torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+torch.cuda.get_device_name = lambda *a, **k: "NVIDIA H200"
+torch.cuda.get_device_properties = lambda *a, **k: _Props()
+torch.cuda.mem_get_info = lambda *a, **k: (140 * 2**30, 143771 * 2**20)
+exec(open({shim!r}).read())
+"""
+
+
+@pytest.mark.sglang
+def test_the_gpu_launch_gets_to_the_device_under_fake_cuda(tmp_path):
+    """The GPU launcher, SGLang's argument resolution with the GPU flags, the plugin's checks and the
+    scheduler's imports, all on CPU with torch pretending to see an H200: the launch must die at the
+    first real CUDA call (``set_device``), never earlier. Two GPU runs died earlier (an EVICT_* name
+    the plugin refused, a CUDA-only module-level import)."""
+    pytest.importorskip("sglang")
+    sc = tmp_path / "fake"
+    sc.mkdir()
+    (sc / "sitecustomize.py").write_text(
+        _FAKE_CUDA.format(shim=str(gpu_server.CUDA_SHIM_DIR / "sitecustomize.py"))
+    )
+    env = gpu_server.gpu_env(site=tmp_path / "no_bundle")
+    env["PYTHONPATH"] = os.pathsep.join([str(sc), env["PYTHONPATH"]])
+    env["EVICT_CACHE_DIR"] = str(tmp_path / "cache")
+    args = [
+        "--speculative-algorithm",
+        "EVICT",
+        "--speculative-draft-model-path",
+        str(gpu_server.TESTBED_DRAFTER),
+        "--speculative-num-steps",
+        "3",
+        "--speculative-eagle-topk",
+        "4",
+        "--speculative-num-draft-tokens",
+        "8",
+        "--port",
+        "1",
+        "--max-total-tokens",
+        "4096",
+    ]
+    out = subprocess.run(
+        gpu_server.gpu_server_command(args),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "EVICT: widths" in log, log[-3000:]  # the plugin resolved its settings
+    assert "Init parallel begin" in log, log[-3000:]  # the scheduler process got that far
+    assert "set_device" in log, log[-3000:]  # ... and died at the first real CUDA call
+    raised = [line for line in log.splitlines() if line.startswith(("ModuleNotFoundError:", "ImportError:"))]
+    assert not raised and "EvictConfigError" not in log, log[-3000:]
