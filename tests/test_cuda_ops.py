@@ -369,11 +369,11 @@ def test_sitecustomize_tvm_ffi_fallback_only_when_absent():
 
 
 def test_sitecustomize_inactive_without_env():
-    proc = _run_shim(
-        "import sys; print(sum(type(f).__name__ == '_PatchingFinder' for f in sys.meta_path))",
-        {"EVICT_CUDA_SHIM": "0"},
-    )
+    count = "import sys; print(sum(type(f).__name__ == 'PatchingFinder' for f in sys.meta_path))"
+    proc = _run_shim(count, {"EVICT_CUDA_SHIM": "0"})
     assert proc.returncode == 0 and proc.stdout.strip() == "0", proc.stderr[-3000:]
+    proc = _run_shim(count, {"EVICT_CUDA_SHIM": "1"})  # and installed once with it
+    assert proc.returncode == 0 and proc.stdout.strip() == "1", proc.stderr[-3000:]
 
 
 @pytest.mark.sglang

@@ -399,3 +399,15 @@ def test_real_bundle_fits_and_lists_what_the_server_needs(tmp_path):
         [python, "-c", code, *modules], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.sglang
+def test_the_fake_cuda_probe_takes_sglangs_cuda_only_imports():
+    """GPU run 1 died on ``marlin_utils`` -> ``kernels.ops.gemm.gptq_marlin``, imported at module
+    level on CUDA only: a CPU probe never sees it, the fake-CUDA probe must."""
+    pytest.importorskip("sglang")
+    entry = ["sglang.srt.layers.quantization.marlin_utils"]
+    plain, _ = gb.probe_runtime_modules(sys.executable, entry, repo_root=ROOT)
+    cuda, failed = gb.probe_runtime_modules(sys.executable, entry, repo_root=ROOT, fake_cuda=True)
+    assert "sglang.kernels.ops.gemm.gptq_marlin" not in plain
+    assert "sglang.kernels.ops.gemm.gptq_marlin" in cuda and not failed

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from evict.testing import gpu_check, gpu_server
+from evict.testing.gpu_bundle import FAKE_CUDA_PRELUDE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,26 +125,6 @@ def test_the_launchers_environment_passes_the_plugins_config_check(tmp_path):
     parse_env(env)  # an EVICT_* name the plugin does not know stops the launch
 
 
-_FAKE_CUDA = """
-import torch
-
-
-class _Props:
-    name, major, minor, multi_processor_count = "NVIDIA H200", 9, 0, 132
-    total_memory, L2_cache_size, warp_size = 143771 * 2**20, 60 * 2**20, 32
-
-
-torch.cuda.is_available = lambda: True
-torch.cuda.device_count = lambda: 1
-torch.cuda.current_device = lambda: 0
-torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
-torch.cuda.get_device_name = lambda *a, **k: "NVIDIA H200"
-torch.cuda.get_device_properties = lambda *a, **k: _Props()
-torch.cuda.mem_get_info = lambda *a, **k: (140 * 2**30, 143771 * 2**20)
-exec(open({shim!r}).read())
-"""
-
-
 @pytest.mark.sglang
 def test_the_gpu_launch_gets_to_the_device_under_fake_cuda(tmp_path):
     """The GPU launcher, SGLang's argument resolution with the GPU flags, the plugin's checks and the
@@ -153,9 +134,8 @@ def test_the_gpu_launch_gets_to_the_device_under_fake_cuda(tmp_path):
     pytest.importorskip("sglang")
     sc = tmp_path / "fake"
     sc.mkdir()
-    (sc / "sitecustomize.py").write_text(
-        _FAKE_CUDA.format(shim=str(gpu_server.CUDA_SHIM_DIR / "sitecustomize.py"))
-    )
+    shim = gpu_server.CUDA_SHIM_DIR / "sitecustomize.py"
+    (sc / "sitecustomize.py").write_text(f"{FAKE_CUDA_PRELUDE}\nexec(open({str(shim)!r}).read())\n")
     env = gpu_server.gpu_env(site=tmp_path / "no_bundle")
     env["PYTHONPATH"] = os.pathsep.join([str(sc), env["PYTHONPATH"]])
     env["EVICT_CACHE_DIR"] = str(tmp_path / "cache")

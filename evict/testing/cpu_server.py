@@ -81,12 +81,15 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
-def server_command(args: Sequence[str], python: str | None = None) -> list[str]:
-    """``python -m sglang.launch_server`` with ``args`` plus the CPU flags the caller left out."""
+def server_command(
+    args: Sequence[str], python: str | None = None, flags: Mapping[str, str | None] = CPU_FLAGS
+) -> list[str]:
+    """``python -m sglang.launch_server`` with ``args`` plus the ``flags`` (default: the CPU ones)
+    the caller left out, and the shipped testbed target unless a model is given."""
     argv = list(args)
     if not _has_flag(argv, "--model-path") and not _has_flag(argv, "--model"):
         argv = ["--model-path", str(TESTBED_TARGET), *argv]
-    for flag, value in CPU_FLAGS.items():
+    for flag, value in flags.items():
         if not _has_flag(argv, flag):
             argv += [flag] if value is None else [flag, value]
     return [python or sys.executable, "-m", "sglang.launch_server", *argv]

@@ -44,6 +44,7 @@ from pathlib import Path, PurePosixPath
 
 __all__ = [
     "SGLANG_VERSION",
+    "FAKE_CUDA_PRELUDE",
     "ENTRY_MODULES",
     "EXCLUDED_PREFIXES",
     "PROBE_MODULES",
@@ -469,22 +470,30 @@ def evict_sglang_imports(evict_dir: Path) -> set[str]:
     return names
 
 
+#: Torch made to report one H200 (no GPU needed), so SGLang takes its ``if _is_cuda:`` branches at
+#: import. The bundle's probe runs it before importing; tests run it before a dry GPU launch.
+FAKE_CUDA_PRELUDE = """
+import torch
+
+
+class _Props:
+    name, major, minor, multi_processor_count = "NVIDIA H200", 9, 0, 132
+    total_memory, L2_cache_size, warp_size = 143771 * 2**20, 60 * 2**20, 32
+
+
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+torch.cuda.current_device = lambda: 0
+torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+torch.cuda.get_device_name = lambda *a, **k: "NVIDIA H200"
+torch.cuda.get_device_properties = lambda *a, **k: _Props()
+torch.cuda.mem_get_info = lambda *a, **k: (140 * 2**30, 143771 * 2**20)
+"""
+
 _PROBE_SCRIPT = """
 import importlib, json, os, sys
 if os.environ.get("EVICT_PROBE_FAKE_CUDA") == "1":
-    # take SGLang's CUDA branches at import (no GPU here): its module-level `if _is_cuda:` imports
-    import torch
-
-    class _Props:
-        name, major, minor, multi_processor_count = "NVIDIA H200", 9, 0, 132
-        total_memory, L2_cache_size, warp_size = 143771 * 2**20, 60 * 2**20, 32
-
-    torch.cuda.is_available = lambda: True
-    torch.cuda.device_count = lambda: 1
-    torch.cuda.current_device = lambda: 0
-    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
-    torch.cuda.get_device_name = lambda *a, **k: "NVIDIA H200"
-    torch.cuda.get_device_properties = lambda *a, **k: _Props()
+    exec(os.environ["EVICT_PROBE_PRELUDE"])  # FAKE_CUDA_PRELUDE: take SGLang's CUDA branches
 failed = {}
 for name in sys.argv[1:]:
     try:
@@ -519,7 +528,12 @@ def probe_runtime_modules(
         # the GPU machine's view: CUDA present, sgl_kernel only as EVICT's stand-in package
         shim = Path(__file__).resolve().parent / "cuda_shim"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), env.get("PYTHONPATH")]))
-        env.update(EVICT_PROBE_FAKE_CUDA="1", EVICT_CUDA_SHIM="1", SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK="1")
+        env.update(
+            EVICT_PROBE_FAKE_CUDA="1",
+            EVICT_PROBE_PRELUDE=FAKE_CUDA_PRELUDE,
+            EVICT_CUDA_SHIM="1",
+            SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK="1",
+        )
     result = subprocess.run(
         [python, "-c", _PROBE_SCRIPT, *entries],
         capture_output=True,

@@ -32,7 +32,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from evict.testing.cpu_server import TESTBED_DRAFTER, TESTBED_TARGET, _has_flag
+from evict.testing.cpu_server import TESTBED_DRAFTER, TESTBED_TARGET, server_command
 
 __all__ = [
     "CUDA_SHIM_DIR",
@@ -101,13 +101,7 @@ def gpu_env(base: Mapping[str, str] | None = None, site: Path | None = None) -> 
 
 def gpu_server_command(args: Sequence[str], python: str | None = None) -> list[str]:
     """``python -m sglang.launch_server`` with ``args`` plus the GPU flags the caller left out."""
-    argv = list(args)
-    if not _has_flag(argv, "--model-path") and not _has_flag(argv, "--model"):
-        argv = ["--model-path", str(TESTBED_TARGET), *argv]
-    for flag, value in GPU_FLAGS.items():
-        if not _has_flag(argv, flag):
-            argv += [flag] if value is None else [flag, value]
-    return [python or sys.executable, "-m", "sglang.launch_server", *argv]
+    return server_command(args, python, flags=GPU_FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -143,31 +143,6 @@ for _name in (
     _PATCHES[_name] = _patch_jit_factories
 
 
-class _PatchingLoader(importlib.abc.Loader):
-    def __init__(self, inner, patch) -> None:
-        self._inner = inner
-        self._patch = patch
-
-    def create_module(self, spec):
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        self._inner.exec_module(module)
-        self._patch(module)
-
-
-class _PatchingFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):
-        patch = _PATCHES.get(fullname)
-        if patch is None:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return None
-        spec.loader = _PatchingLoader(spec.loader, patch)
-        return spec
-
-
 class _TvmFfiStandIn(types.ModuleType):
     """What ``import tvm_ffi`` gives when tvm-ffi is not installed: enough for SGLang to import."""
 
@@ -213,7 +188,8 @@ class _TvmFfiFallback(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 if os.environ.get("EVICT_CUDA_SHIM", "0") == "1":
-    if not any(isinstance(f, _PatchingFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchingFinder())
+    from evict.testing.import_patch import install
+
+    install(_PATCHES)
     if not any(isinstance(f, _TvmFfiFallback) for f in sys.meta_path):
         sys.meta_path.append(_TvmFfiFallback())

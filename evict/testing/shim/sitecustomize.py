@@ -31,10 +31,7 @@ environment is meant for the server only.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import os
-import sys
 
 
 def _keep_intel_amx(module, name: str) -> None:
@@ -126,33 +123,7 @@ _PATCHES = {
 if os.environ.get("CPU_SERVER_SAMPLING_VERIFY", "0") == "1":
     _PATCHES["sglang.srt.speculative.eagle_utils"] = _patch_eagle_utils
 
+if os.environ.get("SGLANG_USE_CPU_ENGINE", "0") == "1":
+    from evict.testing.import_patch import install
 
-class _PatchingLoader(importlib.abc.Loader):
-    def __init__(self, inner, patch) -> None:
-        self._inner = inner
-        self._patch = patch
-
-    def create_module(self, spec):
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        self._inner.exec_module(module)
-        self._patch(module)
-
-
-class _PatchingFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):
-        patch = _PATCHES.get(fullname)
-        if patch is None:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return None
-        spec.loader = _PatchingLoader(spec.loader, patch)
-        return spec
-
-
-if os.environ.get("SGLANG_USE_CPU_ENGINE", "0") == "1" and not any(
-    isinstance(f, _PatchingFinder) for f in sys.meta_path
-):
-    sys.meta_path.insert(0, _PatchingFinder())
+    install(_PATCHES)
