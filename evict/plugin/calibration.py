@@ -46,6 +46,9 @@ __all__ = [
     "cuda_event_timer",
     "default_batch_sizes",
     "evict_version",
+    "fill_realistic_inputs",
+    "load_cached",
+    "realistic_graph_replay",
     "tp_max_reduce",
 ]
 
@@ -295,6 +298,121 @@ def calibrate(
     return CostTable.from_dict(d, source=source)
 
 
+DEFAULT_CONTEXT_LEN = 256  # positions of the calibration tokens: a typical served context, not 0
+
+
+def fill_realistic_inputs(
+    runner: Any,
+    bs: int,
+    tokens_per_req: int,
+    *,
+    vocab_size: int,
+    generator: torch.Generator,
+    context_len: int = DEFAULT_CONTEXT_LEN,
+    topk_vocab_size: int | None = None,
+) -> bool:
+    """Write varied token ids and traffic-like positions into a graph runner's static inputs.
+
+    Why: a captured graph replayed bare runs on its capture-time buffers, where SGLang 0.5.23 leaves
+    ``input_ids`` and ``positions`` zero. Every verified token is then the same token, a MoE routes
+    all ``bs x m`` of them to the same experts, and verify(m) comes out nearly flat in m: exactly
+    the cost EVICT exists to see goes missing. Distinct random ids route like traffic does (to many
+    experts), and positions after ``context_len`` give RoPE real values. ``topk_index`` (the draft
+    runner's input tokens) gets ids below ``topk_vocab_size``. The attention plan (``seq_lens``,
+    KV indices) is left as captured: refilling it needs the backend's own replay preparation, so the
+    context length's share of the cost is what the live correction
+    (:mod:`evict.plugin.live_costs`) measures. Returns False when the runner has no buffers.
+    """
+    buffers = getattr(runner, "buffers", None)
+    ids = getattr(buffers, "input_ids", None)
+    if buffers is None or ids is None:
+        return False
+    n = min(int(bs) * int(tokens_per_req), ids.shape[0])
+    ids[:n].copy_(torch.randint(0, int(vocab_size), (n,), generator=generator).to(ids.device, ids.dtype))
+    positions = getattr(buffers, "positions", None)
+    if positions is not None and positions.dim() == 1:
+        pos = int(context_len) + torch.arange(n) % max(int(tokens_per_req), 1)
+        positions[:n].copy_(pos.to(positions.device, positions.dtype))
+    topk_index = getattr(buffers, "topk_index", None)
+    if topk_index is not None and topk_vocab_size:
+        rows = min(int(bs), topk_index.shape[0])
+        fresh = torch.randint(0, int(topk_vocab_size), (rows, *topk_index.shape[1:]), generator=generator)
+        topk_index[:rows].copy_(fresh.to(topk_index.device, topk_index.dtype))
+    return True
+
+
+def realistic_graph_replay(
+    replay_one: Callable[[Any, int], Any],
+    *,
+    draft_runner: Any,
+    verify_runners: dict[int, Any],
+    extend_runners: dict[int, Any],
+    vocab_size: int,
+    draft_vocab_size: int | None = None,
+    draft_tokens_per_req: int = 1,
+    context_len: int = DEFAULT_CONTEXT_LEN,
+    seed: int = 0,
+) -> GraphReplay:
+    """A :class:`GraphReplay` whose every replay first loads fresh varied inputs (see
+    :func:`fill_realistic_inputs`), then replays through ``replay_one(runner, bs)`` (the worker's
+    graph replay, inside the runner's own model context and replay session).
+
+    ``verify_runners[m]`` verifies ``m`` tokens per request, ``extend_runners[m]`` (None: no graph)
+    extends the draft by ``m`` per request. New ids on every replay: a repeated identical batch
+    would also be unlike traffic (caches warm on exactly the same experts).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def run(runner: Any, bs: int, per_req: int) -> Any:
+        fill_realistic_inputs(
+            runner,
+            bs,
+            per_req,
+            vocab_size=vocab_size,
+            generator=gen,
+            context_len=context_len,
+            topk_vocab_size=draft_vocab_size or vocab_size,
+        )
+        return replay_one(runner, bs)
+
+    def extend(width: int, bs: int) -> None:
+        runner = extend_runners.get(width)
+        if runner is not None:
+            run(runner, bs, width)
+
+    return GraphReplay(
+        draft=lambda bs: run(draft_runner, bs, draft_tokens_per_req),
+        verify=lambda width, bs: run(verify_runners[width], bs, width),
+        draft_extend=extend,
+    )
+
+
+def load_cached(key: CalibrationKey, cache_folder: Path | None = None) -> CostTable | None:
+    """The cached table for ``key``, or None (missing, unreadable or made for another key: warned).
+
+    Shared by the start-up calibration and the live step costs (:mod:`evict.plugin.live_costs`),
+    which write the same cache under the same key scheme.
+    """
+    path = key.path(cache_folder)
+    if not path.exists():
+        return None
+    try:
+        table = CostTable.open(
+            path, config_hash=key.config_hash, device=key.device, tp_size=key.tp_size, dtype=key.dtype
+        )
+        if table.widths != list(key.widths) or table.batch_sizes != list(key.batch_sizes):
+            raise CostTableError(
+                f"cost table {path}: widths {table.widths} x batch sizes {table.batch_sizes} "
+                f"are not the captured {list(key.widths)} x {list(key.batch_sizes)}"
+            )
+        if table.metadata.get("calibration_key") != key.digest():
+            raise CostTableError(f"cost table {path}: made for another calibration key")
+    except CostTableError as exc:
+        logger.warning("EVICT: ignoring the cached calibration %s (%s); calibrating again", path, exc)
+        return None
+    return table
+
+
 def calibrate_or_load(
     replay: GraphReplay,
     *,
@@ -318,22 +436,7 @@ def calibrate_or_load(
     happened and how long calibration took.
     """
     path = key.path(cache_folder)
-    table: CostTable | None = None
-    if not recalibrate and path.exists():
-        try:
-            table = CostTable.open(
-                path, config_hash=key.config_hash, device=key.device, tp_size=key.tp_size, dtype=key.dtype
-            )
-            if table.widths != list(key.widths) or table.batch_sizes != list(key.batch_sizes):
-                raise CostTableError(
-                    f"cost table {path}: widths {table.widths} x batch sizes {table.batch_sizes} "
-                    f"are not the captured {list(key.widths)} x {list(key.batch_sizes)}"
-                )
-            if table.metadata.get("calibration_key") != key.digest():
-                raise CostTableError(f"cost table {path}: made for another calibration key")
-        except CostTableError as exc:
-            logger.warning("EVICT: ignoring the cached calibration %s (%s); calibrating again", path, exc)
-            table = None
+    table = None if recalibrate else load_cached(key, cache_folder)
     need = torch.tensor([0.0 if table is not None else 1.0], dtype=torch.float64)
     if reduce is not None:
         need = reduce(need)

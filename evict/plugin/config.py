@@ -5,7 +5,9 @@ settings from the environment.  Everything is parsed and validated here, once, a
 unknown ``EVICT_*`` name (usually a typo) or a bad value is a clear error instead of a silently
 ignored setting, and a given but malformed or mismatched cost table stops the server with the fix.
 Without ``EVICT_COST_TABLE`` the server calibrates its own table at start-up from its captured
-graphs (:mod:`evict.plugin.calibration`) and caches it.  Opening, checking and width resolution are
+graphs (:mod:`evict.plugin.calibration`) and caches it; with ``EVICT_LIVE_COSTS=1`` (default) every
+served decode step corrects it (:mod:`evict.plugin.live_costs`), which is also how a server without
+graphs (CPU) gets its costs.  Opening, checking and width resolution are
 the shared route of :mod:`evict.profiler.table`; this module only names the plugin's knobs in the
 errors.  Importable without sglang so it can be unit-tested anywhere.
 """
@@ -39,8 +41,10 @@ __all__ = [
 ENV_VARS: dict[str, tuple[str, str]] = {
     "EVICT_COST_TABLE": (
         "(calibrated at start-up)",
-        "JSON cost table to use instead of the start-up calibration; checked against the model, GPU, "
-        "TP size and dtype. Unset: the server times its own captured graphs once and caches the table",
+        "JSON cost table to start from instead of the start-up calibration; checked against the model, "
+        "device (GPU, or CPU model), TP size and dtype. Unset: the server times its own captured graphs "
+        "(or, without graphs, its first served steps) and caches the table; either way every served "
+        "step corrects it unless EVICT_LIVE_COSTS=0",
     ),
     "EVICT_WIDTHS": (
         "2,4,8,16,32,64 below N, plus N",
@@ -75,6 +79,13 @@ ENV_VARS: dict[str, tuple[str, str]] = {
         "1 = padding computed like a token, so one width for all; lower only where it was measured)",
     ),
     "EVICT_LOG_INTERVAL": ("100", "log EVICT metrics every N decode steps (0 = never)"),
+    "EVICT_LIVE_COSTS": (
+        "1 (0 under --enable-deterministic-inference)",
+        "1 = correct the step costs from every served decode step (median per batch-size bucket and "
+        "width; without captured graphs or a table, the server times its widths on its first steps); "
+        "0 = keep the start-up table as it is (widths then depend on the scores only, so seeded "
+        "sampling repeats)",
+    ),
     "EVICT_RECALIBRATE": ("0", "1 = ignore the cached start-up calibration and measure the table again"),
     "EVICT_CACHE_DIR": (
         "$XDG_CACHE_HOME/evict",
@@ -92,9 +103,10 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
 PROFILE_HINT = (
-    "unset EVICT_COST_TABLE and the server calibrates its own table at start-up (timed on its "
-    "captured graphs, cached for the next start), or give a table made for this model, GPU, TP size "
-    "and dtype; EVICT_DISABLE=1 serves the full EAGLE-3 tree"
+    "unset EVICT_COST_TABLE and the server calibrates its own table (timed on its captured graphs at "
+    "start-up, or on its first served steps without graphs; corrected on every step and cached for "
+    "the next start), or give a table made for this model, device, TP size and dtype; "
+    "EVICT_DISABLE=1 serves the full EAGLE-3 tree"
 )
 
 
@@ -117,6 +129,9 @@ class EvictConfig:
     acceptance: str = "raw"  # EVICT_ACCEPTANCE: "raw" | "calibrated"
     per_request: bool = False  # EVICT_PER_REQUEST: per-request widths inside the batch
     pad_cost: float | None = None  # EVICT_PAD_COST; None = the table's measured padding_cost, else 1
+    # EVICT_LIVE_COSTS: correct the table from measured decode steps; None = unset (on, except under
+    # deterministic inference, where widths that follow timings would change seeded samples)
+    live_costs: bool | None = None
 
     @property
     def policy_decision(self) -> str:
@@ -183,6 +198,7 @@ TOOLING_ENV_VARS: frozenset[str] = frozenset(
         "EVICT_GPU_WHEELS",
         "EVICT_BUNDLE_PYTHON",
         "EVICT_PROBE_FAKE_CUDA",
+        "EVICT_PROBE_PRELUDE",
     }
 )
 
@@ -257,6 +273,11 @@ def parse_env(environ: Mapping[str, str] | None = None) -> EvictConfig:
         acceptance=_choice("EVICT_ACCEPTANCE", _get(env, "EVICT_ACCEPTANCE", "raw"), ACCEPTANCE_CHOICES),
         per_request=per_request,
         pad_cost=pad_cost,
+        live_costs=(
+            _bool("EVICT_LIVE_COSTS", env["EVICT_LIVE_COSTS"])
+            if env.get("EVICT_LIVE_COSTS", "").strip()
+            else None
+        ),
     )
 
 

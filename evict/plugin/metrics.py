@@ -27,11 +27,15 @@ def format_stats(
     switches: int = 0,
     width_counts: dict[int, int] | None = None,
     real_nodes: tuple[float, int] | None = None,
+    step_ms: tuple[float, float, float, int] | None = None,
 ) -> str:
     """One log line from ``TruncationPolicy.stats()`` (and how often each width was verified).
 
     ``real_nodes`` (per-request widths only): the mean real (non-padding) candidates verified per
-    request and step, and how many steps were padded, next to the width histogram.
+    request and step, and how many steps were padded, next to the width histogram. ``step_ms``
+    (live step costs): mean predicted and measured step time since the last line, the median of
+    measured / predicted and how many steps were timed: whether the table the rule reads prices
+    what the server spends.
     """
 
     def f(x: Any) -> str:
@@ -49,6 +53,12 @@ def format_stats(
             if real_nodes is not None
             else ""
         )
+        + (
+            f" step_ms predicted={step_ms[0]:.2f} measured={step_ms[1]:.2f} "
+            f"measured/predicted={step_ms[2]:.3f} timed={step_ms[3]}"
+            if step_ms is not None and step_ms[3] > 0
+            else ""
+        )
     )
 
 
@@ -64,6 +74,7 @@ class EvictMetrics:
         logging_rank: bool = True,
         width_counts_fn: Callable[[], dict[int, int]] | None = None,
         real_nodes_fn: Callable[[], tuple[float, int] | None] | None = None,
+        step_ms_fn: Callable[[], tuple[float, float, float, int] | None] | None = None,
     ) -> None:
         self.policy = policy
         self.log_interval = int(log_interval)
@@ -75,6 +86,8 @@ class EvictMetrics:
         self._width_counts = width_counts_fn if width_counts_fn is not None else dict
         # per-request widths only: (mean real nodes per request-step, padded steps); None: not logged
         self._real_nodes = real_nodes_fn if real_nodes_fn is not None else (lambda: None)
+        # live step costs only: predicted vs measured step time since the last line
+        self._step_ms = step_ms_fn if step_ms_fn is not None else (lambda: None)
         self.steps = 0
 
     def on_decode_step(self) -> None:
@@ -89,7 +102,9 @@ class EvictMetrics:
             self.policy.counters.record_accepted([int(n) + 1 for n in num_correct_drafts_per_req])
 
     def log_now(self) -> str:
-        line = format_stats(self.policy.stats(), self._switches(), self._width_counts(), self._real_nodes())
+        line = format_stats(
+            self.policy.stats(), self._switches(), self._width_counts(), self._real_nodes(), self._step_ms()
+        )
         self._log(line)
         return line
 

@@ -26,6 +26,13 @@ on, so an upgrade that changes them fails a test instead of serving silently wro
 The policy is ``evict.truncation.TruncationPolicy`` (shared with the reference engine and the
 benchmark).  With ``EVICT_DISABLE=1`` the policy runs in ``off`` mode: the full tree every step,
 same code path, for A/B runs.
+
+Costs: the policy reads this server's own step times.  At start-up, graph replays on varied
+tokens (:func:`evict.plugin.calibration.realistic_graph_replay`) or ``EVICT_COST_TABLE`` give the
+prior; then every decode step is timed (:class:`evict.plugin.live_costs.StepTimer`, around
+``forward_batch_generation``) and corrects the table (:class:`~evict.plugin.live_costs.LiveCosts`),
+which is published to the policy every few steps, identically on every TP rank.  Without graphs
+or a table (CPU) the first steps of each batch-size bucket time each width.
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ from evict.plugin.calibration import (
     calibrate_or_load,
     calibration_key,
     default_batch_sizes,
+    load_cached,
+    realistic_graph_replay,
     tp_max_reduce,
 )
 from evict.plugin.config import (
@@ -74,6 +83,7 @@ from evict.plugin.config import (
     resolve_widths,
     target_config_hash,
 )
+from evict.plugin.live_costs import LiveCosts, StepTimer, bucket_sizes, cuda_event_marks, host_marks
 from evict.plugin.metrics import EvictMetrics, RealNodeCounter
 from evict.plugin.server_args_hook import width_graph_reserve
 from evict.plugin.tp_sync import WidthAgreement, policy_fingerprint
@@ -235,6 +245,15 @@ def _replay_graph(runner: Any, bs: int) -> Any:
     raise _NoGraphs(f"no graph captured for batch size {bs}")
 
 
+def _table_summary(table: Any) -> str:
+    """A cost table's step times in one log line: ``bs 1: 2:12.3 4:15.0; bs 4: ...``."""
+    rows = []
+    for b in table.batch_sizes:
+        cost = table.step_cost(b, table.widths).tolist()
+        rows.append(f"bs {b}: " + " ".join(f"{w}:{c:.1f}" for w, c in zip(table.widths, cost)))
+    return "; ".join(rows)
+
+
 def _decide_at(policy: TruncationPolicy, scores: torch.Tensor, index: int, widths: tuple[int, ...]):
     """The policy's rule at a width index the TP ranks agreed on (no counters, nothing held).
 
@@ -280,6 +299,9 @@ class EvictDraftWorker(EagleDraftWorker):
         self.real_nodes = RealNodeCounter()  # EVICT_PER_REQUEST=1: real candidates per request-step
         self._widths_of: TruncationPolicy | None = None  # the policy _widths_cache was read from
         self._widths_cache: tuple[int, ...] = ()
+        # Live step costs (set by EvictWorkerV2): without a prior table, a batch-size bucket's first
+        # steps are spent timing each width once or more (explore_index).
+        self.live_costs: LiveCosts | None = None
 
     def draft_forward(self, forward_batch: Any):
         # Also entered by draft CUDA-graph capture, which then records the score copy.
@@ -367,8 +389,18 @@ class EvictDraftWorker(EagleDraftWorker):
         if scores is None:
             scores = self.score_sink.read(batch.seq_lens.shape[0])
         decision, index = None, len(widths) - 1
+        explore = None
+        live = getattr(self, "live_costs", None)  # absent on workers built without __init__ (tests)
+        if live is not None and policy.decision != "off":
+            # No table yet: time this width (any width is lossless; the same on every TP rank, whose
+            # counts are reduced alike). Cheap host ints only.
+            explore = live.explore_index(scores.shape[0])
         try:
-            decision = policy.decide(scores)
+            if explore is not None:
+                decision = _decide_at(policy, scores, explore, widths)
+                policy.counters.record(decision)
+            else:
+                decision = policy.decide(scores)
             index = decision.width_index
         except Exception as exc:  # never fail a request over the cut: verify the full tree
             policy.counters.record_error(exc, "width decision failed; verifying the full tree")
@@ -498,6 +530,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
                 if getattr(self.truncation_policy, "per_request", False)
                 else None
             ),
+            step_ms_fn=lambda: live.take_interval() if (live := getattr(self, "live_costs", None)) else None,
         )
 
     # -- start-up -------------------------------------------------------------------------------
@@ -506,6 +539,10 @@ class EvictWorkerV2(EAGLEWorkerV2):
         cfg = self.evict_config
         n = self.full_num_draft_tokens
         self.needs_calibration = False
+        self.cost_prior: Any = None  # the start-up table live step costs start from (None: explore)
+        self.live_costs: LiveCosts | None = None
+        self.step_timer: StepTimer | None = None
+        self._cost_rows: torch.Tensor | None = None
         if cfg.disable:
             # Kill switch: only the full tree is captured and verified; same code path otherwise.
             self.evict_widths = (n,)
@@ -513,11 +550,12 @@ class EvictWorkerV2(EAGLEWorkerV2):
         table = load_cost_table(
             cfg,
             config_hash=target_config_hash(self.server_args.model_path, self.server_args.revision),
-            device=self._gpu_name(),
+            device=self._device_name(),
             tp_size=get_parallel().tp_size,
             dtype=self._dtype_name(),
         )
         self.evict_widths = resolve_widths(cfg.widths, n, table.widths if table is not None else None)
+        self.cost_prior = table
         if table is None:
             # No table given: init_cuda_graphs measures one from the captured graphs.
             self.needs_calibration = True
@@ -540,8 +578,32 @@ class EvictWorkerV2(EAGLEWorkerV2):
     def _gpu_name(self) -> str | None:
         return torch.cuda.get_device_name(self.gpu_id) if torch.cuda.is_available() else None
 
+    def _device_name(self) -> str:
+        """What tables are checked and cached against: the GPU's name, else the CPU's model.
+
+        On a CPU too: a table measured on another machine must not be used silently.
+        """
+        gpu = self._gpu_name()
+        if gpu is not None and torch.device(self.device).type == "cuda":
+            return gpu
+        from evict.profiler.torch_backend import device_name  # noqa: PLC0415
+
+        return device_name(torch.device("cpu"))
+
     def _dtype_name(self) -> str:
         return str(self._target_worker.model_runner.model_config.dtype).replace("torch.", "")
+
+    def _live_costs_on(self) -> bool:
+        """``EVICT_LIVE_COSTS``; unset: on, except under ``--enable-deterministic-inference``.
+
+        Why not there: live costs make the width follow measured time, and a seeded sampled
+        request's output depends on the tree it was verified with, so the same seed would not
+        repeat. A fixed table keeps the width a function of the scores alone.
+        """
+        cfg = self.evict_config
+        if cfg.live_costs is not None:
+            return bool(cfg.live_costs)
+        return not bool(getattr(self.server_args, "enable_deterministic_inference", False))
 
     def _calibrate_policy(self) -> TruncationPolicy:
         """Measure this server's cost table from its own captured graphs (or the cache).
@@ -555,9 +617,27 @@ class EvictWorkerV2(EAGLEWorkerV2):
         try:
             replay, batch_sizes = self._graph_replay()
         except _NoGraphs as exc:
+            if self._live_costs_on():
+                # Eager serving (CPU, --disable-cuda-graph): the costs come from the served steps
+                # (init_cuda_graphs starts them): a cached live table, else the first steps time
+                # each width. The policy below is only the placeholder they replace.
+                log_info_on_rank0(
+                    logger,
+                    f"EVICT: no EVICT_COST_TABLE and {exc}: the step costs are measured on the served "
+                    "decode steps (each width timed at each batch size it serves, then corrected every "
+                    "step)",
+                )
+                return TruncationPolicy(
+                    [1.0] * len(self.width_states.widths),
+                    widths=self.width_states.widths,
+                    decision=cfg.policy_decision,
+                    decider=make_decider(cfg.backend),
+                    **self._per_request(None),
+                )
             logger.warning(
-                "EVICT: no EVICT_COST_TABLE and %s, so there is nothing to calibrate from; verifying the "
-                "full tree. Give a table (evict-profile --model ... --out T.json; EVICT_COST_TABLE=T.json)",
+                "EVICT: no EVICT_COST_TABLE and %s, and live step costs are off (EVICT_LIVE_COSTS=0, or "
+                "--enable-deterministic-inference), so there is nothing to calibrate from; verifying the "
+                "full tree. Give a table (EVICT_COST_TABLE=T.json) or set EVICT_LIVE_COSTS=1",
                 exc,
             )
             return full_tree
@@ -565,7 +645,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
         key = calibration_key(
             model_path=self.server_args.model_path,
             revision=self.server_args.revision,
-            gpu_name=self._gpu_name() or "unknown",
+            gpu_name=self._device_name(),
             tp_size=tp,
             dtype=self._dtype_name(),
             widths=self.width_states.widths,
@@ -587,6 +667,8 @@ class EvictWorkerV2(EAGLEWorkerV2):
                 "EVICT: start-up calibration failed (%r); verifying the full tree", exc, exc_info=exc
             )
             return full_tree
+        self.cost_prior = table
+        log_info_on_rank0(logger, f"EVICT: start-up cost table (ms): {_table_summary(table)}")
         return TruncationPolicy(
             table,
             widths=self.width_states.widths,
@@ -610,15 +692,17 @@ class EvictWorkerV2(EAGLEWorkerV2):
         if not captured:
             raise _NoGraphs("the captured graphs share no batch size")
 
-        def extend(width: int, bs: int) -> None:
-            runner = states[width].cuda_graph_runner_for_draft_extend
-            if runner is not None:
-                _replay_graph(runner, bs)
-
-        replay = GraphReplay(
-            draft=lambda bs: _replay_graph(full.cuda_graph_runner, bs),
-            verify=lambda width, bs: _replay_graph(states[width].target_graph_runner, bs),
-            draft_extend=extend,
+        # Varied tokens at traffic-like positions before every replay (capture-time inputs are all
+        # token 0: one set of experts for every verified token, so verify(m) came out flat in m).
+        target_cfg = self._target_worker.model_runner.model_config
+        draft_cfg = getattr(getattr(self._draft_worker, "draft_runner", None), "model_config", None)
+        replay = realistic_graph_replay(
+            _replay_graph,
+            draft_runner=full.cuda_graph_runner,
+            verify_runners={w: s.target_graph_runner for w, s in states.items()},
+            extend_runners={w: s.cuda_graph_runner_for_draft_extend for w, s in states.items()},
+            vocab_size=int(getattr(target_cfg, "vocab_size", 0) or 2),
+            draft_vocab_size=int(getattr(draft_cfg, "vocab_size", 0) or 0) or None,
         )
         return replay, default_batch_sizes(sorted(captured))
 
@@ -660,6 +744,8 @@ class EvictWorkerV2(EAGLEWorkerV2):
             dw.width_agreement = WidthAgreement(get_tp_group().cpu_group, "cpu")
         if self.needs_calibration:
             self.truncation_policy = self._calibrate_policy()
+        if self._live_costs_on() and self.truncation_policy.decision != "off":
+            self.truncation_policy = self._start_live_costs(self.truncation_policy)
         self._set_policy(self.truncation_policy)
         self._agree_on_policy("start-up")
         if self.evict_config.acceptance == "calibrated" and self.truncation_policy.decision != "off":
@@ -681,6 +767,110 @@ class EvictWorkerV2(EAGLEWorkerV2):
             f"capture time and memory per extra width:\n{self.width_states.memory_report()}\n"
             f"{self._memory_estimates()}",
         )
+
+    # -- live step costs ------------------------------------------------------------------------
+    def _start_live_costs(self, policy: TruncationPolicy) -> TruncationPolicy:
+        """Serve ``policy``'s rule on costs corrected from every decode step (:mod:`live_costs`).
+
+        The prior is the start-up table (``EVICT_COST_TABLE`` or the graph-replay calibration),
+        else this setup's cached live table (same cache and key scheme as the calibration), else
+        none: each batch-size bucket then times its widths on its first steps. The policy reads one
+        ``[rows, W]`` tensor on the draft's device, refreshed in place when the table is published
+        (every few steps, max-reduced over the TP ranks on their CPU group first).
+        """
+        dw, cfg = self._draft_worker, self.evict_config
+        rows = dw.score_sink.rows
+        widths = tuple(int(w) for w in policy.widths.tolist())
+        buckets = bucket_sizes(rows)
+        parallel = get_parallel()
+        key = calibration_key(
+            model_path=self.server_args.model_path,
+            revision=self.server_args.revision,
+            gpu_name=self._device_name(),
+            tp_size=parallel.tp_size,
+            dtype=self._dtype_name(),
+            widths=widths,
+            batch_sizes=buckets,
+            draft_steps=self.speculative_num_steps,
+            draft_topk=self.topk,
+        )
+        prior, source = self.cost_prior, "the start-up table"
+        if prior is None and not cfg.recalibrate:
+            prior, source = load_cached(key), f"the cached live table {key.path()}"
+        if prior is None:
+            source = "no table: each width is timed on the first steps of each batch size"
+        live = LiveCosts(
+            widths,
+            buckets,
+            prior,
+            reduce=tp_max_reduce(get_tp_group().cpu_group) if parallel.tp_size > 1 else None,
+            metadata={
+                "model_id": key.model_id,
+                **({"model_config_hash": key.config_hash} if key.config_hash else {}),
+                "device": key.device,
+                "dtype": key.dtype,
+                "tp_size": key.tp_size,
+                "draft_steps": key.draft_steps,
+                "draft_topk": key.draft_topk,
+                "calibration_key": key.digest(),
+                "clock": "cuda events" if dw.score_sink.buffer.device.type == "cuda" else "host perf_counter",
+            },
+        )
+        self.live_costs = dw.live_costs = live
+        self._live_key = key
+        self._live_observed = 0
+        self._cost_rows = live.cost_grid(rows).to(dw.score_sink.buffer.device)
+        marks = cuda_event_marks() if dw.score_sink.buffer.device.type == "cuda" else host_marks()
+        self.step_timer = StepTimer(marks)
+        log_info_on_rank0(logger, f"EVICT: live step costs from {source} (ms): {live.summary()}")
+        return TruncationPolicy(
+            self._live_cost,
+            widths=widths,
+            decision=policy.decision,
+            decider=policy.decider,
+            per_request=policy.per_request,
+            pad_cost=policy.pad_cost,
+        )
+
+    def _live_cost(self, batch_size: int, widths: Any) -> torch.Tensor:
+        """The policy's cost source: a view of the live cost rows (refreshed in place)."""
+        rows = self._cost_rows
+        return rows[min(max(int(batch_size), 1), rows.shape[0]) - 1]
+
+    def _after_timed_step(self, batch_size: int) -> None:
+        """One decode step done: end its timing, feed every readable sample, publish every K steps."""
+        live, timer = self.live_costs, self.step_timer
+        width = self.speculative_num_draft_tokens
+        try:
+            predicted = live.predict(batch_size, width) if width in live.widths else float("nan")
+            timer.end(batch_size, width, predicted)
+            for sample in timer.poll():
+                live.observe(sample)
+        except Exception as exc:  # a local failure: this rank loses a sample, never the cadence below
+            self.truncation_policy.counters.record_error(exc, "timing a decode step failed")
+        # Every rank, every decode step: the publication is a TP collective every sync_every steps.
+        if live.on_step():
+            self._refresh_live_costs()
+
+    def _refresh_live_costs(self) -> None:
+        """Copy the published table into the rows the policy reads; log and cache newly measured cells."""
+        live, rows = self.live_costs, self._cost_rows
+        grid = live.cost_grid(rows.shape[0])
+        if rows.device.type == "cuda":
+            rows.copy_(grid.pin_memory(), non_blocking=True)  # queued, no host wait
+        else:
+            rows.copy_(grid)
+        observed = sum(sum(r) for r in live.observed)
+        if observed <= self._live_observed:
+            return
+        self._live_observed = observed
+        log_info_on_rank0(logger, f"EVICT: live step costs (ms, * = measured): {live.summary()}")
+        if get_parallel().tp_rank == 0:
+            path = self._live_key.path()
+            try:
+                live.table().save(path)
+            except OSError as exc:  # a read-only cache must not stop the server
+                logger.warning("EVICT: could not cache the live cost table at %s (%s)", path, exc)
 
     def _capture_context(self) -> contextlib.AbstractContextManager:
         """The scopes SGLang captures the draft's graphs in (draft TP layout, speculative MoE)."""
@@ -944,15 +1134,32 @@ class EvictWorkerV2(EAGLEWorkerV2):
     def forward_batch_generation(
         self, batch: Any, on_publish=None, grammar_barrier=None, pp_proxy_tensors=None
     ):
-        if batch.forward_mode.is_extend() or batch.is_extend_in_batch:
+        extend = batch.forward_mode.is_extend() or batch.is_extend_in_batch
+        if extend:
             # Prefill (and mixed chunks) run on the full-width state, as under EAGLE3.
             self.use_width(self.full_num_draft_tokens)
-        return super().forward_batch_generation(
+        timer = getattr(self, "step_timer", None)
+        timed = timer is not None and not extend and not batch.forward_mode.is_idle()
+        if timed:
+            batch_size = int(batch.seq_lens.shape[0])
+            timer.begin()
+        elif timer is not None and extend:
+            timer.interrupt()  # the last decode step ends at its own end, not at this prefill
+        result = super().forward_batch_generation(
             batch,
             on_publish=on_publish,
             grammar_barrier=grammar_barrier,
             pp_proxy_tensors=pp_proxy_tensors,
         )
+        if timed:
+            try:
+                self._after_timed_step(batch_size)
+            except Exception as exc:  # bookkeeping must never fail a request: stop correcting
+                logger.error(
+                    "EVICT: live step costs failed (%r); keeping the current table", exc, exc_info=exc
+                )
+                self.step_timer = None
+        return result
 
     def verify(self, batch: Any, pp_proxy_tensors=None, grammar_barrier=None):
         with get_spec().override(speculative_num_draft_tokens=self.speculative_num_draft_tokens):

@@ -1,7 +1,8 @@
 """EVICT's registration with the real sglang==0.5.23: registry entry, EAGLE-3 properties, server args.
 
 Needs sglang (skipped without it).  Server arguments are resolved with ``--device cpu``: SGLang's
-resolution pipeline runs on CPU, the server itself does not (see docs/serving.md).
+resolution pipeline runs in-process here; the whole server runs on CPU only through
+``evict.testing.cpu_server`` (tests/server, see docs/cpu_server.md).
 """
 
 from __future__ import annotations

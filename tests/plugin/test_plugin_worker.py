@@ -625,11 +625,25 @@ def test_without_a_table_the_server_calibrates_from_its_captured_graphs(monkeypa
     assert list(tmp_path.glob("calibration/*.json"))  # cached for the next start
 
 
-def test_without_a_table_or_graphs_the_server_verifies_the_full_tree_and_says_why(
+def test_without_a_table_or_graphs_the_server_measures_its_served_steps(monkeypatch, tmp_path, caplog):
+    """CPU / --disable-cuda-graph: no replay, so the rule serves on costs timed from its own steps."""
+    monkeypatch.setattr(evict_worker, "get_parallel", lambda: SimpleNamespace(tp_size=1, tp_rank=0))
+    monkeypatch.setattr(evict_worker, "log_info_on_rank0", lambda lg, msg: lg.info(msg))
+    w, log = _calibrating_worker(tmp_path, with_graphs=False)
+    with caplog.at_level("INFO"):
+        policy = w._calibrate_policy()
+    assert policy.decision == "immediate" and policy.widths.tolist() == [4, 8] and log == []
+    assert any("measured on the served decode steps" in r.getMessage() for r in caplog.records)
+
+
+def test_without_a_table_graphs_or_live_costs_the_server_verifies_the_full_tree_and_says_why(
     monkeypatch, tmp_path, caplog
 ):
+    from evict.plugin.config import parse_env
+
     monkeypatch.setattr(evict_worker, "get_parallel", lambda: SimpleNamespace(tp_size=1, tp_rank=0))
     w, log = _calibrating_worker(tmp_path, with_graphs=False)
+    w.evict_config = parse_env({"EVICT_CACHE_DIR": str(tmp_path), "EVICT_LIVE_COSTS": "0"})
     with caplog.at_level("WARNING"):
         policy = w._calibrate_policy()
     assert policy.decision == "off" and policy.widths.tolist() == [8] and log == []

@@ -1,0 +1,204 @@
+"""Live step costs wired into the EVICT worker, and calibration replays on realistic inputs.
+
+Pure CPU: fake workers (as in ``test_plugin_worker.py``), a fake clock and fake graph runners whose
+replay cost depends on the tokens in their input buffers, as a MoE's does (distinct tokens route
+to distinct experts). No GPU, no server.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+
+from test_plugin_worker import _fake_evict_worker, _Recorder, make_batch, make_draft_worker  # noqa: E402
+
+from evict.plugin import worker as evict_worker  # noqa: E402
+from evict.plugin.calibration import GraphReplay, calibrate, realistic_graph_replay  # noqa: E402
+from evict.plugin.config import parse_env  # noqa: E402
+from evict.plugin.live_costs import LiveCosts, StepSample, StepTimer, host_marks  # noqa: E402
+from evict.plugin.metrics import format_stats  # noqa: E402
+from evict.plugin.tree_cut import ScoreSink  # noqa: E402
+from evict.profiler.table import CostTable  # noqa: E402
+from evict.truncation import TruncationPolicy  # noqa: E402
+
+pytestmark = pytest.mark.sglang
+
+
+def _table(widths, grid) -> CostTable:
+    return CostTable.from_dict(
+        {
+            "schema_version": 1,
+            "metadata": {"model_id": "m", "device": "cpu:x", "dtype": "float32", "tp_size": 1},
+            "batch_sizes": [1, 4],
+            "widths": list(widths),
+            "latency_ms": {"median": grid, "p10": grid, "p90": grid},
+        }
+    )
+
+
+def test_without_a_prior_the_draft_worker_times_each_width_before_the_rule_decides(monkeypatch):
+    rec = _Recorder()
+    # the rule alone would always take width 2 (the steep cost); exploration overrides it
+    policy = TruncationPolicy([1.0, 5.0, 50.0], widths=[2, 4, 8], decision="immediate")
+    dw = make_draft_worker(monkeypatch, rec, policy)
+    dw.live_costs = LiveCosts((2, 4, 8), (1, 2, 4, 8), prior=None, min_obs=1)
+    chosen = []
+    for _ in range(4):
+        dw.draft(make_batch(bs=2))
+        m = dw.last_decision.width
+        chosen.append(m)
+        dw.live_costs.observe(StepSample(2, m, 10.0 * m, float("nan")))
+    assert chosen[:3] == [2, 4, 8]  # least timed width first
+    assert dw.live_costs.explore_index(2) is None
+    assert policy.counters.steps == 4  # explored steps are counted like decided ones
+
+
+def _live_worker(monkeypatch, tmp_path, prior):
+    monkeypatch.setenv("EVICT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(evict_worker, "get_parallel", lambda: SimpleNamespace(tp_size=1, tp_rank=0))
+    w = _fake_evict_worker()
+    w._draft_worker.score_sink = ScoreSink(rows=4, cols=7, device="cpu")
+    w.evict_config = parse_env({"EVICT_CACHE_DIR": str(tmp_path)})
+    w.server_args = SimpleNamespace(model_path=str(tmp_path / "model"), revision=None)
+    w.speculative_num_steps, w.topk, w.gpu_id, w.device = 3, 4, 0, "cpu"
+    w._target_worker.model_runner.model_config = SimpleNamespace(dtype=torch.float32)
+    w.cost_prior = prior
+    return w
+
+
+def test_served_steps_move_the_table_the_policy_reads(monkeypatch, tmp_path):
+    """A 10x-wrong EVICT_COST_TABLE: after a few dozen timed steps the policy prices measured time."""
+    real = {4: 30.0, 8: 50.0}  # ms per step at bs 1
+    wrong = _table([4, 8], [[3.0, 4.0], [6.0, 8.0]])
+    w = _live_worker(monkeypatch, tmp_path, wrong)
+    policy = w._start_live_costs(TruncationPolicy(wrong, widths=[4, 8]))
+    before = policy.step_cost(1, "cpu").tolist()  # cached now: the server precomputes these
+    assert before == pytest.approx([3.0, 4.0])
+    clock = [0.0]
+    w.step_timer = StepTimer(host_marks(lambda: clock[0]))
+    for step in range(64):
+        width = (4, 8)[step % 2]
+        w.step_timer.begin()
+        clock[0] += real[width] / 1000
+        w.speculative_num_draft_tokens = width
+        w._after_timed_step(1)
+        clock[0] += 0.0005
+    after = policy.step_cost(1, "cpu").tolist()  # the same cached tensor, refreshed in place
+    assert after == pytest.approx([30.5, 50.5], rel=1e-3)
+    # bs 4 never served: its prior scaled by the ratio observed at bs 1 (median of 30.5/3, 50.5/4)
+    ratio = (30.5 / 3 + 50.5 / 4) / 2
+    assert policy.step_cost(4, "cpu").tolist() == pytest.approx([6 * ratio, 8 * ratio], rel=1e-3)
+    pred, meas, ratio, n = w.live_costs.take_interval()
+    assert n == 63 and meas == pytest.approx((32 * 30.5 + 31 * 50.5) / 63)
+    line = format_stats(policy.stats(), step_ms=(pred, meas, ratio, n))
+    assert "step_ms predicted=" in line and f"measured={meas:.2f}" in line
+    # the measured table is cached under the calibration key scheme for the next start
+    cached = list(tmp_path.glob("calibration/*.json"))
+    assert cached and CostTable.load(cached[0]).metadata["backend"] == "sglang-live"
+
+
+def test_a_cached_live_table_is_the_next_starts_prior(monkeypatch, tmp_path):
+    w = _live_worker(monkeypatch, tmp_path, _table([4, 8], [[3.0, 4.0], [6.0, 8.0]]))
+    w._start_live_costs(TruncationPolicy([1.0, 1.0], widths=[4, 8]))
+    for _ in range(3):
+        w.live_costs.observe(StepSample(1, 4, 20.0, 3.0))
+        w.live_costs.observe(StepSample(1, 8, 40.0, 4.0))
+    w.live_costs.publish()
+    w._refresh_live_costs()
+    again = _live_worker(monkeypatch, tmp_path, None)  # no table, no graphs: the cache, not exploration
+    policy = again._start_live_costs(TruncationPolicy([1.0, 1.0], widths=[4, 8]))
+    assert not again.live_costs.exploring
+    assert policy.step_cost(1, "cpu").tolist() == pytest.approx([20.0, 40.0])
+
+
+# -- calibration replays on realistic inputs ------------------------------------------------------
+
+
+class TokenRoutedRunner:
+    """A captured graph whose replay cost grows with the distinct experts its tokens route to."""
+
+    def __init__(self, width: int, max_bs: int = 8, experts: int = 64) -> None:
+        self.width, self.experts = width, experts
+        self.buffers = SimpleNamespace(
+            input_ids=torch.zeros(max_bs * max(width, 1), dtype=torch.int64),  # capture-time: token 0
+            positions=torch.zeros(max_bs * max(width, 1), dtype=torch.int64),
+        )
+
+    def cost(self, bs: int) -> float:
+        ids = self.buffers.input_ids[: bs * self.width]
+        return 1.0 + 0.5 * len(set((ids % self.experts).tolist()))
+
+
+_LAST = [0.0]  # the fake clock: the cost of the replay that just ran
+
+
+def _replay_one(runner, bs):
+    _LAST[0] = runner.cost(bs)
+
+
+def _calibrated_verify(replay: GraphReplay, widths) -> list[float]:
+    """verify(m) medians at bs 4 from :func:`calibrate` (the start-up calibration itself)."""
+    table = calibrate(
+        replay,
+        widths=sorted(widths),
+        batch_sizes=[4],
+        metadata={"model_id": "m", "device": "d", "dtype": "float32", "tp_size": 1},
+        timer=lambda fn: (fn(), _LAST[0])[1],
+        repeats=3,
+        warmup=0,
+    )
+    return table.extra["calibration"]["verify_ms"]["median"][0]
+
+
+def _assert_verify_grows_with_width(verify: list[float]) -> None:
+    assert verify[-1] > 2 * verify[0], f"verify(m) is flat in m: {verify}"
+
+
+def _runners():
+    verify = {m: TokenRoutedRunner(m) for m in (2, 4, 8)}
+    extend = {m: TokenRoutedRunner(m) for m in (2, 4, 8)}
+    return verify, extend, TokenRoutedRunner(1)
+
+
+def test_calibration_replays_load_varied_tokens_so_verify_grows_with_width():
+    verify, extend, draft = _runners()
+    replay = realistic_graph_replay(
+        _replay_one, draft_runner=draft, verify_runners=verify, extend_runners=extend, vocab_size=5000
+    )
+    _assert_verify_grows_with_width(_calibrated_verify(replay, verify))
+    assert int(verify[8].buffers.positions[0]) == 256  # a traffic-like context, not position 0
+    assert len(set(verify[8].buffers.input_ids[:32].tolist())) > 16
+
+
+def test_a_bare_replay_on_capture_time_inputs_fails_the_same_check():
+    """What SGLang's buffers hold at start-up (token 0 everywhere): verify(m) comes out flat."""
+    verify, extend, draft = _runners()
+    bare = GraphReplay(
+        draft=lambda bs: _replay_one(draft, bs),
+        verify=lambda w, bs: _replay_one(verify[w], bs),
+        draft_extend=lambda w, bs: _replay_one(extend[w], bs),
+    )
+    with pytest.raises(AssertionError, match="flat"):
+        _assert_verify_grows_with_width(_calibrated_verify(bare, verify))
+
+
+@pytest.mark.parametrize(
+    ("env", "deterministic", "on"),
+    [
+        ({}, False, True),
+        ({}, True, False),
+        ({"EVICT_LIVE_COSTS": "1"}, True, True),
+        ({"EVICT_LIVE_COSTS": "0"}, False, False),
+    ],
+)
+def test_live_costs_default_off_only_under_deterministic_inference(env, deterministic, on):
+    """Widths that follow measured time would change a seeded sample's tree, so the same seed would
+    not repeat: under --enable-deterministic-inference the start-up table stays fixed unless asked."""
+    w = object.__new__(evict_worker.EvictWorkerV2)
+    w.evict_config = parse_env(env)
+    w.server_args = SimpleNamespace(enable_deterministic_inference=deterministic)
+    assert w._live_costs_on() is on
