@@ -648,7 +648,13 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point; exit 0, 2 on bad input (one line), 3 on a lossless failure, 130 on Ctrl-C.
 
     The results folder is written as a unit: an interrupt leaves the previous results intact.
+    ``evict-bench --served ...`` runs the served benchmark instead (``evict.bench.served``).
     """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--served" in args:
+        from .served import main as served_main  # noqa: PLC0415  (imports nothing of torch's engine path)
+
+        return served_main([a for a in args if a != "--served"])
     return run_console(
         "evict-bench", lambda: _main(argv), on_interrupt="no results written (a previous --out is unchanged)"
     )

@@ -61,6 +61,7 @@ class CpuServer:
         self.env = dict(env or {})
         self.log_path = Path(log_path) if log_path is not None else Path(f"{name}.{self.port}.log")
         self.proc: subprocess.Popen[bytes] | None = None
+        self._paused = False
 
     launcher = "evict.testing.cpu_server"
 
@@ -133,6 +134,8 @@ class CpuServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the process group, SIGKILL whatever is left after ``timeout`` s. Idempotent."""
+        if self.paused:  # a stopped group would not act on SIGTERM until continued
+            self.resume()
         proc, self.proc = self.proc, None
         if proc is None:
             return
@@ -155,6 +158,38 @@ class CpuServer:
                 break
         if proc.poll() is None:
             proc.wait(timeout=5)
+
+    @property
+    def paused(self) -> bool:
+        """Whether :meth:`pause` stopped the process group (and :meth:`resume` has not yet continued it)."""
+        return self._paused
+
+    def pause(self) -> None:
+        """SIGSTOP the whole process group (launcher, scheduler, detokenizer).
+
+        Why: an idle SGLang CPU scheduler busy-polls at 100% of a core, so servers that wait side by
+        side on a small machine slow the one being measured. A stopped group uses no CPU and keeps
+        its state (model, KV pool, sockets); :meth:`resume` continues it. Requests sent meanwhile
+        wait in the kernel's socket buffers. A no-op when not started.
+        """
+        if self.proc is None or self.paused:
+            return
+        self._signal_group(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT the process group stopped by :meth:`pause`. A no-op when not paused."""
+        if self.proc is None or not self.paused:
+            return
+        self._signal_group(signal.SIGCONT)
+        self._paused = False
+
+    def _signal_group(self, sig: int) -> None:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, sig)  # start_new_session: the launcher leads its own group
+        except ProcessLookupError:
+            pass
 
     def __enter__(self) -> CpuServer:
         try:
