@@ -94,11 +94,25 @@ def rmsnorm(
 
     input [T, H], weight [H]. Matches ``RMSNorm.forward_native`` (no residual).
     """
-    y = _rms(input.float(), weight, float(eps), gemma=False).to(input.dtype)
+    return _norm_into(input, weight, eps, out, gemma=False)
+
+
+def _norm_into(
+    input: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None, gemma: bool
+) -> torch.Tensor:
+    y = _rms(input.float(), weight, float(eps), gemma=gemma).to(input.dtype)
     if out is None:
         return y
     out.copy_(y)
     return out
+
+
+def _fused_add_norm(
+    input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool
+) -> None:
+    s = input.float() + residual.float()
+    residual.copy_(s.to(residual.dtype))
+    input.copy_(_rms(s, weight, float(eps), gemma=gemma).to(input.dtype))
 
 
 def fused_add_rmsnorm(
@@ -113,9 +127,7 @@ def fused_add_rmsnorm(
     input, residual [T, H]. The sum is formed in float32; ``residual`` stores it rounded, the norm
     reads it unrounded (FlashInfer's kernel and ``RMSNorm.forward_native`` both do so).
     """
-    s = input.float() + residual.float()
-    residual.copy_(s.to(residual.dtype))
-    input.copy_(_rms(s, weight, float(eps), gemma=False).to(input.dtype))
+    _fused_add_norm(input, residual, weight, eps, gemma=False)
 
 
 def gemma_rmsnorm(
@@ -126,11 +138,7 @@ def gemma_rmsnorm(
     enable_pdl: bool | None = None,
 ) -> torch.Tensor:
     """Gemma's RMSNorm (``weight + 1``); imported by layernorm.py, not on the Qwen3 path."""
-    y = _rms(input.float(), weight, float(eps), gemma=True).to(input.dtype)
-    if out is None:
-        return y
-    out.copy_(y)
-    return out
+    return _norm_into(input, weight, eps, out, gemma=True)
 
 
 def gemma_fused_add_rmsnorm(
@@ -141,9 +149,7 @@ def gemma_fused_add_rmsnorm(
     enable_pdl: bool | None = None,
 ) -> None:
     """Gemma's fused add + RMSNorm (``weight + 1``), in place like :func:`fused_add_rmsnorm`."""
-    s = input.float() + residual.float()
-    residual.copy_(s.to(residual.dtype))
-    input.copy_(_rms(s, weight, float(eps), gemma=True).to(input.dtype))
+    _fused_add_norm(input, residual, weight, eps, gemma=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -627,45 +633,14 @@ def reconstruct_indices_from_tree_mask(
     )
 
 
-def tree_speculative_sampling_target_only(
-    predicts: torch.Tensor,
-    accept_index: torch.Tensor,
-    accept_token_num: torch.Tensor,
-    candidates: torch.Tensor,
-    retrive_index: torch.Tensor,
-    retrive_next_token: torch.Tensor,
-    retrive_next_sibling: torch.Tensor,
-    uniform_samples: torch.Tensor,
-    uniform_samples_for_final_sampling: torch.Tensor,
-    target_probs: torch.Tensor,
-    draft_probs: torch.Tensor,
-    threshold_single: float = 1.0,
-    threshold_acc: float = 1.0,
-    deterministic: bool = True,
-) -> None:
-    """JIT ``tree_speculative_sampling_target_only`` (sampling.cuh): ``cpu_ops``' port.
-
-    SGLang has no Triton twin. The port walks the tree in Python with host reads, so it is not
-    graph-capturable; ``eagle_utils`` calls it after the verify forward, outside the graphs.
+def tree_speculative_sampling_target_only(*args: Any, **kwargs: Any) -> None:
+    """JIT ``tree_speculative_sampling_target_only`` (sampling.cuh): ``cpu_ops``' port, same
+    arguments. SGLang has no Triton twin. The port walks the tree in Python with host reads, so it
+    is not graph-capturable; ``eagle_utils`` calls it after the verify forward, outside the graphs.
     """
     from evict.testing import cpu_ops
 
-    cpu_ops.tree_speculative_sampling_target_only(
-        predicts,
-        accept_index,
-        accept_token_num,
-        candidates,
-        retrive_index,
-        retrive_next_token,
-        retrive_next_sibling,
-        uniform_samples,
-        uniform_samples_for_final_sampling,
-        target_probs,
-        draft_probs,
-        threshold_single,
-        threshold_acc,
-        deterministic,
-    )
+    cpu_ops.tree_speculative_sampling_target_only(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
