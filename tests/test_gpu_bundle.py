@@ -2,7 +2,7 @@
 
 The fast tests build a fake ``sglang`` package and a fake wheel in ``tmp_path``: no sglang, no
 network. The ``sglang`` ones read the installed SGLang 0.5.23; the slow one builds the real
-archive (about a minute) from a wheel directory (``EVICT_GPU_WHEELS``, else ``/root/whl312``, else
+archive (about a minute) from a wheel directory (``EVICT_GPU_WHEELS``, else
 ``pip download``, which needs the network) and checks its size and listing. With
 ``EVICT_BUNDLE_PYTHON`` set to a Python 3.12 *without* sglang (torch, transformers, ... as on the
 GPU machine), it also extracts the archive and imports the server's modules from it.
@@ -331,9 +331,9 @@ def test_real_closure_holds_the_served_path_and_its_configs():
 
 
 def _wheel_dir(tmp_path: Path) -> Path:
-    for candidate in (os.environ.get("EVICT_GPU_WHEELS"), "/root/whl312"):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
+    candidate = os.environ.get("EVICT_GPU_WHEELS")
+    if candidate and Path(candidate).is_dir():
+        return Path(candidate)
     return tmp_path / "wheels"  # empty: the build downloads (network)
 
 

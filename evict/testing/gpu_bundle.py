@@ -568,7 +568,7 @@ def find_sglang_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise BundleError(
             f"sglang is not installed for {sys.executable}; run with sglang's interpreter "
-            f"(e.g. /root/venv-sgl/bin/python) or pass --sglang-dir"
+            f"(e.g. a virtual environment with the sglang extra) or pass --sglang-dir"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -594,7 +594,7 @@ def ensure_wheels(
     """Return the wheel for every pin, running ``pip download`` (cp312 manylinux) for missing ones.
 
     Why download by default: a fresh checkout has no wheel cache; ``--wheels DIR`` points at one
-    (``/root/whl312`` here) and ``download=False`` turns a gap into an error instead of a fetch.
+    (a local wheel cache) and ``download=False`` turns a gap into an error instead of a fetch.
     """
     wheel_dir.mkdir(parents=True, exist_ok=True)
     missing = [r for r in requirements if wheel_file_for(r, wheel_dir) is None]
