@@ -36,6 +36,7 @@ from evict.boundary import (
     write_folder_atomically,
 )
 from evict.kernels import BACKENDS
+from evict.machine import cpu_model
 from evict.paths import PACKAGE_DIR
 from evict.truncation import USER_DECISIONS
 
@@ -430,15 +431,7 @@ def build_modes(
 
 def machine_description(device: str) -> str:
     """CPU model, cores, torch version (and GPU name) in one line."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.system()}"
+    desc = f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.system()}"
     if device.startswith("cuda") and torch.cuda.is_available():
         desc += f", GPU {torch.cuda.get_device_name(0)}"
     return desc + f", device {device}"

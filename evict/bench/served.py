@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from evict.boundary import OneLineArgumentParser, run_console
+from evict.machine import cpu_model
 from evict.paths import PACKAGE_DIR
 
 from .modes import SGLANG_QWEN3_MOE_DEFAULT
@@ -1025,15 +1026,7 @@ def _per_level(
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
 def _git_state() -> str:

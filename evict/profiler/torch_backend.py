@@ -24,7 +24,6 @@ DESIGN.md notes overstates expert unions on some models.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import functools
 import json
@@ -41,6 +40,7 @@ from pathlib import Path
 import torch
 
 from evict.corpus import heldout_files, read_source
+from evict.machine import cpu_model
 from evict.profiler.experts import ExpertRecorder, mean_union, topk_from_router_logits
 from evict.profiler.timing import CLOCKS, time_call
 
@@ -225,13 +225,7 @@ def device_name(device: torch.device) -> str:
     """Human-readable accelerator / CPU name stored in (and checked against) the table metadata."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"cpu:{name or platform.processor() or platform.machine()}"
+    return f"cpu:{cpu_model()}"
 
 
 def _evict_version(module) -> str:
