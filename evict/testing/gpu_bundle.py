@@ -67,6 +67,8 @@ __all__ = [
     "extract_wheel",
     "prune_site",
     "write_stubs",
+    "evict_plugin_record",
+    "write_dist_info",
     "write_dist_infos",
     "build_bundle",
 ]
@@ -666,6 +668,29 @@ def write_stubs(site: Path, stubs: Mapping[str, str] = STUBS) -> list[str]:
     return written
 
 
+def evict_plugin_record(repo_root: Path) -> tuple[str, str | None]:
+    """``evict``'s version and its ``entry_points.txt`` text, read from ``pyproject.toml``."""
+    pyproject = (repo_root / "pyproject.toml").read_text(encoding="utf-8")
+    match = re.search(r'^version\s*=\s*"([^"]+)"', pyproject, re.M)
+    plugin = re.search(
+        r'\[project\.entry-points\."sglang\.srt\.plugins"\]\s*\n\s*evict\s*=\s*"([^"]+)"', pyproject
+    )
+    entry_points = f"[sglang.srt.plugins]\nevict = {plugin.group(1)}\n" if plugin else None
+    return (match.group(1) if match else "0.0.0"), entry_points
+
+
+def write_dist_info(site: Path, name: str, version: str, entry_points: str | None = None) -> Path:
+    """A minimal ``NAME-VERSION.dist-info`` in ``site``: what ``importlib.metadata`` needs to find
+    a distribution (and its entry points) on ``sys.path`` without an install."""
+    dist = site / f"{name}-{version}.dist-info"
+    dist.mkdir(parents=True, exist_ok=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (dist / "INSTALLER").write_text("evict-gpu-bundle\n")
+    if entry_points:
+        (dist / "entry_points.txt").write_text(entry_points)
+    return dist
+
+
 def write_dist_infos(site: Path, sglang_version: str, repo_root: Path) -> list[str]:
     """Write minimal ``sglang`` and ``evict`` dist-info directories into ``site``.
 
@@ -675,25 +700,11 @@ def write_dist_infos(site: Path, sglang_version: str, repo_root: Path) -> list[s
     registers the EVICT algorithm name and a resolution hook). The ``sglang`` one answers
     ``importlib.metadata.version("sglang")``.
     """
-    pyproject = (repo_root / "pyproject.toml").read_text(encoding="utf-8")
-    match = re.search(r'^version\s*=\s*"([^"]+)"', pyproject, re.M)
-    evict_version = match.group(1) if match else "0.0.0"
-    plugin = re.search(
-        r'\[project\.entry-points\."sglang\.srt\.plugins"\]\s*\n\s*evict\s*=\s*"([^"]+)"', pyproject
-    )
-    written = []
-    for name, version, entry_points in (
-        ("sglang", sglang_version, None),
-        ("evict", evict_version, f"[sglang.srt.plugins]\nevict = {plugin.group(1)}\n" if plugin else None),
-    ):
-        dist = site / f"{name}-{version}.dist-info"
-        dist.mkdir(parents=True, exist_ok=True)
-        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        (dist / "INSTALLER").write_text("evict-gpu-bundle\n")
-        if entry_points:
-            (dist / "entry_points.txt").write_text(entry_points)
-        written.append(dist.name)
-    return written
+    evict_version, entry_points = evict_plugin_record(repo_root)
+    return [
+        write_dist_info(site, "sglang", sglang_version).name,
+        write_dist_info(site, "evict", evict_version, entry_points).name,
+    ]
 
 
 @dataclass

@@ -37,6 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from evict.testing.gpu_bundle import PROBE_MODULES
+
 __all__ = ["main", "SERVED_CONFIGS", "generate", "compare_greedy"]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,20 +108,8 @@ def step_env(rec: _Record) -> None:
         rec["sglang"] = f"<{type(e).__name__}: {e}>"
 
 
-SERVED_MODULES = (
-    "sglang.srt.entrypoints.http_server",
-    "sglang.srt.managers.scheduler",
-    "sglang.srt.model_executor.model_runner",
-    "sglang.srt.model_executor.runner.decode_cuda_graph_runner",
-    "sglang.srt.models.qwen3_moe",
-    "sglang.srt.models.llama_eagle3",
-    "sglang.srt.layers.attention.triton_backend",
-    "sglang.srt.layers.moe.fused_moe_triton",
-    "sglang.srt.speculative.eagle_worker_v2",
-    "sglang.srt.speculative.eagle_utils",
-    "evict.plugin",
-    "evict.plugin.worker",
-)
+# what the bundle's build probed, plus the graph runner the serve step reaches at capture time
+SERVED_MODULES = (*PROBE_MODULES, "sglang.srt.model_executor.runner.decode_cuda_graph_runner")
 
 
 def step_kernels(rec: _Record) -> None:

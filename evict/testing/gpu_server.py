@@ -58,8 +58,6 @@ GPU_FLAGS: dict[str, str | None] = {
     "--grammar-backend": "none",
 }
 
-_ENTRY_POINT = "[sglang.srt.plugins]\nevict = evict.plugin:register\n"
-
 
 def default_site() -> Path:
     """Where the unpacked bundle lives (``EVICT_GPU_SITE``, default ``/tmp/site``)."""
@@ -72,18 +70,17 @@ def _evict_plugin_registered() -> bool:
 
 
 def ensure_entry_point(site: Path) -> Path | None:
-    """Write ``evict-0.1.0.dist-info`` into ``site`` unless an installed ``evict`` already registers.
+    """Write an ``evict`` dist-info (entry point from pyproject.toml) into ``site``, unless an
+    installed ``evict`` already registers the plugin.
 
     Returns the record's directory, or None when nothing had to be written.
     """
     if _evict_plugin_registered():
         return None
-    info = site / "evict-0.1.0.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: evict\nVersion: 0.1.0\n")
-    (info / "entry_points.txt").write_text(_ENTRY_POINT)
-    (info / "top_level.txt").write_text("evict\n")
-    return info
+    from evict.testing.gpu_bundle import evict_plugin_record, write_dist_info
+
+    version, entry_points = evict_plugin_record(REPO_ROOT)
+    return write_dist_info(site, "evict", version, entry_points)
 
 
 def gpu_env(base: Mapping[str, str] | None = None, site: Path | None = None) -> dict[str, str]:
