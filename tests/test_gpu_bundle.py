@@ -343,14 +343,15 @@ def test_real_bundle_fits_and_lists_what_the_server_needs(tmp_path):
     root = _sglang_dir()
     report = gb.build_bundle(
         tmp_path / "out",
-        max_mib=10.0,
         wheel_dir=_wheel_dir(tmp_path),
         sglang_dir=root,
         repo_root=ROOT,
         probe_python=sys.executable,
         log=lambda _: None,
     )
-    assert report.size_mib <= 10.0
+    assert report.size_mib <= gb.DEFAULT_MAX_MIB
+    # checkout + bundle must fit the device call's carry limit, with room for the untracked rest
+    assert gb.tracked_mib(ROOT) + report.size_mib <= gb.CARRY_LIMIT_MIB - 1.0
     names = set(gb.list_archive(report.archive))
     for required in (
         "sglang/launch_server.py",
