@@ -302,9 +302,14 @@ class EvictDraftWorker(EagleDraftWorker):
         # Live step costs (set by EvictWorkerV2): without a prior table, a batch-size bucket's first
         # steps are spent timing each width once or more (explore_index).
         self.live_costs: LiveCosts | None = None
+        # EVICT_DISABLE=1 (set by EvictWorkerV2): SGLang's own step, no score tap, no decision.
+        self.kill_switch = False
 
     def draft_forward(self, forward_batch: Any):
-        # Also entered by draft CUDA-graph capture, which then records the score copy.
+        # Also entered by draft CUDA-graph capture, which then records the score copy.  The kill
+        # switch is fixed for the server's life: its steps never read the scores, so none are copied.
+        if self.kill_switch:
+            return super().draft_forward(forward_batch)
         with self.score_sink.active():
             return super().draft_forward(forward_batch)
 
@@ -435,6 +440,10 @@ class EvictDraftWorker(EagleDraftWorker):
         self, batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kwargs
     ):
         """SGLang's ``build_eagle_verify_input`` on the cut tree, after switching to its width."""
+        if self.kill_switch:
+            return self._build_full_verify_input(
+                batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kwargs
+            )
         scores = None
         if self.truncation_policy is not None and not batch.forward_mode.is_idle():
             try:
@@ -495,9 +504,33 @@ class EvictDraftWorker(EagleDraftWorker):
                 verify_input.retrieve_next_sibling.copy_(sib)
         return verify_input
 
+    def _build_full_verify_input(
+        self, batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kwargs
+    ):
+        """The kill switch's step: SGLang's verify input for the whole tree, only counted.
+
+        Why a path of its own: ``EVICT_DISABLE=1`` is the A/B baseline against EAGLE3, so it must cost
+        what EAGLE3 costs (issue 19: within 2%); a profile of the general path with the ``off``
+        decision put 1-2% of the scheduler's samples in the score tap, the decision and counters.
+        """
+        n = self.full_num_draft_tokens
+        if not batch.forward_mode.is_idle():
+            policy = self.truncation_policy
+            if policy is not None:
+                policy.counters.record_unpriced(int(batch.seq_lens.shape[0]), n)
+            self.width_counts[n] = self.width_counts.get(n, 0) + 1
+        if self.use_width is not None:
+            self.use_width(n)
+        kwargs["num_draft_tokens"] = n
+        return _original_build_eagle_verify_input(
+            batch, draft_input, parent_list, top_scores_index, draft_tokens, draft_probs, **kwargs
+        )
+
     def _draft_extend_for_decode(self, batch: Any, batch_result: Any, *, kv_loc_plan: Any = None):
         # Draft extend runs at the verified width; keep the config bag in step (as SGLang's
         # adaptive runtime-state switch does) for any reader of the static width.
+        if self.speculative_num_draft_tokens == self.full_num_draft_tokens:
+            return super()._draft_extend_for_decode(batch, batch_result, kv_loc_plan=kv_loc_plan)
         with get_spec().override(speculative_num_draft_tokens=self.speculative_num_draft_tokens):
             return super()._draft_extend_for_decode(batch, batch_result, kv_loc_plan=kv_loc_plan)
 
@@ -517,6 +550,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
             raise EvictConfigError("EVICT supports --pp-size 1 only")
         self.full_num_draft_tokens = self.speculative_num_draft_tokens
         self.truncation_policy = self._build_policy()
+        self._draft_worker.kill_switch = self.evict_config.disable
         self.width_states: WidthStateSet[SpecRuntimeState] = WidthStateSet(self._apply_width_state)
         self.evict_metrics = EvictMetrics(
             self.truncation_policy,
@@ -1162,8 +1196,13 @@ class EvictWorkerV2(EAGLEWorkerV2):
         return result
 
     def verify(self, batch: Any, pp_proxy_tensors=None, grammar_barrier=None):
-        with get_spec().override(speculative_num_draft_tokens=self.speculative_num_draft_tokens):
+        if self.speculative_num_draft_tokens == self.full_num_draft_tokens:  # the config bag's own width
             result = super().verify(batch, pp_proxy_tensors=pp_proxy_tensors, grammar_barrier=grammar_barrier)
+        else:
+            with get_spec().override(speculative_num_draft_tokens=self.speculative_num_draft_tokens):
+                result = super().verify(
+                    batch, pp_proxy_tensors=pp_proxy_tensors, grammar_barrier=grammar_barrier
+                )
         if not batch.forward_mode.is_idle():
             self._draft_worker.learn(result.accept_index, self.speculative_num_draft_tokens)
             self.evict_metrics.on_decode_step()

@@ -762,7 +762,9 @@ def tracked_mib(repo_root: Path) -> float:
     out = subprocess.run(
         ["git", "ls-files", "-z"], cwd=repo_root, capture_output=True, check=True
     ).stdout.decode()
-    total = sum((repo_root / name).stat().st_size for name in out.split("\0") if name and (repo_root / name).is_file())
+    total = sum(
+        (repo_root / name).stat().st_size for name in out.split("\0") if name and (repo_root / name).is_file()
+    )
     return total / 2**20
 
 

@@ -37,6 +37,7 @@ class DecisionCounters:
         self.errors = 0
         self.realized_sum = 0.0
         self.realized_count = 0
+        self.unpriced = 0  # requests of steps that took no decision (record_unpriced)
 
     def record(self, d: WidthDecision) -> None:
         """Count one step's decision: its tensors are kept and reduced in bulk later (no sync now)."""
@@ -46,6 +47,13 @@ class DecisionCounters:
         self._pending.append((d.fallback, d.expected_accepted))
         if len(self._pending) >= self._FLUSH_EVERY:
             self._flush()
+
+    def record_unpriced(self, batch_size: int, width: int) -> None:
+        """Count a step that verified ``width`` without a decision (the kill switch): host ints only."""
+        self.steps += 1
+        self.requests += int(batch_size)
+        self.unpriced += int(batch_size)
+        self.width_sum += int(width)
 
     def _flush(self) -> None:
         """Fold the pending steps into per-device totals: device ops only, read back by ``stats``."""
@@ -82,11 +90,12 @@ class DecisionCounters:
         self._flush()
         fallbacks = sum(int(fb) for fb, _ in self._totals.values())
         predicted = sum(float(ex) for _, ex in self._totals.values())
+        priced = self.requests - self.unpriced
         return {
             "steps": self.steps,
             "requests": self.requests,
             "mean_width": self.width_sum / self.steps if self.steps else float("nan"),
-            "mean_predicted_accepted": predicted / self.requests if self.requests else float("nan"),
+            "mean_predicted_accepted": predicted / priced if priced else float("nan"),
             "mean_realized_accepted": (
                 self.realized_sum / self.realized_count if self.realized_count else float("nan")
             ),

@@ -579,6 +579,7 @@ class Rig:
 
         dw = object.__new__(evict_worker.EvictDraftWorker)
         dw.full_num_draft_tokens = dw.speculative_num_draft_tokens = N
+        dw.kill_switch = False
         dw.topk, dw.speculative_num_steps = TOPK, STEPS
         dw.score_sink = ScoreSink(rows=BS, cols=N - 1, device="cpu")
         dw.req_to_token_pool = self.req_to_token_pool

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -122,6 +123,7 @@ def make_draft_worker(monkeypatch, rec, policy, n=8, topk=4, steps=3):
     dw.last_decision = None
     dw.width_counts = {}
     dw.acceptance, dw._pending_outcome = None, None
+    dw.kill_switch = False
 
     def use_width(m):
         rec.events.append(("use", m))
@@ -353,6 +355,29 @@ def test_flat_cost_and_kill_switch_verify_the_full_tree(monkeypatch):
         assert rec.events == [("prepare", 8), ("use", 8), ("build", 8)]
         assert rec.build_kwargs["num_steps"] == 3 and verify_input.spec_steps == 3
         assert torch.equal(rec.build_kwargs["top_scores_index"], _original(*dw.lists, 8)[1])
+
+
+def test_kill_switch_builds_sglangs_full_tree_without_reading_scores(monkeypatch):
+    """EVICT_DISABLE=1 takes SGLang's own path: the full tree, counted, with no score read or decision."""
+    rec = _Recorder()
+    policy = TruncationPolicy([1.0], widths=[8], decision="off")
+    dw = make_draft_worker(monkeypatch, rec, policy)
+    dw.kill_switch = True
+
+    def no_read(bs):
+        raise AssertionError("the kill switch read the draft scores")
+
+    monkeypatch.setattr(dw.score_sink, "read", no_read)
+    monkeypatch.setattr(policy, "decide", lambda scores: pytest.fail("the kill switch decided"))
+    verify_input = dw.draft(make_batch())
+    assert rec.events == [("prepare", 8), ("use", 8), ("build", 8)]
+    assert rec.build_kwargs["num_draft_tokens"] == 8 and verify_input.spec_steps == 3
+    assert torch.equal(rec.build_kwargs["top_scores_index"], _original(*dw.lists, 8)[1])
+    stats = policy.stats()
+    assert stats["steps"] == 1 and stats["mean_width"] == 8 and stats["requests"] == 2
+    assert math.isnan(stats["mean_predicted_accepted"]) and dw.width_counts == {8: 1}
+    dw.draft(make_batch(idle=True))  # idle: nothing counted
+    assert policy.stats()["steps"] == 1
 
 
 def test_idle_batch_takes_no_decision(monkeypatch):
