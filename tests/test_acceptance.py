@@ -11,7 +11,7 @@ import torch
 
 from evict.engine.tree_layout import expand_first, expand_next
 from evict.truncation import AcceptanceEstimator, flat_outcomes, is_ancestor_closed, keep_top
-from evict.truncation.acceptance import layout_depth_rank
+from evict.truncation.tree import layout_depth_rank
 
 TOPK, STEPS = 2, 3
 Q = torch.tensor([0.6, 0.2])  # the drafter's local probabilities of the top two children

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from evict.truncation.tree import num_candidates
+
 __all__ = [
     "ModeSpec",
     "SGLANG_QWEN3_MOE_DEFAULT",
@@ -23,11 +25,6 @@ __all__ = [
 
 SGLANG_QWEN3_MOE_DEFAULT = (3, 1, 4)
 SGLANG_LLAMA_DEFAULT = (5, 4, 8)
-
-
-def num_candidates(steps: int, topk: int) -> int:
-    """Draft candidates K of an EAGLE tree (root excluded): ``topk + (steps - 1) * topk**2``."""
-    return topk + (steps - 1) * topk * topk
 
 
 def parse_tree(text: str) -> tuple[int, int, int]:

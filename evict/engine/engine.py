@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from evict.truncation import AcceptanceEstimator, TruncationPolicy, flat_outcomes, keep_top
+from evict.truncation.depth import DepthController, DraftShape
 
 from .acceptance import AcceptResult, greedy_accept, sampling_accept
 from .drafting import draft_tree
@@ -58,6 +59,8 @@ class StepStats:
     lookahead_s: float = 0.0  # oracle: the full-tree verify that finds the accepted path (not charged)
     lookahead_cpu_s: float = 0.0  # oracle: the same, in this process's CPU time
     kept_counts: list[int] | None = None  # per-request widths: real candidates kept per request
+    depth: int | None = None  # drafting steps this step ran (0 = plain decoding; None = ar)
+    topk: int | None = None  # the draft family's topk (1 = chain)
 
 
 @dataclass
@@ -144,6 +147,15 @@ class SpecEngine:
         seed: seeds the generator of all coins (reproducible sampling).
         eos_token_id: stops a request after it emits this token (None: only max_new_tokens).
         router_hook: passed to every verify forward of the target (expert counting, MoE-Spec).
+        depth: a ``DepthController`` (``evict`` only): the whole-step decision. Each step drafts the
+            shape it plans (depth 0: no draft, the root is verified alone, and the draft extend still
+            runs so the drafter's cache stays warm), then the policy cuts that tree at the width
+            priced for that shape (``policy.shape_costs``). The engine's ``steps`` / ``topk`` stay
+            the deepest tree's (buffer sizes). Without it: always ``steps`` of ``topk``.
+        adaptive: ``static`` mode with ``topk=1`` only: an object with SGLang's adaptive-steps
+            protocol (``get_steps_for_batch(bs) -> steps``, ``on_verify_complete(correct drafts per
+            request, batch_size)``), e.g. 0.5.23's ``AdaptiveSpeculativeParams``: each step drafts
+            the chain length it names and verifies all of it (``steps = 0``: plain decoding).
     """
 
     def __init__(
@@ -161,6 +173,8 @@ class SpecEngine:
         eos_token_id: int | None = None,
         router_hook: Any = None,
         acceptance: AcceptanceEstimator | None = None,
+        depth: DepthController | None = None,
+        adaptive: Any = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -204,6 +218,24 @@ class SpecEngine:
         if mode == "oracle" and temperature != 0.0:
             raise ValueError("mode 'oracle' is a greedy benchmark ceiling; use temperature 0")
         self.acceptance = acceptance
+        if depth is not None:
+            if mode != "evict":
+                raise ValueError(f"depth= is EVICT's whole-step decision; mode {mode!r} does not use it")
+            deepest = max(num_candidates(s.depth, s.topk) for s in depth.shapes)
+            if deepest > self.k_total:
+                raise ValueError(
+                    f"the depth controller's deepest shape has {deepest} candidates, more than the "
+                    f"engine's ({steps}, {topk}) tree ({self.k_total}); build the engine with the deepest tree"
+                )
+            if not policy.prices_shapes:
+                raise ValueError(
+                    "depth= needs a policy whose cost table prices drafting per depth (draft_ms); "
+                    "measure one with evict-profile --draft-model"
+                )
+        if adaptive is not None and (mode != "static" or topk != 1):
+            raise ValueError("adaptive= emulates SGLang's adaptive chain: mode 'static' with topk 1 only")
+        self.depth = depth
+        self.adaptive = adaptive
         # Called after every decode step with (draft tree, kept, acceptance, step stats), untimed:
         # analysis tools read what the step verified and accepted (evict.bench.oracle_gap).
         self.observer: Callable[[Any, torch.Tensor | None, AcceptResult, StepStats], None] | None = None
@@ -306,19 +338,26 @@ class SpecEngine:
         stats = StepStats(width=1, active=list(st.req), accepted=[], emitted=[])
         t1 = time.perf_counter()
         tree = kept = None
-        if self.mode != "ar":
-            tree = draft_tree(self.drafter, st.dcache, st.root_logits, st.root_hidden, self.steps, self.topk)
+        shape = self._plan(len(st.req))
+        if shape is not None:
+            stats.depth, stats.topk = shape.depth, shape.topk
+            if shape.depth > 0:
+                tree = draft_tree(
+                    self.drafter, st.dcache, st.root_logits, st.root_hidden, shape.depth, shape.topk
+                )
             _sync(device)
         t2 = time.perf_counter()
         stats.draft_s = t2 - t1
         feats = None
-        if self.mode == "static":
-            kept = keep_top(tree.scores, self.num_draft_tokens)
-        elif self.mode == "evict":
+        if self.mode == "static" and tree is not None:
+            kept = keep_top(tree.scores, min(self.num_draft_tokens, tree.scores.shape[1] + 1))
+        elif self.mode == "evict" and tree is not None:
             scores = tree.scores
-            if self._calibrating:  # rank by calibrated scores; the rule is unchanged
+            if self._calibrating and shape.topk == self.topk:  # rank by calibrated scores; same rule
                 scores, feats = self.acceptance.calibrate(scores, tree.parents, st.recent)
-            kept = self._decide(scores, stats)
+            kept = self._decide(scores, stats, shape)
+            if self.depth is not None:
+                self.depth.observe(shape, scores)
             _sync(device)
         elif self.mode == "oracle":
             kept = self._oracle_kept(st, tree, stats)
@@ -338,6 +377,14 @@ class SpecEngine:
         produced = acc.num_emitted  # [bs]
         stats.accepted = produced.tolist()
         stats.emitted = self._emit(res, st.req, acc.emitted, produced, max_new_tokens)
+        if self.adaptive is not None:  # SGLang's protocol: accepted draft tokens, bonus excluded
+            self.adaptive.on_verify_complete([a - 1 for a in stats.accepted], len(stats.accepted))
+        if self.depth is not None and tree is not None and stats.predicted_accepted:
+            self.depth.record_outcome(
+                shape,
+                sum(stats.predicted_accepted) / len(stats.predicted_accepted),
+                sum(stats.accepted) / len(stats.accepted),
+            )
         if self.mode == "evict":
             self.policy.counters.record_accepted(stats.accepted)
             if feats is not None:  # learn from this step's outcomes (used from the next step on)
@@ -351,6 +398,17 @@ class SpecEngine:
         if self.observer is not None:
             self.observer(tree, kept, acc, stats)
         return stats
+
+    def _plan(self, batch_size: int) -> DraftShape | None:
+        """What this step drafts: None for ar; the depth controller's or the adaptive emulation's
+        plan; otherwise the engine's own tree."""
+        if self.mode == "ar":
+            return None
+        if self.depth is not None:
+            return self.depth.plan(batch_size)
+        if self.adaptive is not None:
+            return DraftShape(1, int(self.adaptive.get_steps_for_batch(batch_size)))
+        return DraftShape(self.topk, self.steps)
 
     @property
     def _calibrating(self) -> bool:
@@ -380,12 +438,18 @@ class SpecEngine:
         stats.lookahead_cpu_s = time.process_time() - c0
         return kept
 
-    def _decide(self, scores: torch.Tensor, stats: StepStats) -> torch.Tensor:
+    def _decide(
+        self, scores: torch.Tensor, stats: StepStats, shape: DraftShape | None = None
+    ) -> torch.Tensor:
         """Exactly one ``policy.decide`` call per step; returns kept [bs, m-1]."""
-        decision = self.policy.decide(scores)
+        bs = int(scores.shape[0])
+        cost = None
+        if self.depth is not None and shape is not None:  # priced as the shape actually drafted
+            cost = self.policy.shape_costs(bs, self.depth.shapes, scores.device)[self.depth.index[shape]]
+        decision = self.policy.decide(scores) if cost is None else self.policy.decide(scores, cost=cost)
         stats.predicted_accepted = decision.expected_accepted.float().cpu().tolist()
         stats.fallback = int(decision.fallback.sum())
-        cost = self.policy.step_cost(int(scores.shape[0]))
+        cost = self.policy.step_cost(bs) if cost is None else cost.cpu()
         i = int(decision.width_index)
         stats.predicted_step_ms = float(cost[i])
         if decision.kept_counts is not None:  # per-request widths: padding costs pad_cost of a node

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from evict.truncation.tree import flat_parents, num_candidates
+
 __all__ = [
     "PAD_PARENT",
     "DraftTree",
@@ -28,6 +30,7 @@ __all__ = [
     "VerifyTree",
     "expand_first",
     "expand_next",
+    "flat_parents",
     "num_candidates",
     "select_verify_tree",
     "sglang_parents",
@@ -35,11 +38,6 @@ __all__ = [
 
 
 PAD_PARENT = -2  # parent of a padded verify slot: equals no node index, so it is never accepted
-
-
-def num_candidates(steps: int, topk: int) -> int:
-    """K = topk + (steps-1)*topk*topk, SGLang's flat candidate count."""
-    return topk + (steps - 1) * topk * topk
 
 
 @dataclass
@@ -122,14 +120,6 @@ def sglang_parents(parents_list: list[torch.Tensor], topk: int, num_cand: int) -
     """
     parent_list = torch.cat(parents_list[:-1], dim=1) if len(parents_list) > 1 else parents_list[0][:, :1]
     return flat_parents(parent_list, topk, num_cand)
-
-
-def flat_parents(parent_list: torch.Tensor, topk: int, num_cand: int) -> torch.Tensor:
-    """``[bs, K]`` flat parent of every candidate from ``organize_draft_results``' ``parent_list``
-    (``cat(parents_list[:-1])``): candidate f's parent is ``parent_list[:, f // topk]``, -1 = root.
-    """
-    idx = torch.arange(num_cand, device=parent_list.device) // topk
-    return parent_list.index_select(1, idx).long()
 
 
 @dataclass

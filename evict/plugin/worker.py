@@ -64,7 +64,6 @@ from sglang.srt.speculative.eagle_worker_v2 import (
 from sglang.srt.speculative.spec_utils import draft_tp_context
 from sglang.srt.utils.common import get_available_gpu_memory, log_info_on_rank0
 
-from evict.engine.tree_layout import flat_parents, num_candidates
 from evict.kernels import make_decider
 from evict.plugin.calibration import (
     GraphReplay,
@@ -107,6 +106,7 @@ from evict.truncation import (
     choose_widths_batch_budget,
     flat_outcomes,
 )
+from evict.truncation.tree import flat_parents, num_candidates
 
 __all__ = ["EvictDraftWorker", "EvictWorkerV2", "install_hooks"]
 

@@ -18,12 +18,18 @@ Schema (``schema_version`` 1)::
       "widths": [ascending ints >= 1],
       "latency_ms": {"median": [[...]], "p10": [[...]], "p90": [[...]]},   # [len(bs)][len(widths)]
       "fixed_ms": [...],            # optional [len(bs)]: draft + overhead per step
-      "expert_union": [[...]]       # optional [len(bs)][len(widths)]: mean experts per MoE layer
+      "expert_union": [[...]],      # optional [len(bs)][len(widths)]: mean experts per MoE layer
+      "draft_ms": {"<topk>": [[...]]}  # optional, per draft topk: [len(bs)][steps + 1] drafting
+                                    # cost (draft extend included) at depth d = 0..steps
     }
 
 Required metadata: ``model_id``, ``device``, ``dtype``, ``tp_size``; the rest is optional but kept,
 as are unknown top-level fields (a newer writer's additions survive a load/save round trip).
 ``draft_steps`` / ``draft_topk`` name the EAGLE tree whose drafting ``fixed_ms`` measured.
+``draft_ms`` prices the whole-step decision (how deep to draft, chain or tree): row ``b``, column
+``d`` is what drafting ``d`` steps costs at batch size ``b`` (``d = 0``: no tree, only the draft
+extend that keeps the drafter's cache warm), so ``T(bs, shape, m) = fixed_ms - draft_ms[tree][S] +
+draft_ms[shape] + verify(bs, m)``; it must hold the row of the table's own ``draft_topk``.
 
 Every front end goes the same route from a file to a policy: :meth:`CostTable.open` (read, validate,
 check against the running setup), :func:`checkpoint_config_hash` (the model's identity) and
@@ -64,7 +70,16 @@ SCHEMA_VERSION = 1
 REGENERATE_HINT = "regenerate it with `evict-profile --model PATH --out FILE`"
 REQUIRED_METADATA = ("model_id", "device", "dtype", "tp_size")
 _KNOWN_FIELDS = frozenset(
-    ("schema_version", "metadata", "batch_sizes", "widths", "latency_ms", "fixed_ms", "expert_union")
+    (
+        "schema_version",
+        "metadata",
+        "batch_sizes",
+        "widths",
+        "latency_ms",
+        "fixed_ms",
+        "expert_union",
+        "draft_ms",
+    )
 )
 
 # Config fields that change the verify cost of a model (architecture, not tokenizer or dtype).
@@ -212,6 +227,49 @@ def resolve_widths(
     return out
 
 
+def _candidates(steps: int, topk: int) -> int:
+    """SGLang's flat candidate count K of a (steps, topk) tree (0 for steps 0)."""
+    return 0 if steps <= 0 else topk + (steps - 1) * topk * topk
+
+
+def _interp_list(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Piecewise-linear y(x) over ascending xs, x inside the range."""
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x <= x1:
+            return float(y0 + (y1 - y0) * ((x - x0) / (x1 - x0) if x1 > x0 else 0.0))
+    return float(ys[-1])
+
+
+def _draft_grid(raw: Any, meta: Mapping[str, Any], nb: int, err: Any) -> dict[int, list[list[float]]]:
+    """Validate ``draft_ms``: ``{"<topk>": [len(bs)][steps + 1] non-negative ms}``, non-decreasing
+    in depth (a deeper draft runs every shallower step), holding the table's own ``draft_topk``."""
+    if not isinstance(raw, Mapping) or not raw:
+        raise err("draft_ms", 'must be an object {"<topk>": [[ms at depth 0..steps] per batch size]}')
+    out: dict[int, list[list[float]]] = {}
+    for key, rows in raw.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) >= 1):
+            raise err("draft_ms", f'keys are draft topk values ("1", "4", ...), got {key!r}')
+        name = f"draft_ms.{key}"
+        if not isinstance(rows, list) or len(rows) != nb:
+            raise err(name, f"must have one row per batch size ({nb} rows)")
+        depths = len(rows[0]) if isinstance(rows[0], list) else 0
+        if depths < 2:
+            raise err(name, "each row needs depths 0..steps (at least two values)")
+        for i, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != depths:
+                raise err(f"{name}[{i}]", f"must have {depths} values like the first row (ragged grid)")
+            for j, v in enumerate(row):
+                if not _is_num(v) or not math.isfinite(v) or v < 0:
+                    raise err(f"{name}[{i}][{j}]", f"must be a non-negative finite number, got {v!r}")
+        out[int(key)] = [[float(v) for v in row] for row in rows]
+    topk, steps = meta.get("draft_topk"), meta.get("draft_steps")
+    if not (_is_int(topk) and _is_int(steps)):
+        raise err("metadata.draft_steps", "draft_ms needs draft_steps and draft_topk (the tree in fixed_ms)")
+    if topk not in out or len(out[topk][0]) < steps + 1:
+        raise err("draft_ms", f"must price the table's own tree: topk {topk} at depths 0..{steps}")
+    return out
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -237,6 +295,7 @@ class CostTable:
     metadata: dict[str, Any]
     fixed_ms: list[float] | None = None
     expert_union: list[list[float]] | None = None
+    draft_ms: dict[int, list[list[float]]] | None = None  # topk -> [len(bs)][steps + 1]
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # unknown top-level fields, kept on save
     source: str = field(default="<dict>", compare=False)
@@ -346,6 +405,9 @@ class CostTable:
         union = None
         if d.get("expert_union") is not None:
             union = grid("expert_union", d["expert_union"], positive=False)
+        draft = None
+        if d.get("draft_ms") is not None:
+            draft = _draft_grid(d["draft_ms"], meta, nb, err)
 
         return cls(
             batch_sizes=batch_sizes,
@@ -356,6 +418,7 @@ class CostTable:
             metadata=copy.deepcopy(dict(meta)),
             fixed_ms=fixed,
             expert_union=union,
+            draft_ms=draft,
             schema_version=SCHEMA_VERSION,
             extra={k: copy.deepcopy(v) for k, v in d.items() if k not in _KNOWN_FIELDS},
             source=source,
@@ -440,6 +503,8 @@ class CostTable:
             d["fixed_ms"] = list(self.fixed_ms)
         if self.expert_union is not None:
             d["expert_union"] = [list(r) for r in self.expert_union]
+        if self.draft_ms is not None:
+            d["draft_ms"] = {str(k): [list(r) for r in rows] for k, rows in sorted(self.draft_ms.items())}
         for k, v in self.extra.items():
             d.setdefault(k, copy.deepcopy(v))
         return d
@@ -527,6 +592,49 @@ class CostTable:
         wlo, whi, wt = self._interp_weights(w, w_grid)
         return ((1 - wt) * row[wlo] + wt * row[whi]).to(torch.float32)
 
+    @property
+    def draft_shapes(self) -> dict[int, int]:
+        """``{topk: deepest priced depth}`` of ``draft_ms`` (empty without it)."""
+        return {k: len(rows[0]) - 1 for k, rows in (self.draft_ms or {}).items()}
+
+    def draft_cost(self, batch_size: int, topk: int, depth: int) -> float:
+        """ms of drafting ``depth`` steps with ``topk`` at ``batch_size`` (interpolated, clamped)."""
+        if self.draft_ms is None or topk not in self.draft_ms:
+            raise CostTableError(
+                f"cost table {self.source}: field 'draft_ms': no drafting costs for topk {topk} "
+                f"(has {sorted(self.draft_ms or {})}); {REGENERATE_HINT} --draft-model DRAFTER"
+            )
+        rows = self.draft_ms[topk]
+        if not 0 <= depth < len(rows[0]):
+            raise CostTableError(
+                f"cost table {self.source}: field 'draft_ms': topk {topk} is priced for depths "
+                f"0..{len(rows[0]) - 1}, not {depth}; profile with --draft-steps {depth} or more"
+            )
+        b = min(max(float(batch_size), self.batch_sizes[0]), self.batch_sizes[-1])
+        return _interp_list(b, self.batch_sizes, [r[depth] for r in rows])
+
+    def shape_cost(
+        self, batch_size: int, widths: torch.Tensor | Sequence[int], topk: int, depth: int
+    ) -> torch.Tensor:
+        """Whole-step time in ms, float32 ``[W]``, when drafting ``depth`` steps of ``topk`` and
+        verifying each width (clamped to the candidates that depth drafts, plus the root).
+
+        The table's own step (``fixed_ms`` + verify) with its drafting swapped for this shape's:
+        ``step_cost(bs, w) - draft(bs, draft_topk, draft_steps) + draft(bs, topk, depth)``.
+        """
+        tree = self.draft_tree
+        if tree is None:
+            raise CostTableError(
+                f"cost table {self.source}: field 'metadata.draft_steps': missing, so the drafting "
+                f"inside fixed_ms is unknown; {REGENERATE_HINT} --draft-model DRAFTER"
+            )
+        steps, own_topk = tree
+        cap = 1 + (own_topk and _candidates(depth, topk))
+        w = torch.as_tensor(widths, dtype=torch.float64).detach().cpu().reshape(-1).clamp(max=cap)
+        own = self.draft_cost(batch_size, own_topk, steps) if self.fixed_ms is not None else 0.0
+        delta = self.draft_cost(batch_size, topk, depth) - own
+        return (self.step_cost(batch_size, w).double() + delta).clamp(min=1e-6).to(torch.float32)
+
     # -- compatibility --------------------------------------------------------------------------
     def check_compatible(
         self,
@@ -578,7 +686,7 @@ class CostTable:
         return problems
 
     # -- ablation helpers ---------------------------------------------------------------------
-    def _derived(self, median, p10, p90, fixed, note: str) -> CostTable:
+    def _derived(self, median, p10, p90, fixed, note: str, draft_factor: float = 1.0) -> CostTable:
         meta = copy.deepcopy(self.metadata)
         meta["notes"] = (str(meta.get("notes", "")) + " " + note).strip()
         d = self.to_dict()
@@ -586,6 +694,10 @@ class CostTable:
         d["latency_ms"] = {"median": median, "p10": p10, "p90": p90}
         if fixed is not None:
             d["fixed_ms"] = fixed
+        if "draft_ms" in d:
+            d["draft_ms"] = {
+                k: [[v * draft_factor for v in r] for r in rows] for k, rows in d["draft_ms"].items()
+            }
         return CostTable.from_dict(d, source=f"{self.source} ({note})")
 
     def scaled(self, factor: float) -> CostTable:
@@ -597,7 +709,9 @@ class CostTable:
             return [[v * factor for v in r] for r in g]
 
         fixed = [v * factor for v in self.fixed_ms] if self.fixed_ms is not None else None
-        return self._derived(sc(self.median), sc(self.p10), sc(self.p90), fixed, f"[scaled x{factor}]")
+        return self._derived(
+            sc(self.median), sc(self.p10), sc(self.p90), fixed, f"[scaled x{factor}]", draft_factor=factor
+        )
 
     def shifted(self, ms: float) -> CostTable:
         """A new table with ``ms`` added to every verify latency (may be negative if all stay > 0)."""

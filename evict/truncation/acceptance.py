@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from .tree import layout_depth_rank
+
 __all__ = [
     "ACCEPTANCE_CHOICES",
     "AcceptanceEstimator",
@@ -61,26 +63,6 @@ _EPS = 1e-6  # calibrated conditionals stay in [_EPS, 1]: strictly positive, nev
 
 DEFAULT_Q_EDGES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 DEFAULT_RECENT_EDGES = (0.25, 0.5, 0.75)
-
-
-def layout_depth_rank(num_candidates: int, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depth (1 = child of the root) and sibling rank of every flat index in SGLang's layout.
-
-    Why from the layout and not from ``parents``: both are fixed by ``(K, topk)``: step 0 puts the
-    root's top-k at flat ``0..k-1`` (rank = index), step i >= 1 puts child c of frontier node j at
-    ``k + (i-1)k^2 + jk + c`` in descending drafter probability (rank = c).  Precomputing them once
-    costs nothing per step.
-    """
-    k = int(topk)
-    if k < 1 or num_candidates < k or (num_candidates - k) % (k * k):
-        raise ValueError(
-            f"K = {num_candidates} candidates is not an SGLang tree with topk = {k} (K = k + (steps-1)k^2)"
-        )
-    i = torch.arange(num_candidates)
-    later = (i - k).clamp(min=0)
-    depth = torch.where(i < k, torch.ones_like(i), 2 + later // (k * k))
-    rank = torch.where(i < k, i, later % k)
-    return depth, rank
 
 
 @dataclass

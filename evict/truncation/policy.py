@@ -160,6 +160,11 @@ class TruncationPolicy:
         self.decision = decision
         self._cost_fn: Callable[[int, torch.Tensor], torch.Tensor] | None = None
         self._fixed_cost: torch.Tensor | None = None
+        # Whole-step pricing per draft shape (CostTable.shape_cost), for the depth decision.
+        self._shape_fn: Callable[..., torch.Tensor] | None = getattr(cost, "shape_cost", None)
+        if not getattr(cost, "draft_shapes", True):  # a table without draft_ms prices no shape
+            self._shape_fn = None
+        self._shape_cache: dict[tuple[int, str, tuple[Any, ...]], torch.Tensor] = {}
         if hasattr(cost, "step_cost"):
             self._cost_fn = cost.step_cost
         elif callable(cost):
@@ -193,11 +198,47 @@ class TruncationPolicy:
             self._cost_cache[key] = c
         return c
 
-    def decide(self, scores: torch.Tensor) -> WidthDecision:
-        """Choose the width and kept nodes for one step of ``scores [bs, K]``."""
+    @property
+    def prices_shapes(self) -> bool:
+        """True when the cost source prices drafting per depth (the whole-step decision's input)."""
+        return self._shape_fn is not None
+
+    def shape_costs(
+        self, batch_size: int, shapes: Sequence[Any], device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """``[D, W]`` whole-step ms of each draft shape (``DraftShape``) at each width, cached.
+
+        Why here: the depth decision and the width decision must price a step identically, so both
+        read the policy's one cost source.
+        """
+        if self._shape_fn is None:
+            raise ValueError(
+                "the cost source has no per-depth drafting costs (a cost table with draft_ms); "
+                "measure one with `evict-profile --model PATH --draft-model DRAFTER --out FILE`"
+            )
+        key = (int(batch_size), str(device), tuple(shapes))
+        c = self._shape_cache.get(key)
+        if c is None:
+            rows = [
+                validate_step_cost(
+                    self._shape_fn(int(batch_size), self.widths, s.topk, s.depth), self.widths.numel()
+                )
+                for s in shapes
+            ]
+            c = _to_device(torch.stack(rows), device)
+            self._shape_cache[key] = c
+        return c
+
+    def decide(self, scores: torch.Tensor, cost: torch.Tensor | None = None) -> WidthDecision:
+        """Choose the width and kept nodes for one step of ``scores [bs, K]``.
+
+        ``cost``: this step's ``[W]`` step times when they are not the table's own tree's (a step
+        that drafted another shape: a row of :meth:`shape_costs`).
+        """
         if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
             raise ValueError("scores must be a 2-D tensor [bs, K] of cumulative draft probabilities")
-        cost = self.step_cost(scores.shape[0], scores.device)
+        if cost is None:
+            cost = self.step_cost(scores.shape[0], scores.device)
         # The host-known index (lagged: the previous step's own choice; off: the largest width), or
         # None when this step's scores decide (immediate, and the first lagged step).
         index: int | None = None

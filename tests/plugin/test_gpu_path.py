@@ -30,13 +30,13 @@ from test_plugin_worker import (  # noqa: E402
     make_draft_worker,
 )
 
-from evict.engine.tree_layout import num_candidates  # noqa: E402
 from evict.plugin import worker as evict_worker  # noqa: E402
 from evict.plugin.config import parse_env, resolve_pad_cost  # noqa: E402
 from evict.plugin.server_args_hook import MIB, width_graph_reserve  # noqa: E402
 from evict.plugin.tp_sync import WidthAgreement, policy_fingerprint  # noqa: E402
 from evict.plugin.tree_cut import ScoreSink  # noqa: E402
 from evict.truncation import AcceptanceEstimator, TruncationPolicy  # noqa: E402
+from evict.truncation.tree import num_candidates  # noqa: E402
 
 pytestmark = pytest.mark.sglang
 

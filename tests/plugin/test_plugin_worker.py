@@ -677,8 +677,8 @@ def test_without_a_table_graphs_or_live_costs_the_server_verifies_the_full_tree_
 
 def test_calibrated_acceptance_learns_from_the_verified_cut_tree(monkeypatch):
     """The estimator sees this step's verified nodes (the cut) and the accepted path, nothing else."""
-    from evict.engine.tree_layout import num_candidates
     from evict.truncation import AcceptanceEstimator
+    from evict.truncation.tree import num_candidates
 
     rec = _Recorder()
     policy = TruncationPolicy([1.0, 1.0, 50.0], widths=[2, 4, 8], decision="immediate")  # width 4 wins
@@ -690,7 +690,7 @@ def test_calibrated_acceptance_learns_from_the_verified_cut_tree(monkeypatch):
     assert m == 4
     kept = rec.build_kwargs["top_scores_index"]  # [2, 3] flat indices the verify tree holds
     parents = _original(*dw.lists, 8)[0]  # organize's parent_list
-    from evict.engine.tree_layout import flat_parents
+    from evict.truncation.tree import flat_parents
 
     flat_par = flat_parents(parents, 4, dw.acceptance_candidates)
     # request 0 accepts verify node 1 (its first kept candidate) then stops; request 1 accepts nothing

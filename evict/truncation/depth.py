@@ -1,0 +1,338 @@
+"""The whole-step decision: how deep to draft (0 = plain decoding), chain or tree, before drafting.
+
+Why: the width rule (``rule.choose_width``) only cuts a tree that has already been drafted, so under
+load EVICT still pays for drafting a deep, wide tree it then mostly throws away, and it can never
+fall back to plain decoding. A step's cost is drafting + verification + host work; choosing the
+draft shape (topk family and depth d) and the width together is one argmax over the same benefit
+per cost, with drafting priced per depth (``CostTable.shape_cost``).
+
+The benefit of a shape that has not been drafted yet comes from earlier steps. A tree drafted to
+depth D contains every shallower tree of its family as its first ``K(d)`` flat candidates (drafting
+appends a step's nodes and never changes earlier ones), so one observed tree prices every depth up
+to D: the expected tokens per request of verifying the best ``m - 1`` nodes of depth <= d is
+``1 + sum of the m-1 largest scores among the first K(d)`` (the rule's ``B(m)``). The controller
+keeps an exponential average of those sorted scores per shape, scaled per family by how many of the
+tokens they promised were really accepted (``record_outcome``: a confident drafter that is often
+wrong must not keep buying deep drafts), decides from the previous steps
+(lagged: the host never waits for this step's drafter), and re-drafts a family's deepest shape now
+and then (a probe, with back-off) so that depths it stopped drafting are not judged on stale data.
+
+Everything here is pure torch and batched; ``choose_step`` is brute-force tested like
+``choose_width``, and the engine, the plugin and the bench share :class:`DepthController`.
+Lossless: any shape and any ancestor-closed cut verify under the standard acceptance rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .tree import num_candidates
+
+__all__ = [
+    "DraftShape",
+    "DepthController",
+    "choose_step",
+    "depth_profile",
+    "shape_grid",
+    "shape_values",
+]
+
+
+@dataclass(frozen=True, order=True)
+class DraftShape:
+    """What one decode step drafts: ``depth`` steps (SGLang's ``speculative_num_steps``) of ``topk``
+    branches; depth 0 drafts nothing and verifies the root only (plain decoding)."""
+
+    topk: int
+    depth: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
+            raise ValueError(f"topk must be an int >= 1, got {self.topk!r}")
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
+            raise ValueError(f"depth must be an int >= 0, got {self.depth!r}")
+
+    @property
+    def candidates(self) -> int:
+        """K: draft candidates of this shape (root excluded)."""
+        return num_candidates(self.depth, self.topk)
+
+    @property
+    def max_width(self) -> int:
+        """The widest verify this shape allows (root included)."""
+        return self.candidates + 1
+
+    def __str__(self) -> str:
+        return (
+            "plain"
+            if self.depth == 0
+            else f"{'chain' if self.topk == 1 else 'tree'}({self.depth},{self.topk})"
+        )
+
+
+def shape_grid(families: dict[int, int], zero_topk: int | None = None) -> list[DraftShape]:
+    """Every shape the decision may pick: plain decoding, then each family's depths 1..S.
+
+    ``families``: ``{topk: deepest depth S}`` (e.g. ``{4: 5}`` for the (5, 4) tree, ``{4: 5, 1: 5}``
+    to weigh a chain too). ``zero_topk`` labels the plain shape (default: the widest family).
+    """
+    if not families:
+        raise ValueError("families must name at least one draft topk with its deepest depth")
+    for k, s in families.items():
+        DraftShape(int(k), int(s))
+        if s < 1:
+            raise ValueError(f"family topk {k} needs a deepest depth >= 1, got {s}")
+    zero = max(families) if zero_topk is None else int(zero_topk)
+    out = [DraftShape(zero, 0)]
+    for k in sorted(families, reverse=True):
+        out += [DraftShape(int(k), d) for d in range(1, int(families[k]) + 1)]
+    return out
+
+
+def depth_profile(scores: torch.Tensor, topk: int, depth: int) -> torch.Tensor:
+    """``[depth, K]`` float32: row ``d-1`` is the mean over requests of the descending-sorted scores
+    of the first ``K(d)`` candidates (depth <= d), zero-padded to ``K = K(depth)``.
+
+    ``scores [bs, K(depth)]``: cumulative draft probabilities in SGLang's flat layout. Non-finite
+    scores count as 0 (never as a benefit).
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [bs, K], got shape {tuple(scores.shape)}")
+    k_all = num_candidates(depth, topk)
+    if scores.shape[1] != k_all:
+        raise ValueError(
+            f"a depth-{depth} topk-{topk} tree has {k_all} candidates, scores have {scores.shape[1]}"
+        )
+    s = torch.nan_to_num(scores.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(0.0, 1.0)
+    out = torch.zeros((depth, k_all), dtype=torch.float32, device=scores.device)
+    for d in range(1, depth + 1):
+        k = num_candidates(d, topk)
+        out[d - 1, :k] = s[:, :k].sort(dim=1, descending=True).values.mean(dim=0)
+    return out
+
+
+def shape_values(
+    profile: torch.Tensor, counts: Sequence[int], cost: torch.Tensor, widths: Sequence[int]
+) -> torch.Tensor:
+    """``[D, W]`` expected tokens per request per ms of every (shape, width).
+
+    ``profile [D, Kmax]``: per shape, mean sorted scores (zero-padded); ``counts [D]``: each shape's
+    candidates K; ``cost [D, W]``: step ms of each shape at each width; a width beyond a shape's
+    ``K + 1`` verifies the whole shape. Benefit ``1 + sum of the first min(w, K+1) - 1`` profile
+    entries: the rule's ``B(m)`` on the averaged scores.
+    """
+    d, kmax = profile.shape
+    if len(counts) != d or cost.shape != (d, len(widths)):
+        raise ValueError(
+            f"profile {tuple(profile.shape)}, counts {len(counts)} and cost {tuple(cost.shape)} must agree "
+            f"on {d} shapes and {len(widths)} widths"
+        )
+    cum = torch.cat([profile.new_zeros((d, 1)), profile.double().cumsum(dim=1)], dim=1)  # [D, Kmax+1]
+    w = torch.as_tensor(list(widths), dtype=torch.long, device=profile.device).view(1, -1)
+    cap = torch.as_tensor(list(counts), dtype=torch.long, device=profile.device).view(-1, 1)
+    eff = torch.minimum(w, cap + 1).clamp(max=kmax + 1)  # [D, W] verified tokens, root included
+    benefit = 1.0 + cum.gather(1, eff - 1)
+    return benefit / cost.to(benefit.device, torch.float64)
+
+
+def choose_step(
+    profile: torch.Tensor, counts: Sequence[int], cost: torch.Tensor, widths: Sequence[int]
+) -> tuple[int, int]:
+    """``(shape index, width index)`` with the most expected tokens per ms: a global argmax over
+    every shape and width (ties go to the cheaper, i.e. first listed, shape and the narrower width).
+
+    Non-finite or non-positive costs never win; if nothing is finite the last shape at its widest
+    width is returned (the deepest draft: today's behaviour).
+    """
+    v = shape_values(profile, counts, cost, widths)
+    ok = torch.isfinite(v) & (cost.to(v.device) > 0) & torch.isfinite(cost.to(v.device))
+    v = torch.where(ok, v, torch.full_like(v, -math.inf))
+    flat = int(torch.argmax(v.reshape(-1)))
+    if not math.isfinite(float(v.reshape(-1)[flat])):
+        return v.shape[0] - 1, v.shape[1] - 1
+    return flat // v.shape[1], flat % v.shape[1]
+
+
+class DepthController:
+    """Chooses each step's draft shape from the previous steps' trees and the step costs.
+
+    Args:
+        shapes: the candidates (``shape_grid``): plain decoding and each family's depths.
+        widths: the verify widths the width rule may pick (the policy's).
+        shape_costs: ``batch_size -> [D, W]`` step ms of each shape at each width (the policy's
+            ``shape_costs``, i.e. ``CostTable.shape_cost``).
+        ema: weight of the newest tree in each shape's averaged scores.
+        probe_every, max_probe_every: a family whose deepest depth has not been drafted for this
+            many steps is drafted at that depth once (a probe). The interval doubles after a probe
+            that did not change the decision, up to ``max_probe_every``, and resets when it did.
+
+    Use: ``shape = plan(bs)`` before drafting; after drafting a tree of ``shape``,
+    ``observe(shape, scores)``. Both are cheap host work plus a few small device ops; ``plan`` reads
+    back only a ``[D, Kmax]`` profile that ``observe`` copied to pinned host memory after the
+    previous step (on CUDA: waiting on that copy's event, never on this step's drafter).
+    """
+
+    def __init__(
+        self,
+        shapes: Sequence[DraftShape],
+        widths: Sequence[int],
+        shape_costs: Callable[[int], torch.Tensor],
+        *,
+        ema: float = 0.25,
+        probe_every: int = 8,
+        max_probe_every: int = 256,
+    ) -> None:
+        self.shapes = list(shapes)
+        if not self.shapes or len(set(self.shapes)) != len(self.shapes):
+            raise ValueError(f"shapes must be a non-empty list without duplicates, got {self.shapes}")
+        if sum(s.depth == 0 for s in self.shapes) > 1:
+            raise ValueError("at most one plain (depth 0) shape")
+        if not 0.0 < ema <= 1.0:
+            raise ValueError(f"ema must be in (0, 1], got {ema!r}")
+        if not 1 <= probe_every <= max_probe_every:
+            raise ValueError(
+                f"need 1 <= probe_every <= max_probe_every, got {probe_every}, {max_probe_every}"
+            )
+        self.widths = tuple(int(w) for w in widths)
+        self.shape_costs = shape_costs
+        self.ema = float(ema)
+        self.base_probe = int(probe_every)
+        self.max_probe = int(max_probe_every)
+        self.counts = [s.candidates for s in self.shapes]
+        self.kmax = max(max(self.counts), 1)
+        self.families: dict[int, int] = {}
+        for s in self.shapes:
+            if s.depth > 0:
+                self.families[s.topk] = max(self.families.get(s.topk, 0), s.depth)
+        self.index = {s: i for i, s in enumerate(self.shapes)}
+        self._profile: torch.Tensor | None = None  # [D, Kmax] on the scores' device
+        self._seen = torch.zeros(len(self.shapes), dtype=torch.bool)
+        self._host: torch.Tensor | None = None  # the profile as of the last observe, on the host
+        self._event = None
+        self._age = {k: 0 for k in self.families}  # steps since the family's deepest was drafted
+        self._interval = {k: self.base_probe for k in self.families}
+        self._probing: tuple[int, DraftShape] | None = None  # (family, decision before the probe)
+        # per family: realized / predicted draft tokens accepted (1.0 until outcomes arrive)
+        self.reliability = {k: 1.0 for k in self.families}
+        self.last_decision: DraftShape | None = None
+        self.counts_by_shape: dict[DraftShape, int] = {}
+        self.probes = 0
+
+    # -- per step ---------------------------------------------------------------------------------
+    def plan(self, batch_size: int) -> DraftShape:
+        """The shape to draft this step (host values only)."""
+        for k, deepest in self.families.items():  # warm-up: every family drafted deep once
+            if not bool(self._seen[self.index[DraftShape(k, deepest)]]):
+                return self._count(DraftShape(k, deepest))
+        decision = self.decide(batch_size)
+        if self._probing is not None:  # the step after a probe: did it change the decision?
+            family, before = self._probing
+            self._probing = None
+            grown = decision == before
+            self._interval[family] = (
+                min(self._interval[family] * 2, self.max_probe) if grown else self.base_probe
+            )
+        for k, deepest in self.families.items():
+            if decision == DraftShape(k, deepest) or self._age[k] < self._interval[k]:
+                continue
+            self._probing = (k, decision)
+            self.probes += 1
+            return self._count(DraftShape(k, deepest))
+        return self._count(decision)
+
+    def decide(self, batch_size: int) -> DraftShape:
+        """The best shape by the averaged scores so far (no probing, no warm-up)."""
+        profile = self._read_profile()
+        scale = torch.tensor([self.reliability.get(s.topk, 1.0) for s in self.shapes], dtype=torch.float64)
+        profile = profile * scale.view(-1, 1)
+        cost = self.shape_costs(int(batch_size)).detach().to("cpu", torch.float64)
+        seen = self._seen.clone()
+        # A shape never observed (a deeper depth than any drafted yet) is not chosen blind.
+        cost = torch.where(seen.view(-1, 1) | (torch.tensor(self.counts) == 0).view(-1, 1), cost, math.inf)
+        i, _ = choose_step(profile, self.counts, cost, self.widths)
+        self.last_decision = self.shapes[i]
+        return self.shapes[i]
+
+    def observe(self, shape: DraftShape, scores: torch.Tensor) -> None:
+        """Fold a drafted tree of ``shape`` into every shape of its family up to its depth."""
+        for k in self._age:
+            self._age[k] += 1
+        if shape.depth == 0:
+            return
+        if shape.topk not in self.families:
+            raise ValueError(f"{shape} is not one of this controller's families {sorted(self.families)}")
+        prof = depth_profile(scores, shape.topk, shape.depth)  # [depth, K]
+        if self._profile is None or self._profile.device != prof.device:
+            self._profile = torch.zeros(
+                (len(self.shapes), self.kmax), dtype=torch.float32, device=prof.device
+            )
+        rows, news = [], []
+        for d in range(1, min(shape.depth, self.families[shape.topk]) + 1):
+            i = self.index.get(DraftShape(shape.topk, d))
+            if i is None:
+                continue
+            rows.append(i)
+            news.append(
+                prof[d - 1, : self.kmax]
+                if prof.shape[1] >= self.kmax
+                else torch.nn.functional.pad(prof[d - 1], (0, self.kmax - prof.shape[1]))
+            )
+        if rows:
+            idx = torch.tensor(rows, device=prof.device)
+            new = torch.stack(news)
+            old = self._profile.index_select(0, idx)
+            fresh = (~self._seen[rows]).to(prof.device).view(-1, 1)
+            mixed = torch.where(fresh, new, (1.0 - self.ema) * old + self.ema * new)
+            self._profile.index_copy_(0, idx, mixed)
+            self._seen[rows] = True
+        if shape.depth >= self.families[shape.topk]:
+            self._age[shape.topk] = 0
+        self._snapshot()
+
+    def record_outcome(self, shape: DraftShape, predicted: float, realized: float) -> None:
+        """One verified step of ``shape``: tokens per request the rule predicted at the chosen width
+        (bonus included) and what was accepted. Updates the family's reliability factor."""
+        if shape.depth == 0 or shape.topk not in self.reliability:
+            return
+        promised = float(predicted) - 1.0
+        if not (math.isfinite(promised) and math.isfinite(float(realized))) or promised < 0.05:
+            return
+        ratio = min(max((float(realized) - 1.0) / promised, 0.0), 2.0)
+        self.reliability[shape.topk] += self.ema * (ratio - self.reliability[shape.topk])
+
+    # -- host copy --------------------------------------------------------------------------------
+    def _snapshot(self) -> None:
+        """Queue the profile's copy to the host (CUDA: pinned, non-blocking, with an event)."""
+        p = self._profile
+        if p.device.type == "cuda":
+            if self._host is None or self._host.shape != p.shape or not self._host.is_pinned():
+                self._host = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+                self._event = torch.cuda.Event()
+            self._host.copy_(p, non_blocking=True)
+            self._event.record()
+        else:
+            self._host, self._event = p.to("cpu", copy=True), None
+
+    def _read_profile(self) -> torch.Tensor:
+        if self._host is None:
+            return torch.zeros((len(self.shapes), self.kmax), dtype=torch.float64)
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.double()
+
+    def _count(self, shape: DraftShape) -> DraftShape:
+        self.counts_by_shape[shape] = self.counts_by_shape.get(shape, 0) + 1
+        return shape
+
+    def stats(self) -> dict[str, object]:
+        """Steps per shape (``"tree(5,4)": n``), probes, and the last non-probe decision."""
+        return {
+            "shapes": {str(s): n for s, n in sorted(self.counts_by_shape.items())},
+            "probes": self.probes,
+            "reliability": {str(k): round(v, 3) for k, v in sorted(self.reliability.items())},
+            "last_decision": str(self.last_decision) if self.last_decision is not None else None,
+        }

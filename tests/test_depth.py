@@ -1,0 +1,378 @@
+"""The whole-step decision (issue 20): draft shape and width from one argmax, priced per depth.
+
+Brute force for the pure rule, the cost table's per-depth drafting costs, the controller's
+warm-up / decision / probing, and the engine: greedy output identical to target-only decoding
+while the depth really moves (up, down, to plain decoding, chain and tree), and SGLang's adaptive
+protocol driving a chain.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+from engine_fixtures import greedy_reference, oracle_pair, random_pair
+
+from evict.engine import SpecEngine
+from evict.profiler.table import CostTable, CostTableError
+from evict.truncation import AcceptanceEstimator, TruncationPolicy
+from evict.truncation.depth import (
+    DepthController,
+    DraftShape,
+    choose_step,
+    depth_profile,
+    shape_grid,
+    shape_values,
+)
+from evict.truncation.tree import num_candidates
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 3, 3]]
+NEW = 14
+WIDTHS = [1, 2, 4, 8, 16]
+
+
+def table_dict(draft_tree=(4, 2), verify=(1.0, 1.35, 1.8, 2.6, 4.0), draft=None, fixed=None):
+    steps, topk = draft_tree
+    draft = draft or {
+        topk: [0.2 + 0.5 * d for d in range(steps + 1)],
+        1: [0.2 + 0.2 * d for d in range(steps + 1)],
+    }
+    own = draft[topk][steps]
+    rows = [[v * f for v in verify] for f in (1.0, 3.0)]
+    return {
+        "schema_version": 1,
+        "metadata": {
+            "model_id": "tiny",
+            "device": "cpu",
+            "dtype": "float32",
+            "tp_size": 1,
+            "draft_steps": steps,
+            "draft_topk": topk,
+        },
+        "batch_sizes": [1, 8],
+        "widths": list(WIDTHS),
+        "latency_ms": {"median": rows, "p10": rows, "p90": rows},
+        "fixed_ms": fixed or [own + 0.3, 3 * own + 0.3],
+        "draft_ms": {str(k): [list(v), [3 * x for x in v]] for k, v in draft.items()},
+    }
+
+
+# ------------------------------------------------------------------------------------ pure rule
+
+
+def brute_force(profile, counts, cost, widths):
+    best, arg = -math.inf, None
+    for i, k in enumerate(counts):
+        for j, w in enumerate(widths):
+            c = float(cost[i, j])
+            if not (math.isfinite(c) and c > 0):
+                continue
+            m = min(w, k + 1)
+            v = (1.0 + float(profile[i, : m - 1].double().sum())) / c
+            if v > best + 1e-12:
+                best, arg = v, (i, j)
+    return arg
+
+
+def test_choose_step_is_the_global_argmax_brute_force():
+    rng = random.Random(0)
+    for trial in range(300):
+        shapes = rng.randint(1, 6)
+        counts = [rng.choice([0, 1, 2, 4, 6, 10, 21]) for _ in range(shapes)]
+        kmax = max(max(counts), 1)
+        profile = torch.zeros(shapes, kmax)
+        for i, k in enumerate(counts):
+            profile[i, :k] = torch.rand(k).sort(descending=True).values * rng.random()
+        widths = sorted(rng.sample([1, 2, 3, 4, 8, 16, 32], rng.randint(1, 5)))
+        cost = torch.rand(shapes, len(widths)) * 5 + 0.1
+        if trial % 7 == 0:
+            cost[rng.randrange(shapes), rng.randrange(len(widths))] = float("nan")
+        got = choose_step(profile, counts, cost, widths)
+        want = brute_force(profile, counts, cost, widths)
+        v = shape_values(profile, counts, cost.nan_to_num(nan=1e9), widths)
+        assert got == want or math.isclose(float(v[got]), float(v[want]), rel_tol=1e-9), (trial, got, want)
+
+
+def test_flat_drafting_and_verify_costs_pick_the_deepest_widest_and_steep_ones_plain():
+    shapes = shape_grid({4: 3})
+    counts = [s.candidates for s in shapes]
+    profile = torch.zeros(len(shapes), max(counts))
+    for i, k in enumerate(counts):
+        profile[i, :k] = 0.5
+    flat = torch.ones(len(shapes), 3)
+    assert choose_step(profile, counts, flat, [1, 8, 64]) == (len(shapes) - 1, 2)
+    steep = torch.tensor([[1.0, 9.0, 90.0]] + [[1.0 + 50 * d, 9.0, 90.0] for d in range(1, 4)])
+    assert choose_step(profile, counts, steep, [1, 8, 64]) == (0, 0)
+    none = torch.full((len(shapes), 3), float("nan"))
+    assert choose_step(profile, counts, none, [1, 8, 64]) == (len(shapes) - 1, 2)
+
+
+def test_depth_profile_is_the_mean_sorted_scores_per_depth_cap():
+    topk, depth = 2, 3
+    k = num_candidates(depth, topk)
+    scores = torch.rand(5, k)
+    scores[0, 3] = float("nan")
+    prof = depth_profile(scores, topk, depth)
+    clean = scores.nan_to_num(0.0)
+    for d in range(1, depth + 1):
+        kd = num_candidates(d, topk)
+        want = clean[:, :kd].sort(dim=1, descending=True).values.mean(0)
+        assert torch.allclose(prof[d - 1, :kd], want)
+        assert bool((prof[d - 1, kd:] == 0).all())
+    with pytest.raises(ValueError, match="candidates"):
+        depth_profile(scores[:, :-1], topk, depth)
+
+
+def test_shapes_validate_and_grid_lists_plain_then_each_family():
+    assert [str(s) for s in shape_grid({4: 2, 1: 2})] == [
+        "plain",
+        "tree(1,4)",
+        "tree(2,4)",
+        "chain(1,1)",
+        "chain(2,1)",
+    ]
+    assert DraftShape(4, 0).max_width == 1 and DraftShape(1, 3).candidates == 3
+    with pytest.raises(ValueError, match="depth"):
+        DraftShape(4, -1)
+    with pytest.raises(ValueError, match="at least one draft topk"):
+        shape_grid({})  # names no family
+
+
+# ------------------------------------------------------------------------------------ cost table
+
+
+def test_table_prices_each_shape_by_swapping_its_drafting_cost():
+    table = CostTable.from_dict(table_dict())
+    assert table.draft_shapes == {2: 4, 1: 4}
+    full = table.step_cost(1, WIDTHS)
+    own = table.draft_cost(1, 2, 4)
+    for topk, depth in ((2, 4), (2, 2), (1, 3), (2, 0)):
+        got = table.shape_cost(1, WIDTHS, topk, depth)
+        cap = 1 + num_candidates(depth, topk)
+        want = table.step_cost(1, [min(w, cap) for w in WIDTHS]) - own + table.draft_cost(1, topk, depth)
+        assert torch.allclose(got, want)
+    # the table's own tree costs its own step (width 16 is beyond its 14 candidates: verified as 15)
+    assert torch.allclose(table.shape_cost(1, WIDTHS, 2, 4)[:4], full[:4])
+    # interpolated in batch size like the verify grid
+    assert table.draft_cost(4.5, 2, 1) == pytest.approx((0.7 + 2.1) / 2)
+    again = CostTable.from_dict(table.to_dict())
+    assert again.draft_ms == table.draft_ms
+    assert table.scaled(2.0).draft_cost(1, 1, 2) == pytest.approx(2 * table.draft_cost(1, 1, 2))
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda d: d["draft_ms"].pop("2"), "own tree"),
+        (lambda d: d["draft_ms"]["1"][0].append(1.0), "ragged"),
+        (lambda d: d["draft_ms"]["1"][1].__setitem__(0, -1.0), "non-negative"),
+        (lambda d: d["draft_ms"].update({"x": [[0, 1], [0, 1]]}), "topk"),
+        (lambda d: d["metadata"].pop("draft_steps"), "draft_steps"),
+        (lambda d: d.update(draft_ms=[1, 2]), "object"),
+    ],
+)
+def test_bad_draft_costs_are_refused_with_the_field(mutate, match):
+    d = table_dict()
+    mutate(d)
+    with pytest.raises(CostTableError, match=match):
+        CostTable.from_dict(d)
+
+
+def test_a_shape_the_table_cannot_price_is_a_clear_error():
+    table = CostTable.from_dict(table_dict())
+    with pytest.raises(CostTableError, match="topk 3"):
+        table.shape_cost(1, WIDTHS, 3, 1)
+    with pytest.raises(CostTableError, match="depths 0..4"):
+        table.shape_cost(1, WIDTHS, 2, 5)
+    d = table_dict()
+    d.pop("draft_ms")
+    policy = TruncationPolicy(CostTable.from_dict(d), widths=WIDTHS)
+    assert not policy.prices_shapes
+    with pytest.raises(ValueError, match="draft_ms"):
+        policy.shape_costs(1, shape_grid({2: 4}))
+
+
+# ------------------------------------------------------------------------------------ controller
+
+
+def controller(draft, verify=(1.0, 1.1, 1.2, 1.3, 1.4), families=None, **kw):
+    table = CostTable.from_dict(table_dict(verify=verify, draft=draft))
+    policy = TruncationPolicy(table, widths=WIDTHS)
+    shapes = shape_grid(families or {2: 4})
+    return DepthController(shapes, WIDTHS, lambda bs: policy.shape_costs(bs, shapes), **kw)
+
+
+def test_controller_warms_up_deep_then_follows_the_scores():
+    cheap = {2: [0.1, 0.11, 0.12, 0.13, 0.14]}
+    ctl = controller(cheap)
+    assert ctl.plan(1) == DraftShape(2, 4)  # warm-up: the family's deepest, once
+    strong = torch.full((1, num_candidates(4, 2)), 0.9)
+    ctl.observe(DraftShape(2, 4), strong)
+    assert ctl.plan(1) == DraftShape(2, 4)
+    weak = torch.full((1, num_candidates(4, 2)), 0.001)
+    ctl2 = controller(cheap)
+    ctl2.plan(1)
+    ctl2.observe(DraftShape(2, 4), weak)
+    assert ctl2.plan(1) == DraftShape(2, 0)  # nothing worth drafting: plain decoding
+
+
+def test_controller_chooses_a_middle_depth_when_deep_nodes_are_weak():
+    # depth-1 nodes likely, deeper ones hopeless; drafting each step costs as much as a verify
+    ctl = controller({2: [0.05, 0.3, 1.3, 2.3, 3.3]}, verify=(1.0, 1.01, 1.02, 1.03, 1.04))
+    ctl.plan(1)
+    scores = torch.zeros(1, num_candidates(4, 2))
+    scores[0, :2] = torch.tensor([0.9, 0.8])
+    ctl.observe(DraftShape(2, 4), scores)
+    assert ctl.plan(1) == DraftShape(2, 1)
+
+
+def test_controller_probes_the_deepest_shape_with_back_off():
+    ctl = controller({2: [0.1, 0.11, 0.12, 0.13, 0.14]}, probe_every=3, max_probe_every=12)
+    weak = torch.full((1, num_candidates(4, 2)), 0.001)
+    plans = []
+    for _ in range(40):
+        shape = ctl.plan(1)
+        plans.append(shape.depth)
+        if shape.depth:
+            ctl.observe(shape, weak[:, : shape.candidates])
+        else:
+            ctl.observe(shape, weak[:, :0])
+    probes = [i for i, d in enumerate(plans) if d == 4]
+    assert probes[0] == 0 and len(probes) >= 3
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0]  # the interval grows while nothing changes
+    assert ctl.probes == len(probes) - 1  # the first one was the warm-up
+    assert ctl.stats()["shapes"]["plain"] == 40 - len(probes)
+
+
+def test_controller_refreshes_every_shallower_depth_from_one_tree_and_never_picks_unseen_shapes():
+    ctl = controller({2: [0.1] * 5, 1: [0.1] * 5}, families={2: 4, 1: 4})
+    assert ctl.plan(1) == DraftShape(2, 4)
+    ctl.observe(DraftShape(2, 4), torch.full((1, num_candidates(4, 2)), 0.5))
+    assert ctl.plan(1) == DraftShape(1, 4)  # the chain family warms up too
+    ctl.observe(DraftShape(1, 2), torch.full((1, 2), 0.99))
+    # chain depths 3-4 are still unseen: chosen only after their own observation
+    assert ctl.decide(1) not in (DraftShape(1, 3), DraftShape(1, 4))
+
+
+# ------------------------------------------------------------------------------------ engine
+
+
+@pytest.fixture(scope="module", params=["random", "oracle"])
+def pair_and_reference(request):
+    target, drafter = random_pair(0) if request.param == "random" else oracle_pair(0)
+    ref = [greedy_reference(target, p, NEW) for p in PROMPTS]
+    return request.param, target, drafter, ref
+
+
+class ScriptedDepth(DepthController):
+    """Plans a fixed cycle of shapes (every transition the issue names) but prices and observes as usual."""
+
+    def __init__(self, script, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.script = itertools.cycle(script)
+
+    def plan(self, batch_size):
+        return self._count(next(self.script))
+
+
+def engine_with(target, drafter, depth_cls=DepthController, script=None, draft=None, **kw):
+    table = CostTable.from_dict(table_dict(draft=draft))
+    policy = TruncationPolicy(table, widths=WIDTHS, decision=kw.pop("decision", "immediate"))
+    shapes = shape_grid({2: 4, 1: 4})
+    args = (shapes, WIDTHS, lambda bs: policy.shape_costs(bs, shapes))
+    depth = depth_cls(script, *args) if script is not None else depth_cls(*args, probe_every=2)
+    return SpecEngine(target, drafter, mode="evict", steps=4, topk=2, policy=policy, depth=depth, **kw)
+
+
+SCRIPT = [
+    DraftShape(2, 4),
+    DraftShape(2, 0),
+    DraftShape(2, 1),
+    DraftShape(1, 3),
+    DraftShape(2, 2),
+    DraftShape(2, 0),
+    DraftShape(1, 1),
+    DraftShape(2, 3),
+]
+
+
+@pytest.mark.parametrize("decision", ["immediate", "lagged"])
+def test_scripted_depth_changes_stay_token_identical(pair_and_reference, decision):
+    _, target, drafter, ref = pair_and_reference
+    engine = engine_with(target, drafter, ScriptedDepth, SCRIPT, decision=decision)
+    res = engine.generate(PROMPTS, NEW)
+    assert res.tokens == ref
+    seen = [(s.topk, s.depth) for s in res.steps]
+    assert seen[: len(SCRIPT)] == [(s.topk, s.depth) for s in SCRIPT][: len(seen)]
+    for s in res.steps:
+        cap = 1 + num_candidates(s.depth, s.topk)
+        assert 1 <= s.width <= cap
+        if s.depth == 0:
+            assert s.width == 1 and s.accepted == [1] * len(s.active)
+
+
+def test_depth_controller_decides_and_stays_token_identical(pair_and_reference):
+    kind, target, drafter, ref = pair_and_reference
+    # costly drafting per depth: the controller has a real choice between shapes
+    draft = {2: [0.1, 0.6, 1.1, 1.6, 2.1], 1: [0.1, 0.3, 0.5, 0.7, 0.9]}
+    # calibrated scores: the random drafter is confident and wrong, which only outcomes reveal
+    est = AcceptanceEstimator(topk=2, max_depth=4, prior_strength=2.0, half_life=64.0)
+    engine = engine_with(target, drafter, draft=draft, acceptance=est)
+    every = []
+    for _ in range(3):
+        res = engine.generate(PROMPTS, NEW)
+        assert res.tokens == ref
+        every += res.steps
+    shapes = {(s.topk, s.depth) for s in every}
+    if kind == "random":  # drafts mostly rejected: plain decoding must win most steps
+        assert sum(s.depth == 0 for s in res.steps) > len(res.steps) / 2
+    else:
+        assert any(s.depth > 0 for s in res.steps)
+    assert len(shapes) >= 2  # warm-up, probes and decisions really vary the shape
+    assert all(s.predicted_step_ms is not None for s in every if s.depth)
+
+
+def test_depth_needs_a_table_that_prices_drafting():
+    target, drafter = random_pair(0)
+    d = table_dict()
+    d.pop("draft_ms")
+    policy = TruncationPolicy(CostTable.from_dict(d), widths=WIDTHS)
+    shapes = shape_grid({2: 4})
+    ctl = DepthController(shapes, WIDTHS, lambda bs: policy.shape_costs(bs, shapes))
+    with pytest.raises(ValueError, match="draft_ms"):
+        SpecEngine(target, drafter, mode="evict", steps=4, topk=2, policy=policy, depth=ctl)
+    with pytest.raises(ValueError, match="deepest"):
+        SpecEngine(target, drafter, mode="evict", steps=2, topk=2, policy=policy, depth=ctl)
+
+
+class FakeAdaptive:
+    """SGLang's adaptive protocol, scripted: the engine must follow it and report back."""
+
+    def __init__(self, steps):
+        self.steps = itertools.cycle(steps)
+        self.reports = []
+
+    def get_steps_for_batch(self, batch_size):
+        return next(self.steps)
+
+    def on_verify_complete(self, num_correct_drafts_per_req, batch_size):
+        self.reports.append((list(num_correct_drafts_per_req), batch_size))
+
+
+def test_adaptive_protocol_drives_the_chain_and_hears_back(pair_and_reference):
+    _, target, drafter, ref = pair_and_reference
+    adaptive = FakeAdaptive([3, 0, 1, 5])
+    engine = SpecEngine(
+        target, drafter, mode="static", steps=5, topk=1, num_draft_tokens=6, adaptive=adaptive
+    )
+    res = engine.generate(PROMPTS, NEW)
+    assert res.tokens == ref
+    assert [s.depth for s in res.steps][:4] == [3, 0, 1, 5]
+    assert [s.width for s in res.steps][:4] == [4, 1, 2, 6]
+    assert [r for r, _ in adaptive.reports] == [[a - 1 for a in s.accepted] for s in res.steps]
+    with pytest.raises(ValueError, match="topk 1"):
+        SpecEngine(target, drafter, mode="static", steps=3, topk=2, adaptive=adaptive)
