@@ -245,12 +245,15 @@ def test_the_engine_step_raises_fixed_ms_to_the_whole_step(monkeypatch):
         return {1: [1000.0, 1300.0, 900.0], 4: [0.001, 0.001]}
 
     monkeypatch.setattr(auto, "measure_step_overhead", fake_overhead)
-    monkeypatch.setattr(tb, "measure_draft_cost", lambda spec, path, steps, topk: {1: 0.5, 4: 0.7})
+    depths = {2: {1: [0.1, 0.3, 0.5], 4: [0.2, 0.5, 0.7]}, 1: {1: [0.1, 0.2, 0.3], 4: [0.2, 0.3, 0.4]}}
+    monkeypatch.setattr(tb, "measure_draft_depths", lambda spec, path, steps, topks: {k: depths[k] for k in topks})
     table = auto.measure_table(TARGET, DRAFTER, device="cpu", dtype="float32", grid=grid, progress=False)
     assert seen["width"] == 4  # the largest grid width <= 8 that the (2, 2) tree (N = 7) can verify
     verify_at = table.median[0][table.widths.index(4)]
     assert table.fixed_ms[0] == pytest.approx(1000.0 - verify_at, abs=1e-3)
     assert table.fixed_ms[1] == pytest.approx(0.7)
+    # drafting per depth for the tree and for a chain: what the whole-step decision prices
+    assert table.draft_ms == {2: [[0.1, 0.3, 0.5], [0.2, 0.5, 0.7]], 1: [[0.1, 0.2, 0.3], [0.2, 0.3, 0.4]]}
     assert "whole decode step at width 4" in table.metadata["fixed_ms"]
     assert "2 forwards x 2 tokens" in table.metadata["fixed_ms"]  # what the bench parses is kept
     # a disturbed step timing (1300 / 900) counts in the spread that decides caching

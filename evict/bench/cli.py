@@ -181,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-oracle", action="store_true", help="skip the oracle-cut row (the ceiling of any cut)"
     )
     p.add_argument(
+        "--no-whole-step",
+        action="store_true",
+        help="skip the 'evict-step' row (EVICT deciding depth, chain or tree, and width; needs a table "
+        "with per-depth drafting costs)",
+    )
+    p.add_argument(
+        "--no-adaptive",
+        action="store_true",
+        help="skip the 'sglang-adaptive' row (SGLang's --speculative-adaptive controller, read from the "
+        "installed sglang; skipped with a note when sglang is not installed)",
+    )
+    p.add_argument(
         "--per-request",
         choices=["off", "on", "both"],
         default="off",
@@ -393,6 +405,31 @@ def build_modes(
                     acceptance="calibrated",
                 )
             )
+    if with_evict and getattr(args, "whole_step", False):
+        modes.append(
+            ModeSpec(
+                name="evict-step",
+                kind="evict",
+                steps=s,
+                topk=k,
+                num_draft=n,
+                role="evict-step",
+                acceptance="calibrated" if acceptance in ("calibrated", "both") else "raw",
+                whole_step=True,
+            )
+        )
+    if getattr(args, "adaptive_steps", None):
+        top = max(args.adaptive_steps)
+        modes.append(
+            ModeSpec(
+                name="sglang-adaptive",
+                kind="adaptive",
+                steps=top,
+                topk=1,
+                num_draft=top + 1,
+                role="sglang-adaptive",
+            )
+        )
     per_request = getattr(args, "per_request", "off")
     if with_evict and per_request == "on":
         modes = [replace(m, per_request=True) if m.kind == "evict" else m for m in modes]
@@ -448,7 +485,7 @@ def _engine_factory(target: Any, drafter: Any, device: str, acceptance_prior: Pa
     from evict.truncation import AcceptanceEstimator  # noqa: PLC0415
 
     def factory(mode: ModeSpec, policy: Any) -> Any:
-        kind = "static" if mode.kind == "moe-spec" else mode.kind
+        kind = "static" if mode.kind in ("moe-spec", "adaptive") else mode.kind
         kw: dict[str, Any] = {}
         if kind != "ar":
             kw.update(steps=mode.steps, topk=mode.topk, num_draft_tokens=mode.num_draft)
@@ -457,9 +494,46 @@ def _engine_factory(target: Any, drafter: Any, device: str, acceptance_prior: Pa
             if acceptance_prior is not None:
                 est.load(acceptance_prior)
             kw["acceptance"] = est
+        if mode.whole_step:
+            kw["depth"] = whole_step_controller(policy, mode.steps, mode.topk)
+        if mode.kind == "adaptive":
+            kw["adaptive"] = sglang_adaptive_params()
         return SpecEngine(target, drafter, mode=kind, policy=policy, **kw)
 
     return factory
+
+
+def whole_step_controller(policy: Any, steps: int, topk: int) -> Any:
+    """EVICT's whole-step decision for the bench: plain decoding, the tree's depths 1..steps and, when
+    the table prices it, a chain (topk 1) of up to ``steps``, priced by the policy's table."""
+    from evict.truncation.depth import DepthController, shape_grid  # noqa: PLC0415
+
+    families = {topk: steps}
+    if topk != 1 and policy.draft_shapes.get(1, 0) >= 1:
+        families[1] = min(steps, policy.draft_shapes[1])
+    shapes = shape_grid(families)
+    return DepthController(shapes, policy.widths.tolist(), lambda bs: policy.shape_costs(bs, shapes))
+
+
+def sglang_adaptive_params() -> Any:
+    """SGLang 0.5.23's own adaptive-steps controller with its default configuration
+    (``sglang/srt/speculative/adaptive_spec_params.py``: ``AdaptiveSpeculativeParams``, candidate
+    steps [1, 3, 5, 7] at bs 1, [0, 1, 3] at bs 8, [0, 1] at bs 32, [0] at bs 64), started at 3 steps
+    like its default chain. Imported from the installed package, not copied."""
+    from sglang.srt.speculative.adaptive_spec_params import AdaptiveSpeculativeParams  # noqa: PLC0415
+
+    return AdaptiveSpeculativeParams(initial_steps=3)
+
+
+def sglang_adaptive_steps() -> list[int] | None:
+    """Every chain length SGLang's adaptive controller may pick (None when sglang is not installed)."""
+    try:
+        from sglang.srt.speculative.adaptive_spec_params import (  # noqa: PLC0415
+            resolve_candidate_steps_from_config,
+        )
+    except Exception:  # not installed, or its import fails on this machine: the row is skipped
+        return None
+    return list(resolve_candidate_steps_from_config(None))
 
 
 def evict_tree_for(table: Any, fallback: tuple[int, int] = (5, 4)) -> tuple[int, int, int]:
@@ -487,6 +561,18 @@ def run_bench(
     if args.evict_tree is None:
         args.evict_tree = evict_tree_for(bench.table)
         log(f"EVICT draft tree (steps, topk, N) = {args.evict_tree}")
+    priced = dict(getattr(bench.table, "draft_shapes", None) or {}) if bench.table is not None else {}
+    args.whole_step = (
+        not getattr(args, "no_whole_step", True) and priced.get(args.evict_tree[1], 0) >= args.evict_tree[0]
+    )
+    if not getattr(args, "no_whole_step", True) and not args.whole_step and bench.table is not None:
+        log(
+            "no evict-step row: the cost table does not price drafting per depth for EVICT's tree "
+            "(draft_ms); measure one with evict-profile --draft-model, or drop --cost-table"
+        )
+    args.adaptive_steps = None if getattr(args, "no_adaptive", True) else sglang_adaptive_steps()
+    if not getattr(args, "no_adaptive", True) and args.adaptive_steps is None:
+        log("no sglang-adaptive row: sglang 0.5.23 is not importable here (pip install -e '.[sglang]')")
     prompts = build_prompts(tokenizer, args.num_prompts, args.prompt_tokens)
     ood = getattr(args, "ood_prompts", 0)
     if ood:
@@ -559,6 +645,8 @@ def run_bench(
     data.meta["elapsed_s"] = time.time() - t_start
     if hasattr(bench, "acceptance_reports"):
         data.meta["acceptance_reliability"], data.acceptance_priors = bench.acceptance_reports()
+    if hasattr(bench, "depth_reports"):
+        data.meta["draft_shapes"] = bench.depth_reports()
     outputs = {}
     for r in data.instrumented + data.records:
         for p, o in zip(r.prompt_ids, r.outputs):

@@ -64,7 +64,9 @@ class ModeSpec:
     rows for the report: ``baseline``, ``chain``, ``sglang-default``, ``static``, ``best-static``,
     ``evict``, ``evict-cal`` (EVICT with the estimator next to raw EVICT), ``evict-off``, ``oracle``,
     ``ablation``, ``lossy``, ``evict-pr`` (per-request widths), ``evict-gpu`` (EVICT deciding from
-    the modeled GPU table, ``cost="modeled"``). ``per_request``: each request keeps its own number
+    the modeled GPU table, ``cost="modeled"``), ``evict-step`` (EVICT deciding the whole step:
+    ``whole_step``), ``sglang-adaptive`` (kind ``adaptive``: SGLang 0.5.23's own adaptive chain,
+    ``--speculative-adaptive``, run by the reference engine with SGLang's controller). ``per_request``: each request keeps its own number
     of nodes under a batch-wide budget within the batch width (padding fills the rest).
     """
 
@@ -79,6 +81,7 @@ class ModeSpec:
     decision: str | None = None  # EVICT's decision mode; None = the run's --decision
     acceptance: str = "raw"  # EVICT's node scores: raw drafter probabilities or calibrated
     per_request: bool = False  # EVICT: per-request widths under a batch budget (padded slots)
+    whole_step: bool = False  # EVICT: also decide the draft shape (depth 0..steps, chain or tree)
 
     @property
     def lossy(self) -> bool:

@@ -53,6 +53,7 @@ def summarize(data: BenchData) -> dict[str, Any]:
         names = [m.name for m in modes]
         evict = next((m.name for m in modes if m.role == "evict"), None)
         evict_cal = next((m.name for m in modes if m.role == "evict-cal"), None)
+        evict_step = next((m.name for m in modes if m.role == "evict-step"), None)
         oracle = next((m.name for m in modes if m.role == "oracle"), None)
         statics = [m for m in modes if m.kind == "static"]
         rows = []
@@ -76,6 +77,9 @@ def summarize(data: BenchData) -> dict[str, Any]:
                 if evict_cal
                 else None,
                 "oracle_over_this": paired_ratio(stats, oracle, m.name, bs).to_dict() if oracle else None,
+                "step_over_this": paired_ratio(stats, evict_step, m.name, bs).to_dict()
+                if evict_step
+                else None,
                 "accepted_length": _spread_over(stats, m.name, bs, "accepted_length").to_dict(),
                 "modeled_tokens_per_s": _spread_over(stats, m.name, bs, "modeled_tokens_per_s").to_dict(),
                 "mean_width": _spread_over(stats, m.name, bs, "mean_width").to_dict(),
@@ -89,6 +93,13 @@ def summarize(data: BenchData) -> dict[str, Any]:
                 }
                 | {"n": _spread_over(stats, m.name, bs, "step_s").n},
             }
+            shapes: dict[str, int] = {}
+            for r in data.records:
+                if r.mode == m.name and r.batch_size == bs:
+                    for k, v in r.shapes.items():
+                        shapes[k] = shapes.get(k, 0) + v
+            if m.whole_step or m.kind == "adaptive":
+                row["draft_shapes"] = dict(sorted(shapes.items(), key=lambda kv: -kv[1]))
             if m.kind == "evict":
                 pairs = [
                     c for r in data.records if r.mode == m.name and r.batch_size == bs for c in r.calibration
@@ -127,6 +138,8 @@ def summarize(data: BenchData) -> dict[str, Any]:
             "rows": rows,
             "evict": evict,
             "evict_cal": evict_cal,
+            "evict_step": evict_step,
+            "sglang_adaptive": next((m.name for m in modes if m.role == "sglang-adaptive"), None),
             "oracle": oracle,
             "best_static": best_static,
             "fastest_static": fastest,
@@ -135,6 +148,48 @@ def summarize(data: BenchData) -> dict[str, Any]:
         }
     out["targets"] = check_targets(out)
     return out
+
+
+def _shape_mix(row: dict | None) -> str:
+    shapes = (row or {}).get("draft_shapes") or {}
+    total = sum(shapes.values())
+    return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in shapes.items()) if total else "-"
+
+
+def _whole_step_lines(s: dict, bs: str) -> list[str]:
+    """EVICT deciding the whole step against AR, SGLang's default and adaptive chains, the best
+    static tree and width-only EVICT (issue 20's target: never slower than the best of the first three)."""
+    me = _row(s, s.get("evict_step"))
+    if not me:
+        return []
+    parts, peers = [], []
+    for label, name in (
+        ("AR", "ar"),
+        ("SGLang default", s.get("sglang_default")),
+        ("SGLang adaptive", s.get("sglang_adaptive")),
+        ("best static", s.get("best_static")),
+        ("EVICT width only", s.get("evict")),
+    ):
+        other = _row(s, name)
+        ratio = (other or {}).get("step_over_this")
+        if ratio and ratio.get("n"):
+            parts.append(f"{_fmt(ratio)}x {label}")
+            if label in ("AR", "SGLang default", "SGLang adaptive"):
+                peers.append((label, ratio))
+    L = [f"EVICT whole step (bs {bs}), per-seed paired tokens/s ratio: " + ", ".join(parts) + "."]
+    if peers:
+        label, worst = min(peers, key=lambda p: p[1]["mean"])
+        verdict = (
+            "not slower" if worst["mean"] >= 1.0 else ("within spread" if worst["max"] >= 1.0 else "SLOWER")
+        )
+        L.append(
+            f"Against the best of AR, SGLang's default and adaptive ({label}): {_fmt(worst)}x, {verdict}."
+        )
+    L.append(f"Draft shapes chosen: {_shape_mix(me)}.")
+    adaptive = _row(s, s.get("sglang_adaptive"))
+    if adaptive:
+        L.append(f"SGLang adaptive chain lengths: {_shape_mix(adaptive)}.")
+    return [*L, ""]
 
 
 def _calibrated_lines(s: dict, bs: str, meta: dict, first: bool) -> list[str]:
@@ -364,11 +419,13 @@ def render_markdown(summary: dict[str, Any]) -> str:
     for bs, s in summary["batch_sizes"].items():
         L.append(f"### Batch size {bs}")
         L.append("")
+        step = bool(s.get("evict_step"))
         L.append(
-            "| mode | tree (s,k,N) | tokens/s | speedup vs AR | EVICT / this | accepted len | verified width "
-            "| experts/layer/verify | target eff. | decision share |"
+            "| mode | tree (s,k,N) | tokens/s | speedup vs AR | EVICT / this | "
+            + ("EVICT whole step / this | " if step else "")
+            + "accepted len | verified width | experts/layer/verify | target eff. | decision share |"
         )
-        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        L.append("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if step else ""))
         for r in s["rows"]:
             if r["role"] in ("ablation",) or r["lossy"]:
                 continue
@@ -383,10 +440,15 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 name += " (EVICT, calibrated acceptance)"
             if r["role"] == "oracle":
                 name += " (ceiling: verifies exactly the accepted path)"
+            if r["role"] == "evict-step":
+                name += " (EVICT: depth, chain or tree, and width)"
+            if r["role"] == "sglang-adaptive":
+                name += " (SGLang --speculative-adaptive)"
             ex = r["experts_per_verify"]
+            step_col = f"| {_fmt(r.get('step_over_this'))}x " if step else ""
             L.append(
                 f"| {name} | {_tree(r)} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['speedup_vs_ar'])}x "
-                f"| {_fmt(r['evict_over_this'])}x | {_fmt(r['accepted_length'])} | {_fmt(r['mean_width'])} "
+                f"| {_fmt(r['evict_over_this'])}x {step_col}| {_fmt(r['accepted_length'])} | {_fmt(r['mean_width'])} "
                 f"| {'-' if ex is None else f'{ex:.1f}'} | {_fmt(r['target_efficiency'])} "
                 f"| {_pct(r['decision_share']) if r['kind'] == 'evict' else '-'} |"
             )
@@ -418,6 +480,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
             )
             L.append("")
         L.extend(_calibrated_lines(s, bs, meta, first=bs == next(iter(summary["batch_sizes"]))))
+        L.extend(_whole_step_lines(s, bs))
         L.extend(_modeled_lines(s, bs, meta))
         abl = [r for r in s["rows"] if r["role"] == "ablation"]
         if abl and ev:

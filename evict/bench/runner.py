@@ -25,6 +25,7 @@ from evict.kernels import make_decider
 from evict.profiler.table import resolve_widths
 from evict.profiler.timing import CLOCKS
 from evict.truncation import TruncationPolicy
+from evict.truncation.depth import DraftShape
 
 from .hooks import ExpertUnionCounter, MoESpecBudget, chain_hooks, verify_router_hook
 from .modes import ModeSpec
@@ -168,6 +169,10 @@ def record_from_result(
                     rec.request_steps_each[int(b)] += 1
         width = int(_get(st, ("width", "verified_width"), 1))
         rec.width_sum += width
+        depth = _get(st, ("depth",), None)
+        if depth is not None:
+            label = str(DraftShape(int(_get(st, ("topk",), 1) or 1), int(depth)))
+            rec.shapes[label] = rec.shapes.get(label, 0) + 1
         if modeled_step_s is not None and active:
             counts = _get(st, ("kept_counts",), None)
             real = width if counts is None else 1.0 + sum(counts) / len(active)
@@ -262,7 +267,10 @@ class Bench:
 
     @staticmethod
     def _engine_key(mode: ModeSpec) -> str:
-        return f"{mode.name}|{mode.tree}|{mode.cost}|{mode.budget}|{mode.decision}|{mode.acceptance}|{mode.per_request}"
+        return (
+            f"{mode.name}|{mode.tree}|{mode.cost}|{mode.budget}|{mode.decision}|{mode.acceptance}"
+            f"|{mode.per_request}|{mode.whole_step}"
+        )
 
     def engine(self, mode: ModeSpec) -> Any:
         """The (cached) engine of a mode; EVICT modes get their cost-table variant."""
@@ -301,6 +309,14 @@ class Bench:
                 name = key.split("|")[0]
                 rel[name], priors[name] = est.reliability(), est.state_dict()
         return rel, priors
+
+    def depth_reports(self) -> dict[str, dict[str, Any]]:
+        """Per whole-step EVICT mode: steps per draft shape, probes and per-family reliability."""
+        return {
+            key.split("|")[0]: engine.depth.stats()
+            for key, engine in self._engines.items()
+            if getattr(engine, "depth", None) is not None
+        }
 
     def _step_cost_s(self, batch_size: int, width: int) -> float:
         return float(self.table.step_cost(batch_size, [width])[0]) / 1000.0

@@ -83,6 +83,9 @@ class RunRecord(_Totals):
     request_emitted: list[int] = field(default_factory=list)  # per request (prompt_ids order)
     request_steps_each: list[int] = field(default_factory=list)  # steps each request was active
     calibration: list[tuple[float, int]] = field(default_factory=list)  # EVICT: (predicted B, accepted)
+    shapes: dict[str, int] = field(
+        default_factory=dict
+    )  # decode steps per draft shape ("tree(5,4)", "plain")
 
 
 def _div(a: float, b: float) -> float:

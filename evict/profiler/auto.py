@@ -146,6 +146,7 @@ def cache_key(
         "num_threads": int(num_threads),
         "grid": [list(grid.batch_sizes), list(grid.widths), grid.repeats, grid.warmup, grid.context_len],
         "draft_tree": [grid.draft_steps, grid.draft_topk],
+        "draft_depths": 1,  # tables price drafting per depth (draft_ms) since this field exists
         "engine_overhead": grid.engine_overhead,
         "clock": clock,
         "torch": torch.__version__,
@@ -176,8 +177,7 @@ def measure_table(
     profiler's torch backend, exactly as ``evict-profile`` does, and return the table."""
     from evict.profiler.torch_backend import (  # noqa: PLC0415 (heavy)
         ProfileSpec,
-        draft_cost_note,
-        measure_draft_cost,
+        add_draft_costs,
         profile,
         result_to_table,
     )
@@ -196,10 +196,7 @@ def measure_table(
     )
     result = profile(spec)
     if drafter_dir is not None:
-        result.fixed_ms = measure_draft_cost(spec, Path(drafter_dir), grid.draft_steps, grid.draft_topk)
-        result.meta["fixed_ms"] = draft_cost_note(Path(drafter_dir), grid.draft_steps, grid.draft_topk)
-        result.meta["draft_steps"] = grid.draft_steps
-        result.meta["draft_topk"] = grid.draft_topk
+        add_draft_costs(result, spec, Path(drafter_dir), grid.draft_steps, grid.draft_topk)
         if grid.engine_overhead:
             _price_whole_step(
                 result, Path(model_dir), Path(drafter_dir), device=device, dtype=dtype, grid=grid

@@ -298,12 +298,9 @@ def _measure(args: argparse.Namespace, points: list[tuple[int, int]] | None = No
 
     result = profile(spec)
     if args.draft_model is not None:
-        from evict.profiler.torch_backend import draft_cost_note, measure_draft_cost
+        from evict.profiler.torch_backend import add_draft_costs
 
-        result.fixed_ms = measure_draft_cost(spec, args.draft_model, args.draft_steps, args.draft_topk)
-        result.meta["fixed_ms"] = draft_cost_note(args.draft_model, args.draft_steps, args.draft_topk)
-        result.meta["draft_steps"] = args.draft_steps
-        result.meta["draft_topk"] = args.draft_topk
+        add_draft_costs(result, spec, args.draft_model, args.draft_steps, args.draft_topk)
     return result
 
 

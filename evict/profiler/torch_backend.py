@@ -88,6 +88,7 @@ class ProfileResult:
     points: list[PointResult]
     meta: dict
     fixed_ms: dict[int, float] = field(default_factory=dict)
+    draft_ms: dict[int, dict[int, list[float]]] = field(default_factory=dict)  # topk -> bs -> per depth
 
     def point(self, batch_size: int, width: int) -> PointResult:
         """The measured point for (batch_size, width); KeyError if it was not measured."""
@@ -727,6 +728,11 @@ def result_to_table(result: ProfileResult, source: str = "<profile>"):
     }
     if result.fixed_ms and all(b in result.fixed_ms for b in bss):
         d["fixed_ms"] = [round(float(result.fixed_ms[b]), 4) for b in bss]
+    if result.draft_ms and all(b in rows_ for rows_ in result.draft_ms.values() for b in bss):
+        d["draft_ms"] = {
+            str(k): [[round(float(v), 4) for v in by_bs[b]] for b in bss]
+            for k, by_bs in result.draft_ms.items()
+        }
     return CostTable.from_dict(d, source=source)
 
 
@@ -739,15 +745,41 @@ def draft_cost_note(draft_path: Path, steps: int, topk: int) -> str:
     )
 
 
-def measure_draft_cost(spec: ProfileSpec, draft_path: Path, steps: int, topk: int) -> dict[int, float]:
-    """Median ms of the fixed per-step drafting work for each batch size (the table's ``fixed_ms``).
+def add_draft_costs(
+    result: ProfileResult, spec: ProfileSpec, draft_path: Path, steps: int, topk: int
+) -> None:
+    """Price drafting into ``result``: ``fixed_ms`` (the ``(steps, topk)`` tree's whole draft) and
+    ``draft_ms`` per depth for that topk and for a chain (topk 1), which the whole-step decision
+    needs to weigh shallower drafts, chains and plain decoding. The one route of ``evict-profile
+    --draft-model`` and the zero-config measurement."""
+    families = sorted({int(topk), 1}, reverse=True)
+    result.draft_ms = measure_draft_depths(spec, Path(draft_path), steps, families)
+    result.fixed_ms = {bs: row[steps] for bs, row in result.draft_ms[int(topk)].items()}
+    result.meta["fixed_ms"] = draft_cost_note(Path(draft_path), steps, topk)
+    result.meta["draft_steps"] = int(steps)
+    result.meta["draft_topk"] = int(topk)
 
-    Mirrors one decode step of the reference engine's EAGLE-3 drafting with
-    ``speculative_num_steps = steps`` and ``topk``: the draft extend over the accepted tokens (up to
-    ``steps + 1`` per request, projected from the target's three aux layers by the drafter's fc),
-    then ``steps - 1`` tree forwards of ``topk`` tokens per request, each followed by a top-k over
-    the draft vocabulary, against a ``context_len`` draft KV context. Scheduler and sampling
-    overhead are not included; on a GPU server they belong in fixed_ms too.
+
+def measure_draft_cost(spec: ProfileSpec, draft_path: Path, steps: int, topk: int) -> dict[int, float]:
+    """Median ms of the fixed per-step drafting work for each batch size (the table's ``fixed_ms``):
+    depth ``steps`` of :func:`measure_draft_depths`."""
+    return {
+        bs: row[steps] for bs, row in measure_draft_depths(spec, draft_path, steps, (topk,))[topk].items()
+    }
+
+
+def measure_draft_depths(
+    spec: ProfileSpec, draft_path: Path, steps: int, topks: Sequence[int]
+) -> dict[int, dict[int, list[float]]]:
+    """``{topk: {batch size: [median ms at depth 0..steps]}}``: the table's ``draft_ms``.
+
+    Depth ``d`` mirrors one decode step of the reference engine's EAGLE-3 drafting with
+    ``speculative_num_steps = d``: the draft extend over the accepted tokens (``d + 1`` per request,
+    projected from the target's three aux layers by the drafter's fc; one token at depth 0, which
+    drafts nothing but keeps the drafter's cache warm), a top-k of its last position, then ``d - 1``
+    tree forwards of ``topk`` tokens per request, each followed by a top-k over the draft
+    vocabulary, against a ``context_len`` draft KV context. Scheduler and sampling overhead are not
+    included; on a GPU server they belong in fixed_ms too.
     """
     from tqdm.auto import tqdm
 
@@ -774,12 +806,11 @@ def measure_draft_cost(spec: ProfileSpec, draft_path: Path, steps: int, topk: in
     vocab = int(target.config.vocab_size)
     ctx = spec.context_len
     ext = steps + 1
-    out: dict[int, float] = {}
+    out: dict[int, dict[int, list[float]]] = {int(k): {} for k in topks}
     gen = torch.Generator().manual_seed(spec.seed)
+    points = [(bs, k) for bs in sorted(set(spec.batch_sizes)) for k in out]
     with torch.inference_mode():
-        for bs in tqdm(
-            sorted(set(spec.batch_sizes)), desc="drafter", disable=not spec.progress, file=sys.stderr
-        ):
+        for bs, topk in tqdm(points, desc="drafter", disable=not spec.progress, file=sys.stderr):
             cache = drafter.new_cache(bs, ctx + ext + topk * steps)
             ids = torch.randint(0, vocab, (bs, ctx), generator=gen).to(device)
             pos = torch.arange(ctx).unsqueeze(0).expand(bs, ctx).to(device)
@@ -792,18 +823,36 @@ def measure_draft_cost(spec: ProfileSpec, draft_path: Path, steps: int, topk: in
             step_ids = torch.randint(0, vocab, (bs, topk), generator=gen).to(device)
 
             def one_step(
-                bs=bs, cache=cache, aux=aux, ext_ids=ext_ids, ext_pos=ext_pos, step_ids=step_ids
+                depth: int,
+                bs=bs,
+                topk=topk,
+                cache=cache,
+                aux=aux,
+                ext_ids=ext_ids,
+                ext_pos=ext_pos,
+                step_ids=step_ids,
             ) -> None:
-                logits, hid = drafter.forward(ext_ids, drafter.project(aux), ext_pos, cache)
+                n = depth + 1 if depth > 0 else 1
+                logits, hid = drafter.forward(
+                    ext_ids[:, :n], drafter.project(aux[:, :n]), ext_pos[:, :n], cache
+                )
+                if depth == 0:
+                    return
                 torch.topk(logits[:, -1].float(), topk, dim=-1)
                 hid = hid[:, -1:].expand(bs, topk, hidden)
-                for s in range(1, steps):
+                for s in range(1, depth):
                     p = torch.full((bs, topk), ctx + ext + s - 1, dtype=torch.long, device=device)
                     logits, hid = drafter.forward(step_ids, hid, p, cache)
                     torch.topk(logits.float(), topk, dim=-1)
 
-            for _ in range(spec.warmup):
-                one_step()
-            samples = [time_call(one_step, device, spec.clock) for _ in range(spec.repeats)]
-            out[bs] = float(statistics.median(samples))
+            row = []
+            for depth in range(steps + 1):
+                for _ in range(spec.warmup):
+                    one_step(depth)
+                samples = [
+                    time_call(lambda d=depth: one_step(d), device, spec.clock) for _ in range(spec.repeats)
+                ]
+                row.append(float(statistics.median(samples)))
+            # a deeper draft runs every shallower step: keep the row monotone against timing noise
+            out[topk][bs] = [max(row[: i + 1]) for i in range(len(row))]
     return out

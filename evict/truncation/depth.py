@@ -98,7 +98,8 @@ def depth_profile(scores: torch.Tensor, topk: int, depth: int) -> torch.Tensor:
     of the first ``K(d)`` candidates (depth <= d), zero-padded to ``K = K(depth)``.
 
     ``scores [bs, K(depth)]``: cumulative draft probabilities in SGLang's flat layout. Non-finite
-    scores count as 0 (never as a benefit).
+    scores count as 0 (never as a benefit). One masked sort for every depth cap (a handful of
+    tensor ops per step, whatever the depth).
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be [bs, K], got shape {tuple(scores.shape)}")
@@ -108,11 +109,10 @@ def depth_profile(scores: torch.Tensor, topk: int, depth: int) -> torch.Tensor:
             f"a depth-{depth} topk-{topk} tree has {k_all} candidates, scores have {scores.shape[1]}"
         )
     s = torch.nan_to_num(scores.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(0.0, 1.0)
-    out = torch.zeros((depth, k_all), dtype=torch.float32, device=scores.device)
-    for d in range(1, depth + 1):
-        k = num_candidates(d, topk)
-        out[d - 1, :k] = s[:, :k].sort(dim=1, descending=True).values.mean(dim=0)
-    return out
+    caps = torch.tensor([num_candidates(d, topk) for d in range(1, depth + 1)], device=s.device)
+    keep = torch.arange(k_all, device=s.device).view(1, -1) < caps.view(-1, 1)  # [depth, K]
+    masked = s.unsqueeze(0) * keep.unsqueeze(1)  # [depth, bs, K]
+    return masked.sort(dim=2, descending=True).values.mean(dim=1)
 
 
 def shape_values(
@@ -209,8 +209,16 @@ class DepthController:
             if s.depth > 0:
                 self.families[s.topk] = max(self.families.get(s.topk, 0), s.depth)
         self.index = {s: i for i, s in enumerate(self.shapes)}
+        self._first_row: dict[int, int] = {}
+        for k, deepest in self.families.items():
+            rows = [self.index.get(DraftShape(k, d)) for d in range(1, deepest + 1)]
+            if None in rows or rows != list(range(rows[0], rows[0] + deepest)):
+                raise ValueError(
+                    f"family topk {k} must list depths 1..{deepest} consecutively (use shape_grid)"
+                )
+            self._first_row[k] = rows[0]
+        self._seen_host = [s.depth == 0 for s in self.shapes]
         self._profile: torch.Tensor | None = None  # [D, Kmax] on the scores' device
-        self._seen = torch.zeros(len(self.shapes), dtype=torch.bool)
         self._host: torch.Tensor | None = None  # the profile as of the last observe, on the host
         self._event = None
         self._age = {k: 0 for k in self.families}  # steps since the family's deepest was drafted
@@ -226,7 +234,7 @@ class DepthController:
     def plan(self, batch_size: int) -> DraftShape:
         """The shape to draft this step (host values only)."""
         for k, deepest in self.families.items():  # warm-up: every family drafted deep once
-            if not bool(self._seen[self.index[DraftShape(k, deepest)]]):
+            if not self._seen_host[self.index[DraftShape(k, deepest)]]:
                 return self._count(DraftShape(k, deepest))
         decision = self.decide(batch_size)
         if self._probing is not None:  # the step after a probe: did it change the decision?
@@ -250,9 +258,9 @@ class DepthController:
         scale = torch.tensor([self.reliability.get(s.topk, 1.0) for s in self.shapes], dtype=torch.float64)
         profile = profile * scale.view(-1, 1)
         cost = self.shape_costs(int(batch_size)).detach().to("cpu", torch.float64)
-        seen = self._seen.clone()
         # A shape never observed (a deeper depth than any drafted yet) is not chosen blind.
-        cost = torch.where(seen.view(-1, 1) | (torch.tensor(self.counts) == 0).view(-1, 1), cost, math.inf)
+        if not all(self._seen_host):
+            cost = torch.where(torch.tensor(self._seen_host).view(-1, 1), cost, math.inf)
         i, _ = choose_step(profile, self.counts, cost, self.widths)
         self.last_decision = self.shapes[i]
         return self.shapes[i]
@@ -265,30 +273,26 @@ class DepthController:
             return
         if shape.topk not in self.families:
             raise ValueError(f"{shape} is not one of this controller's families {sorted(self.families)}")
-        prof = depth_profile(scores, shape.topk, shape.depth)  # [depth, K]
+        depth = min(shape.depth, self.families[shape.topk])
+        prof = depth_profile(scores, shape.topk, shape.depth)[:depth, : self.kmax]  # [depth, <= Kmax]
         if self._profile is None or self._profile.device != prof.device:
             self._profile = torch.zeros(
                 (len(self.shapes), self.kmax), dtype=torch.float32, device=prof.device
             )
-        rows, news = [], []
-        for d in range(1, min(shape.depth, self.families[shape.topk]) + 1):
-            i = self.index.get(DraftShape(shape.topk, d))
-            if i is None:
-                continue
-            rows.append(i)
-            news.append(
-                prof[d - 1, : self.kmax]
-                if prof.shape[1] >= self.kmax
-                else torch.nn.functional.pad(prof[d - 1], (0, self.kmax - prof.shape[1]))
+        r0 = self._first_row[shape.topk]  # the family's depths 1..S are consecutive rows
+        rows = self._profile[r0 : r0 + depth, : prof.shape[1]]
+        fresh = [not self._seen_host[r0 + i] for i in range(depth)]
+        if all(fresh):
+            rows.copy_(prof)
+        elif not any(fresh):
+            rows.lerp_(prof, self.ema)
+        else:
+            mixed = torch.where(
+                torch.tensor(fresh, device=prof.device).view(-1, 1), prof, rows.lerp(prof, self.ema)
             )
-        if rows:
-            idx = torch.tensor(rows, device=prof.device)
-            new = torch.stack(news)
-            old = self._profile.index_select(0, idx)
-            fresh = (~self._seen[rows]).to(prof.device).view(-1, 1)
-            mixed = torch.where(fresh, new, (1.0 - self.ema) * old + self.ema * new)
-            self._profile.index_copy_(0, idx, mixed)
-            self._seen[rows] = True
+            rows.copy_(mixed)
+        for i in range(depth):
+            self._seen_host[r0 + i] = True
         if shape.depth >= self.families[shape.topk]:
             self._age[shape.topk] = 0
         self._snapshot()

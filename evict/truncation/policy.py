@@ -162,6 +162,8 @@ class TruncationPolicy:
         self._fixed_cost: torch.Tensor | None = None
         # Whole-step pricing per draft shape (CostTable.shape_cost), for the depth decision.
         self._shape_fn: Callable[..., torch.Tensor] | None = getattr(cost, "shape_cost", None)
+        # {topk: deepest priced depth} of the table's drafting costs (empty: no shape decision)
+        self.draft_shapes: dict[int, int] = dict(getattr(cost, "draft_shapes", None) or {})
         if not getattr(cost, "draft_shapes", True):  # a table without draft_ms prices no shape
             self._shape_fn = None
         self._shape_cache: dict[tuple[int, str, tuple[Any, ...]], torch.Tensor] = {}
