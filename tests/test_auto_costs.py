@@ -246,7 +246,9 @@ def test_the_engine_step_raises_fixed_ms_to_the_whole_step(monkeypatch):
 
     monkeypatch.setattr(auto, "measure_step_overhead", fake_overhead)
     depths = {2: {1: [0.1, 0.3, 0.5], 4: [0.2, 0.5, 0.7]}, 1: {1: [0.1, 0.2, 0.3], 4: [0.2, 0.3, 0.4]}}
-    monkeypatch.setattr(tb, "measure_draft_depths", lambda spec, path, steps, topks: {k: depths[k] for k in topks})
+    monkeypatch.setattr(
+        tb, "measure_draft_depths", lambda spec, path, steps, topks: {k: depths[k] for k in topks}
+    )
     table = auto.measure_table(TARGET, DRAFTER, device="cpu", dtype="float32", grid=grid, progress=False)
     assert seen["width"] == 4  # the largest grid width <= 8 that the (2, 2) tree (N = 7) can verify
     verify_at = table.median[0][table.widths.index(4)]

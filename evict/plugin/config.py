@@ -78,6 +78,13 @@ ENV_VARS: dict[str, tuple[str, str]] = {
         "what a padded slot costs relative to a real node, in [0, 1] (used with EVICT_PER_REQUEST=1; "
         "1 = padding computed like a token, so one width for all; lower only where it was measured)",
     ),
+    "EVICT_DEPTH": (
+        "0",
+        "1 = EVICT also decides how deep to draft: each decode step either drafts the full tree (then cut "
+        "to a width as usual) or drafts nothing and verifies the last token alone (SGLang's steps=0 "
+        "path: plain decoding, with the draft extend keeping the drafter warm), whichever the costs and "
+        "the recent draft scores say yields more tokens per second; --tp-size 1 only",
+    ),
     "EVICT_LOG_INTERVAL": ("100", "log EVICT metrics every N decode steps (0 = never)"),
     "EVICT_LIVE_COSTS": (
         "1 (0 under --enable-deterministic-inference)",
@@ -132,6 +139,7 @@ class EvictConfig:
     # EVICT_LIVE_COSTS: correct the table from measured decode steps; None = unset (on, except under
     # deterministic inference, where widths that follow timings would change seeded samples)
     live_costs: bool | None = None
+    depth: bool = False  # EVICT_DEPTH: plain decoding is a candidate each step
 
     @property
     def policy_decision(self) -> str:
@@ -273,6 +281,7 @@ def parse_env(environ: Mapping[str, str] | None = None) -> EvictConfig:
         acceptance=_choice("EVICT_ACCEPTANCE", _get(env, "EVICT_ACCEPTANCE", "raw"), ACCEPTANCE_CHOICES),
         per_request=per_request,
         pad_cost=pad_cost,
+        depth=_bool("EVICT_DEPTH", _get(env, "EVICT_DEPTH", "0")),
         live_costs=(
             _bool("EVICT_LIVE_COSTS", env["EVICT_LIVE_COSTS"])
             if env.get("EVICT_LIVE_COSTS", "").strip()

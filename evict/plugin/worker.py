@@ -42,6 +42,7 @@ import contextvars
 import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -106,6 +107,7 @@ from evict.truncation import (
     choose_widths_batch_budget,
     flat_outcomes,
 )
+from evict.truncation.depth import DepthController, DraftShape
 from evict.truncation.tree import flat_parents, num_candidates
 
 __all__ = ["EvictDraftWorker", "EvictWorkerV2", "install_hooks"]
@@ -304,6 +306,8 @@ class EvictDraftWorker(EagleDraftWorker):
         self.live_costs: LiveCosts | None = None
         # EVICT_DISABLE=1 (set by EvictWorkerV2): SGLang's own step, no score tap, no decision.
         self.kill_switch = False
+        # EVICT_DEPTH=1 (set by EvictWorkerV2): receives each drafted tree's kept scores.
+        self.depth_observer: Callable[[torch.Tensor], None] | None = None
 
     def draft_forward(self, forward_batch: Any):
         # Also entered by draft CUDA-graph capture, which then records the score copy.  The kill
@@ -454,6 +458,12 @@ class EvictDraftWorker(EagleDraftWorker):
                 )
                 self._pending_outcome = None
         width, kept = self.choose_width(batch, scores)
+        observer = getattr(self, "depth_observer", None)
+        if observer is not None and not batch.forward_mode.is_idle():
+            try:
+                observer(scores if scores is not None else self.score_sink.read(batch.seq_lens.shape[0]))
+            except Exception as exc:  # the depth estimate must never fail a request
+                self.truncation_policy.counters.record_error(exc, "depth observation failed")
         real = None  # per-request widths: [bs, m-1] real (True) or padding slots of the cut tree
         if kept is not None and _pads(self.last_decision):
             try:
@@ -549,8 +559,17 @@ class EvictWorkerV2(EAGLEWorkerV2):
         if get_parallel().pp_size > 1:
             raise EvictConfigError("EVICT supports --pp-size 1 only")
         self.full_num_draft_tokens = self.speculative_num_draft_tokens
+        if self.evict_config.depth and get_parallel().tp_size > 1 and not self.evict_config.disable:
+            raise EvictConfigError(
+                "EVICT_DEPTH=1 supports --tp-size 1 only (the ranks would have to agree on the depth); "
+                "unset EVICT_DEPTH"
+            )
         self.truncation_policy = self._build_policy()
         self._draft_worker.kill_switch = self.evict_config.disable
+        self.depth: DepthController | None = None  # EVICT_DEPTH=1: set up in init_cuda_graphs
+        self.plain_costs: LiveCosts | None = None
+        self._plain_step = False
+        self._depth_pending: deque[torch.Tensor | None] = deque(maxlen=4)
         self.width_states: WidthStateSet[SpecRuntimeState] = WidthStateSet(self._apply_width_state)
         self.evict_metrics = EvictMetrics(
             self.truncation_policy,
@@ -589,6 +608,8 @@ class EvictWorkerV2(EAGLEWorkerV2):
             dtype=self._dtype_name(),
         )
         self.evict_widths = resolve_widths(cfg.widths, n, table.widths if table is not None else None)
+        if cfg.depth and 1 not in self.evict_widths:  # plain decoding verifies the last token alone
+            self.evict_widths = (1, *self.evict_widths)
         self.cost_prior = table
         if table is None:
             # No table given: init_cuda_graphs measures one from the captured graphs.
@@ -785,6 +806,8 @@ class EvictWorkerV2(EAGLEWorkerV2):
         if self.evict_config.acceptance == "calibrated" and self.truncation_policy.decision != "off":
             # Learns only from past verifications (lossless); identical on every TP rank.
             dw.acceptance = AcceptanceEstimator(self.topk, self.speculative_num_steps, device=self.device)
+        if self.evict_config.depth and self.truncation_policy.decision != "off":
+            self._start_depth()
         self._hook_recapture()
         disabled = ", DISABLED (full tree every step)" if self.evict_config.disable else ""
         per_request = (
@@ -801,6 +824,61 @@ class EvictWorkerV2(EAGLEWorkerV2):
             f"capture time and memory per extra width:\n{self.width_states.memory_report()}\n"
             f"{self._memory_estimates()}",
         )
+
+    # -- depth (EVICT_DEPTH=1) -------------------------------------------------------------------
+    def _start_depth(self) -> None:
+        """Each decode step: the full tree (cut to a width as usual) or plain decoding.
+
+        Plain decoding is SGLang's own ``speculative_num_steps == 0`` path (a one-node verify of the
+        last token through the width-1 state, then the draft extend that keeps the drafter warm), so
+        nothing of the step is EVICT's code. The choice is :class:`DepthController`'s, over the
+        policy's step costs of the full tree and the measured cost of a plain step (timed on the
+        served steps like the widths; from the table's ``draft_ms`` when it prices drafting).
+        """
+        s, k = self.speculative_num_steps, self.topk
+        shapes = [DraftShape(k, 0), DraftShape(k, s)]
+        widths = tuple(int(w) for w in self.truncation_policy.widths.tolist())
+        if self.live_costs is not None:
+            self.plain_costs = LiveCosts((1,), self.live_costs.batch_sizes, None)
+        self.depth = DepthController(shapes, widths, self._depth_costs)
+        self._draft_worker.depth_observer = self._observe_tree
+        log_info_on_rank0(
+            logger,
+            f"EVICT: depth decision on: plain decoding or the full ({s}, {k}) tree each step; a plain "
+            f"step's cost is {'timed on the served steps' if self.plain_costs else 'from the cost table'}",
+        )
+
+    def _plain_cost(self, batch_size: int, full: torch.Tensor) -> float:
+        """ms of a plain step: measured, else the table's drafting-free step, else a width-1 tree step."""
+        plain = self.plain_costs
+        if plain is not None and any(plain.observed[plain.bucket(batch_size)]):
+            return float(plain.predict(batch_size, 1))
+        table = self.cost_prior
+        if (
+            table is not None
+            and getattr(table, "draft_shapes", {}).get(self.topk, 0) >= self.speculative_num_steps
+        ):
+            return float(table.shape_cost(batch_size, [1], self.topk, 0)[0])
+        return float(full[0])  # an upper bound: the tree drafted, then cut to the root
+
+    def _depth_costs(self, batch_size: int) -> torch.Tensor:
+        """``[2, W]`` ms of plain decoding (at every width: it verifies one token) and the full tree."""
+        full = self.truncation_policy.step_cost(batch_size).detach().to("cpu", torch.float64)
+        return torch.stack([torch.full_like(full, self._plain_cost(batch_size, full)), full])
+
+    def _plan_depth(self, batch_size: int) -> DraftShape:
+        """The controller's plan, except while this batch size's plain step is still being timed."""
+        plain = self.plain_costs
+        if plain is not None and plain.explore_index(batch_size) is not None:
+            return self.depth._count(self.depth.shapes[0])
+        return self.depth.plan(batch_size)
+
+    def _observe_tree(self, scores: torch.Tensor) -> None:
+        """The full tree's kept scores ``[bs, N-1]`` (the best N-1 of its K): the controller's input."""
+        k_all = num_candidates(self.speculative_num_steps, self.topk)
+        padded = torch.zeros((scores.shape[0], k_all), dtype=torch.float32, device=scores.device)
+        padded[:, : scores.shape[1]] = scores.float()
+        self.depth.observe(self.depth.shapes[1], padded)
 
     # -- live step costs ------------------------------------------------------------------------
     def _start_live_costs(self, policy: TruncationPolicy) -> TruncationPolicy:
@@ -872,14 +950,27 @@ class EvictWorkerV2(EAGLEWorkerV2):
         return rows[min(max(int(batch_size), 1), rows.shape[0]) - 1]
 
     def _after_timed_step(self, batch_size: int) -> None:
-        """One decode step done: end its timing, feed every readable sample, publish every K steps."""
-        live, timer = self.live_costs, self.step_timer
-        width = self.speculative_num_draft_tokens
+        """One decode step done: end its timing, feed every readable sample, publish every K steps.
+
+        A plain step (EVICT_DEPTH=1) is timed as width 0 and its samples go to ``plain_costs``: it
+        verifies one token like a tree cut to width 1, but drafts nothing.
+        """
+        live, timer, plain = self.live_costs, self.step_timer, getattr(self, "plain_costs", None)
+        width = 0 if getattr(self, "_plain_step", False) else self.speculative_num_draft_tokens
         try:
-            predicted = live.predict(batch_size, width) if width in live.widths else float("nan")
+            if width == 0:
+                predicted = plain.predict(batch_size, 1) if plain is not None else float("nan")
+            else:
+                predicted = live.predict(batch_size, width) if width in live.widths else float("nan")
             timer.end(batch_size, width, predicted)
             for sample in timer.poll():
-                live.observe(sample)
+                if sample.width == 0:
+                    if plain is not None:
+                        plain.observe(dataclasses.replace(sample, width=1))
+                else:
+                    live.observe(sample)
+            if plain is not None:
+                plain.on_step()
         except Exception as exc:  # a local failure: this rank loses a sample, never the cadence below
             self.truncation_policy.counters.record_error(exc, "timing a decode step failed")
         # Every rank, every decode step: the publication is a TP collective every sync_every steps.
@@ -1179,12 +1270,26 @@ class EvictWorkerV2(EAGLEWorkerV2):
             timer.begin()
         elif timer is not None and extend:
             timer.interrupt()  # the last decode step ends at its own end, not at this prefill
-        result = super().forward_batch_generation(
-            batch,
-            on_publish=on_publish,
-            grammar_barrier=grammar_barrier,
-            pp_proxy_tensors=pp_proxy_tensors,
+        depth = getattr(self, "depth", None)
+        self._plain_step = (
+            depth is not None
+            and not extend
+            and not batch.forward_mode.is_idle()
+            and self._plan_depth(int(batch.seq_lens.shape[0])).depth == 0
         )
+        kwargs = dict(
+            on_publish=on_publish, grammar_barrier=grammar_barrier, pp_proxy_tensors=pp_proxy_tensors
+        )
+        if self._plain_step:  # SGLang's steps=0 path: verify the last token alone (width 1)
+            steps = self.speculative_num_steps
+            self.use_width(1)
+            self.speculative_num_steps = 0
+            try:
+                result = super().forward_batch_generation(batch, **kwargs)
+            finally:
+                self.speculative_num_steps = steps
+        else:
+            result = super().forward_batch_generation(batch, **kwargs)
         if timed:
             try:
                 self._after_timed_step(batch_size)
@@ -1206,8 +1311,20 @@ class EvictWorkerV2(EAGLEWorkerV2):
         if not batch.forward_mode.is_idle():
             self._draft_worker.learn(result.accept_index, self.speculative_num_draft_tokens)
             self.evict_metrics.on_decode_step()
+            if getattr(self, "depth", None) is not None:
+                plain = getattr(self, "_plain_step", False)
+                decision = None if plain else self._draft_worker.last_decision
+                self._depth_pending.append(None if decision is None else decision.expected_accepted)
         return result
 
     def on_verify_complete_cpu(self, num_correct_drafts_per_req: list[int], batch_size: int = 0) -> None:
         super().on_verify_complete_cpu(num_correct_drafts_per_req, batch_size=batch_size)
         self.evict_metrics.record_num_correct_drafts(num_correct_drafts_per_req)
+        depth = getattr(self, "depth", None)
+        if depth is not None and self._depth_pending and num_correct_drafts_per_req:
+            # the step whose results these are (steps are processed in order); its work is done, so
+            # reading its predicted accepted length waits for nothing still running
+            expected = self._depth_pending.popleft()
+            if expected is not None:
+                realized = 1.0 + sum(num_correct_drafts_per_req) / len(num_correct_drafts_per_req)
+                depth.record_outcome(depth.shapes[1], float(expected.float().mean()), realized)

@@ -209,14 +209,11 @@ class DepthController:
             if s.depth > 0:
                 self.families[s.topk] = max(self.families.get(s.topk, 0), s.depth)
         self.index = {s: i for i, s in enumerate(self.shapes)}
-        self._first_row: dict[int, int] = {}
-        for k, deepest in self.families.items():
-            rows = [self.index.get(DraftShape(k, d)) for d in range(1, deepest + 1)]
-            if None in rows or rows != list(range(rows[0], rows[0] + deepest)):
-                raise ValueError(
-                    f"family topk {k} must list depths 1..{deepest} consecutively (use shape_grid)"
-                )
-            self._first_row[k] = rows[0]
+        # per family: (depth, row) of the depths it lists, ascending (a server may offer only some)
+        self._rows: dict[int, list[tuple[int, int]]] = {
+            k: sorted((s.depth, i) for i, s in enumerate(self.shapes) if s.topk == k and s.depth > 0)
+            for k in self.families
+        }
         self._seen_host = [s.depth == 0 for s in self.shapes]
         self._profile: torch.Tensor | None = None  # [D, Kmax] on the scores' device
         self._host: torch.Tensor | None = None  # the profile as of the last observe, on the host
@@ -273,26 +270,27 @@ class DepthController:
             return
         if shape.topk not in self.families:
             raise ValueError(f"{shape} is not one of this controller's families {sorted(self.families)}")
-        depth = min(shape.depth, self.families[shape.topk])
-        prof = depth_profile(scores, shape.topk, shape.depth)[:depth, : self.kmax]  # [depth, <= Kmax]
+        prof = depth_profile(scores, shape.topk, shape.depth)  # [depth, K]
+        if prof.shape[1] < self.kmax:
+            prof = torch.nn.functional.pad(prof, (0, self.kmax - prof.shape[1]))
         if self._profile is None or self._profile.device != prof.device:
             self._profile = torch.zeros(
                 (len(self.shapes), self.kmax), dtype=torch.float32, device=prof.device
             )
-        r0 = self._first_row[shape.topk]  # the family's depths 1..S are consecutive rows
-        rows = self._profile[r0 : r0 + depth, : prof.shape[1]]
-        fresh = [not self._seen_host[r0 + i] for i in range(depth)]
-        if all(fresh):
-            rows.copy_(prof)
-        elif not any(fresh):
-            rows.lerp_(prof, self.ema)
-        else:
-            mixed = torch.where(
-                torch.tensor(fresh, device=prof.device).view(-1, 1), prof, rows.lerp(prof, self.ema)
-            )
-            rows.copy_(mixed)
-        for i in range(depth):
-            self._seen_host[r0 + i] = True
+        listed = [(d, i) for d, i in self._rows[shape.topk] if d <= shape.depth]
+        if listed:
+            new = prof[[d - 1 for d, _ in listed], : self.kmax]  # [n, Kmax]
+            idx = torch.tensor([i for _, i in listed], device=prof.device)
+            fresh = [not self._seen_host[i] for _, i in listed]
+            if all(fresh):
+                mixed = new
+            else:
+                mixed = self._profile.index_select(0, idx).lerp(new, self.ema)
+                if any(fresh):
+                    mixed = torch.where(torch.tensor(fresh, device=prof.device).view(-1, 1), new, mixed)
+            self._profile.index_copy_(0, idx, mixed)
+            for _, i in listed:
+                self._seen_host[i] = True
         if shape.depth >= self.families[shape.topk]:
             self._age[shape.topk] = 0
         self._snapshot()

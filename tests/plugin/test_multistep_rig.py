@@ -80,6 +80,7 @@ from evict.plugin.tree_cut import ScoreSink  # noqa: E402
 from evict.plugin.width_states import WidthStateSet  # noqa: E402
 from evict.testing import cpu_ops  # noqa: E402
 from evict.truncation import AcceptanceEstimator, TruncationPolicy, choose_widths_batch_budget  # noqa: E402
+from evict.truncation.depth import DepthController, DraftShape  # noqa: E402
 
 pytestmark = pytest.mark.sglang
 
@@ -425,7 +426,9 @@ class Rig:
         seed: int,
         acceptance: bool = False,
         per_request: bool = False,
+        depth: bool = False,
     ) -> None:
+        self.depth = depth
         self.g = torch.Generator().manual_seed(seed)
         # SGLang draws the verify coins from the global generator (no per-request seed here): seed it
         # too, so that a run is reproducible (unseeded, the coverage checks failed about 1 run in 15)
@@ -438,6 +441,7 @@ class Rig:
         self.learned = []  # per-request + calibrated: (verified mask, padded flat mask) per update
         self.rec = StepRecord()
         self.step = 0
+        self.plain_steps = 0
         self._install_recorders(monkeypatch)
 
         # KV: SGLang's pools (page size 1), with every slot counted as it is allocated or freed
@@ -525,6 +529,13 @@ class Rig:
 
         monkeypatch.setattr(evict_worker, "_original_organize_draft_results", organize_recorded)
         monkeypatch.setattr(evict_worker, "_original_build_eagle_verify_input", build_recorded)
+        trivial = eagle_worker_v2.EAGLEWorkerV2._build_trivial_verify_input
+
+        def trivial_recorded(worker, batch):  # the plain (steps=0) step's one-node verify input
+            rec.verify_input = trivial(worker, batch)
+            return rec.verify_input
+
+        monkeypatch.setattr(eagle_worker_v2.EAGLEWorkerV2, "_build_trivial_verify_input", trivial_recorded)
         monkeypatch.setattr(eagle_worker_v2, "prepare_for_draft_extend", prepare_extend_recorded)
         sample = eagle_utils.tree_speculative_sampling_target_only
 
@@ -636,6 +647,18 @@ class Rig:
         w.width_states.active_width = N
         w.evict_metrics = EvictMetrics(w.truncation_policy, log_interval=0)
         dw.truncation_policy, dw.use_width = w.truncation_policy, w.use_width
+        w.depth, w.plain_costs, w._plain_step = None, None, False
+        w._depth_pending = collections.deque(maxlen=4)
+        if self.depth:  # EVICT_DEPTH=1 with the plan scripted: plain when the script says 0
+            rig = self
+
+            class ScriptedDepth(DepthController):
+                def plan(self, batch_size):
+                    return self._count(self.shapes[0 if rig.policy.want == 0 else 1])
+
+            shapes = [DraftShape(TOPK, 0), DraftShape(TOPK, STEPS)]
+            w.depth = ScriptedDepth(shapes, list(WIDTHS), lambda bs: torch.ones(2, len(WIDTHS)))
+            dw.depth_observer = w._observe_tree
         return w
 
     # -- requests -------------------------------------------------------------------------------
@@ -942,7 +965,10 @@ class Rig:
                 f"{ctx}: KV of request {i} not moved"
             )
 
-        # -- the scheduler's side: commit, finish, admit -------------------------------------------
+        self._finish_step(result, seq, accept_lens, m, ctx)
+
+    def _finish_step(self, result, seq, accept_lens, m: int, ctx: str) -> None:
+        """The scheduler's side of a step: commit, finish and admit requests, KV accounting."""
         assert torch.equal(result.new_seq_lens, seq + accept_lens), ctx
         nd = result.next_draft_input
         for i, r in enumerate(self.reqs):
@@ -964,6 +990,52 @@ class Rig:
         self.batch.reqs = self.reqs
         self._check_kv_accounting(f"{ctx}, after finishing requests")
         self.step += 1
+
+    def run_plain_step(self) -> None:
+        """EVICT_DEPTH=1 chose plain decoding: SGLang's steps=0 path through EVICT's worker.
+
+        No drafting, a one-node verify of the bonus token on the width-1 state, then the draft
+        extend at width 1 (the drafter stays warm): the emitted token is the target's own
+        (greedy: its argmax), and the next draft input comes from that extend.
+        """
+        rec, b = self.rec, self.batch
+        rec.__dict__.clear()
+        rec.draft_calls = 0
+        rec.verify_width = 1  # the draft-extend stand-in checks against the verified width
+        self._sync_batch_from_reqs()
+        b.spec_info = EagleDraftInput(
+            topk_p=torch.cat([r.topk_p for r in self.reqs]),
+            topk_index=torch.cat([r.topk_index for r in self.reqs]),
+            hidden_states=torch.cat([r.hidden for r in self.reqs]),
+            bonus_tokens=torch.cat([r.bonus for r in self.reqs]),
+            capture_hidden_mode=CaptureHiddenMode.LAST,
+        )
+        bonus = b.spec_info.bonus_tokens.clone()
+        eagle_prepare_for_decode(b)
+        self._check_kv_accounting("after the plain step's reservation")
+        seq = b.seq_lens.clone()
+        steps_before = self.worker.speculative_num_steps
+        result = self.worker.forward_batch_generation(b)
+        ctx = f"step {self.step} (plain)"
+        assert self.worker._plain_step, ctx
+        assert self.worker.speculative_num_steps == steps_before == STEPS, f"{ctx}: steps not restored"
+        assert rec.draft_calls == 0 and "build" not in rec.__dict__, f"{ctx}: the plain step drafted"
+        assert result.speculative_num_draft_tokens == 1 and rec.extend_width == 1, ctx
+        accept_lens = result.accept_lens.long()
+        assert accept_lens.tolist() == [1] * BS, ctx
+        assert result.accept_index.long().view(BS, -1)[:, 0].tolist() == list(range(BS)), ctx
+        assert torch.equal(rec.verify_input.draft_token.view(BS).long(), bonus.long()), (
+            f"{ctx}: the verified token is not the last emitted one"
+        )
+        emitted = result.next_token_ids.view(BS, -1)[:, 0].long()
+        if not self.sampling:
+            assert emitted.tolist() == rec.target_logits.argmax(-1).tolist(), (
+                f"{ctx}: not the target's argmax"
+            )
+        assert torch.equal(result.next_draft_input.bonus_tokens.long(), emitted), ctx
+        self.accepted_at.update([(1, 1)] * BS)
+        self.plain_steps += 1
+        self._finish_step(result, seq, accept_lens, 1, ctx)
 
     def _check_padding(self, ctx: str, m: int, vt, real) -> None:
         """Per-request widths: the decision, the links SGLang walks, and what the estimator learns."""
@@ -1135,3 +1207,31 @@ def test_per_request_calibrated_acceptance_learns_only_from_real_nodes(monkeypat
         per_request=True,
     )
     _check_per_request_coverage(rig, root_alone=False)  # calibrated scores rarely leave a request bare
+
+
+# plain decoding (0) between tree steps of every width, and runs of it: up, down and to 0
+DEPTH_SCRIPT = [16, 0, 0, 4, 0, 16, 1, 0, 8, 0, 0, 0, 16, 2, 0, 3, 16, 0, 5, 0] * 3
+
+
+def _run_depth(monkeypatch, *, sampling: bool, seed: int) -> Rig:
+    rig = Rig(monkeypatch, sampling=sampling, mask_mode=TreeMaskMode.FULL_MASK, seed=seed, depth=True)
+    for want in DEPTH_SCRIPT:
+        rig.policy.want = want
+        if want == 0:
+            rig.run_plain_step()
+        else:
+            rig.run_step(want)
+    assert rig.step == len(DEPTH_SCRIPT) and rig.plain_steps == DEPTH_SCRIPT.count(0)
+    assert rig.finished >= 1, "requests finish and free their KV during the run"
+    # the tree steps fed the depth controller, the plain ones did not
+    assert rig.worker.depth.counts_by_shape[DraftShape(TOPK, 0)] == DEPTH_SCRIPT.count(0)
+    assert rig.worker.depth._seen_host[1], "the full tree's scores never reached the controller"
+    return rig
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampling"])
+def test_depth_changes_to_plain_decoding_and_back_stay_lossless(monkeypatch, sampling):
+    """EVICT_DEPTH=1 (issue 20): SGLang's steps=0 path between tree steps, through EVICT's worker."""
+    rig = _run_depth(monkeypatch, sampling=sampling, seed=5)
+    assert any(a > 1 for (m, a) in rig.accepted_at if m > 1), "tree steps still accept drafts"
