@@ -133,6 +133,7 @@ def _model_dirs() -> tuple[Path, Path]:
 
 
 def _policy(args: argparse.Namespace):
+    from evict.engine.pricing import engine_step_samples
     from evict.kernels import make_decider
     from evict.profiler.auto import AutoGrid, resolve_cost_table
     from evict.profiler.table import CostTableError, resolve_widths
@@ -142,6 +143,7 @@ def _policy(args: argparse.Namespace):
     target_dir, drafter_dir = _model_dirs()
     try:
         choice = resolve_cost_table(
+            step_sampler=engine_step_samples,
             explicit=args.cost_table,
             model_dir=target_dir,
             drafter_dir=drafter_dir if (drafter_dir / "config.json").is_file() else None,

@@ -244,12 +244,13 @@ def test_the_engine_step_raises_fixed_ms_to_the_whole_step(monkeypatch):
         # per repeat; bs 1: far above the forwards (median 1000); bs 4: below the drafting cost
         return {1: [1000.0, 1300.0, 900.0], 4: [0.001, 0.001]}
 
-    monkeypatch.setattr(auto, "measure_step_overhead", fake_overhead)
     depths = {2: {1: [0.1, 0.3, 0.5], 4: [0.2, 0.5, 0.7]}, 1: {1: [0.1, 0.2, 0.3], 4: [0.2, 0.3, 0.4]}}
     monkeypatch.setattr(
         tb, "measure_draft_depths", lambda spec, path, steps, topks: {k: depths[k] for k in topks}
     )
-    table = auto.measure_table(TARGET, DRAFTER, device="cpu", dtype="float32", grid=grid, progress=False)
+    table = auto.measure_table(
+        TARGET, DRAFTER, device="cpu", dtype="float32", grid=grid, progress=False, step_sampler=fake_overhead
+    )
     assert seen["width"] == 4  # the largest grid width <= 8 that the (2, 2) tree (N = 7) can verify
     verify_at = table.median[0][table.widths.index(4)]
     assert table.fixed_ms[0] == pytest.approx(1000.0 - verify_at, abs=1e-3)
@@ -279,7 +280,9 @@ def test_the_engine_step_is_timed_at_a_width_the_grid_and_the_tree_hold():
     assert auto.overhead_width(AutoGrid(widths=(16, 32))) == 16
 
 
-def test_measure_step_overhead_times_the_real_engine_at_each_batch_size():
+def test_engine_step_samples_time_the_real_engine_at_each_batch_size():
     grid = AutoGrid(batch_sizes=(1, 2), widths=(1, 2, 4), context_len=12, draft_steps=2, draft_topk=2)
-    out = auto.measure_step_overhead(TARGET, DRAFTER, device="cpu", dtype="float32", grid=grid, width=4)
+    from evict.engine.pricing import engine_step_samples
+
+    out = engine_step_samples(TARGET, DRAFTER, device="cpu", dtype="float32", grid=grid, width=4)
     assert set(out) == {1, 2} and all(len(v) == 3 and min(v) > 0 for v in out.values())

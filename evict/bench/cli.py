@@ -663,6 +663,7 @@ def run_bench(
 
 
 def _load(args: argparse.Namespace, device: str, log=print):
+    from evict.engine.pricing import engine_step_samples
     from evict.models import TESTBED_DIR, load_testbed  # noqa: PLC0415
     from evict.profiler.auto import AutoGrid, resolve_cost_table  # noqa: PLC0415
     from evict.profiler.table import CostTable  # noqa: PLC0415
@@ -686,6 +687,7 @@ def _load(args: argparse.Namespace, device: str, log=print):
         tokenizer = AutoTokenizer.from_pretrained(str(tb / "target"))
     tree = args.evict_tree
     choice = resolve_cost_table(
+        step_sampler=engine_step_samples,
         explicit=args.cost_table,
         model_dir=tb / "target",
         drafter_dir=tb / "drafter",

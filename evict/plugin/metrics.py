@@ -28,6 +28,7 @@ def format_stats(
     width_counts: dict[int, int] | None = None,
     real_nodes: tuple[float, int] | None = None,
     step_ms: tuple[float, float, float, int] | None = None,
+    shapes: dict[str, int] | None = None,
 ) -> str:
     """One log line from ``TruncationPolicy.stats()`` (and how often each width was verified).
 
@@ -35,7 +36,8 @@ def format_stats(
     request and step, and how many steps were padded, next to the width histogram. ``step_ms``
     (live step costs): mean predicted and measured step time since the last line, the median of
     measured / predicted and how many steps were timed: whether the table the rule reads prices
-    what the server spends.
+    what the server spends. ``shapes`` (EVICT_DEPTH=1): decode steps per draft shape, e.g.
+    ``plain:40,tree(3,4):12``.
     """
 
     def f(x: Any) -> str:
@@ -59,6 +61,7 @@ def format_stats(
             if step_ms is not None and step_ms[3] > 0
             else ""
         )
+        + (f" shapes={','.join(f'{k}:{n}' for k, n in shapes.items())}" if shapes else "")
     )
 
 
@@ -75,6 +78,7 @@ class EvictMetrics:
         width_counts_fn: Callable[[], dict[int, int]] | None = None,
         real_nodes_fn: Callable[[], tuple[float, int] | None] | None = None,
         step_ms_fn: Callable[[], tuple[float, float, float, int] | None] | None = None,
+        shapes_fn: Callable[[], dict[str, int] | None] | None = None,
     ) -> None:
         self.policy = policy
         self.log_interval = int(log_interval)
@@ -88,6 +92,7 @@ class EvictMetrics:
         self._real_nodes = real_nodes_fn if real_nodes_fn is not None else (lambda: None)
         # live step costs only: predicted vs measured step time since the last line
         self._step_ms = step_ms_fn if step_ms_fn is not None else (lambda: None)
+        self._shapes = shapes_fn if shapes_fn is not None else (lambda: None)
         self.steps = 0
 
     def on_decode_step(self) -> None:
@@ -103,7 +108,12 @@ class EvictMetrics:
 
     def log_now(self) -> str:
         line = format_stats(
-            self.policy.stats(), self._switches(), self._width_counts(), self._real_nodes(), self._step_ms()
+            self.policy.stats(),
+            self._switches(),
+            self._width_counts(),
+            self._real_nodes(),
+            self._step_ms(),
+            self._shapes(),
         )
         self._log(line)
         return line

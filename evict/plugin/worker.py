@@ -584,6 +584,11 @@ class EvictWorkerV2(EAGLEWorkerV2):
                 else None
             ),
             step_ms_fn=lambda: live.take_interval() if (live := getattr(self, "live_costs", None)) else None,
+            shapes_fn=lambda: (
+                {str(k): n for k, n in sorted(d.counts_by_shape.items())}
+                if (d := getattr(self, "depth", None))
+                else None
+            ),
         )
 
     # -- start-up -------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ __all__ = [
     "cache_key",
     "cached_table_path",
     "measure_table",
+    "price_whole_step",
     "resolve_cost_table",
     "table_spread",
 ]
@@ -78,7 +79,7 @@ class AutoGrid:
     context_len: int = AUTO_CONTEXT_LEN
     draft_steps: int = DEFAULT_DRAFT_TREE[0]
     draft_topk: int = DEFAULT_DRAFT_TREE[1]
-    engine_overhead: bool = True  # price the engine's whole step (measure_step_overhead)
+    engine_overhead: bool = True  # price whole steps (price_whole_step, with a step_sampler)
 
     @classmethod
     def covering(
@@ -172,9 +173,13 @@ def measure_table(
     clock: str = "wall",
     progress: bool = True,
     source: str = "<measured>",
+    step_sampler: StepSampler | None = None,
 ) -> CostTable:
     """Time this machine's verify grid (and the drafting cost when a drafter is given) with the
-    profiler's torch backend, exactly as ``evict-profile`` does, and return the table."""
+    profiler's torch backend, exactly as ``evict-profile`` does, and return the table.
+
+    ``step_sampler`` times whole decode steps (``grid.engine_overhead``: :func:`price_whole_step`);
+    without one ``fixed_ms`` is the drafting cost alone."""
     from evict.profiler.torch_backend import (  # noqa: PLC0415 (heavy)
         ProfileSpec,
         add_draft_costs,
@@ -197,10 +202,12 @@ def measure_table(
     result = profile(spec)
     if drafter_dir is not None:
         add_draft_costs(result, spec, Path(drafter_dir), grid.draft_steps, grid.draft_topk)
-        if grid.engine_overhead:
-            _price_whole_step(
-                result, Path(model_dir), Path(drafter_dir), device=device, dtype=dtype, grid=grid
+        if grid.engine_overhead and step_sampler is not None:
+            width = overhead_width(grid)
+            samples = step_sampler(
+                Path(model_dir), Path(drafter_dir), device=device, dtype=dtype, grid=grid, width=width
             )
+            price_whole_step(result, samples, width)
     result.meta["command"] = "measured automatically (no cost table given; see docs/profiling.md)"
     return result_to_table(result, source=source)
 
@@ -213,49 +220,25 @@ def overhead_width(grid: AutoGrid) -> int:
     return max((w for w in grid.widths if w <= cap), default=min(grid.widths))
 
 
-def measure_step_overhead(
-    model_dir: Path, drafter_dir: Path, *, device: str, dtype: str, grid: AutoGrid, width: int
-) -> dict[int, list[float]]:
-    """Per batch size of ``grid``: per repeat, the median ms of a reference-engine decode step at
-    ``width`` (:func:`evict.profiler.timing.decode_step_samples`), on random prompts of the grid's
-    context length."""
-    from evict.engine import SpecEngine  # noqa: PLC0415 (heavy)
-    from evict.models import Eagle3Drafter, Qwen3MoeTarget  # noqa: PLC0415
-    from evict.profiler.timing import decode_step_samples  # noqa: PLC0415
-    from evict.profiler.torch_backend import DTYPES  # noqa: PLC0415
-
-    target = Qwen3MoeTarget.from_pretrained(model_dir, dtype=DTYPES[dtype], device=device)
-    drafter = Eagle3Drafter.from_pretrained(drafter_dir, target, dtype=DTYPES[dtype], device=device)
-    engine = SpecEngine(
-        target, drafter, mode="static", steps=grid.draft_steps, topk=grid.draft_topk, num_draft_tokens=width
-    )
-    gen = torch.Generator().manual_seed(0)
-    vocab = int(target.config.vocab_size)
-    out: dict[int, list[float]] = {}
-    with torch.inference_mode():
-        for bs in grid.batch_sizes:
-            prompts = torch.randint(0, vocab, (bs, grid.context_len), generator=gen).tolist()
-            out[int(bs)] = decode_step_samples(engine, prompts, repeats=3, warmup=1)
-    return out
+# (model_dir, drafter_dir, *, device, dtype, grid, width) -> {batch size: per-repeat median step ms}
+StepSampler = Callable[..., dict[int, list[float]]]
 
 
-def _price_whole_step(
-    result: Any, model_dir: Path, drafter_dir: Path, *, device: str, dtype: str, grid: AutoGrid
-) -> None:
-    """Raise ``fixed_ms`` to what an engine step costs beyond its verify forward.
+def price_whole_step(result: Any, step_ms: dict[int, list[float]], width: int) -> None:
+    """Raise ``fixed_ms`` to what a decode step costs beyond its verify forward.
 
     Why: the rule weighs the tokens a wider verify buys against the whole step. The profiled
     forwards leave out what the engine does around them (tree masks, the acceptance walk, the KV
     commit, host work: 3-4 ms of a 14 ms step at bs 1 on a 2-core EPYC), so a forward-only table
     overprices width and EVICT verifies too little (``python -m evict.bench.oracle_gap``: 5-7%
     slower than deciding from measured whole steps). ``fixed_ms[bs]`` becomes the larger of the
-    drafting cost and (engine step at width w) - (verify forward at w); the spread of the repeats
-    is recorded for :func:`table_spread`.
+    drafting cost and (step at width w) - (verify forward at w); the spread of the repeats is
+    recorded for :func:`table_spread`. Pure: the step times come from whoever can run a whole step
+    (the reference engine's :func:`evict.engine.pricing.engine_step_samples`), so the profiler
+    never imports an engine.
     """
-    width = overhead_width(grid)
-    step = measure_step_overhead(model_dir, drafter_dir, device=device, dtype=dtype, grid=grid, width=width)
     spread = 1.0
-    for bs, samples in step.items():
+    for bs, samples in step_ms.items():
         verify_ms = result.point(bs, width).median_ms
         result.fixed_ms[bs] = max(result.fixed_ms[bs], statistics.median(samples) - verify_ms)
         spread = max(spread, max(samples) / min(samples) if min(samples) > 0 else math.inf)
@@ -280,6 +263,7 @@ def resolve_cost_table(
     log: Callable[[str], Any] = print,
     measure: Callable[..., CostTable] = measure_table,
     progress: bool = True,
+    step_sampler: StepSampler | None = None,
 ) -> TableChoice:
     """The cost table for this run: explicit, else shipped if it fits, else cached, else measured.
 
@@ -362,6 +346,7 @@ def resolve_cost_table(
         clock=clock,
         progress=progress,
         source=str(path),
+        **({"step_sampler": step_sampler} if step_sampler is not None else {}),
     )
     table.source = str(path)
     elapsed = time.perf_counter() - t0

@@ -16,6 +16,10 @@ What must hold, on every server unless noted:
 - EVICT with per-request widths (``EVICT_PER_REQUEST=1``, ``EVICT_PAD_COST=0``: a fourth server,
   started with the others, tested only here): greedy output at 6 concurrent requests identical to
   no speculation while its metrics line shows padded steps.
+- EVICT deciding the depth (``EVICT_DEPTH=1``, a fifth server, from a table whose drafting is
+  dear): it decodes plainly (SGLang's steps=0 path) on most steps and drafts the full tree on its
+  warm-up and probe steps, so the depth goes up and down, and greedy output is still identical to no
+  speculation, one at a time and under concurrency; seeded sampling repeats.
 
 Marker ``server`` (excluded from the default run; ``.ci/run`` runs it in the SGLang environment).
 Needs sglang==0.5.23 and about 4-6 minutes on 2 cores.
@@ -80,6 +84,11 @@ def _server_specs(log_dir: Path) -> dict[str, CpuServer]:
         "EVICT_LOG_INTERVAL": str(EVICT_LOG_INTERVAL),
     }
     per_request_env = {**evict_env, "EVICT_PER_REQUEST": "1", "EVICT_PAD_COST": "0"}
+    depth_env = {
+        **evict_env,
+        "EVICT_COST_TABLE": str(_dear_drafting_table(table, log_dir / "depth_table.json")),
+    }
+    depth_env["EVICT_DEPTH"] = "1"
     spec = ["--speculative-algorithm"]
     return {
         "plain": CpuServer(COMMON_ARGS, base_env, log_dir / "plain.log", name="plain"),
@@ -89,7 +98,22 @@ def _server_specs(log_dir: Path) -> dict[str, CpuServer]:
             [*COMMON_ARGS, *spec, "EVICT", *EAGLE3_FLAGS], per_request_env, log_dir / "evict_per_request.log",
             name="evict_per_request",
         ),
+        "evict_depth": CpuServer(
+            [*COMMON_ARGS, *spec, "EVICT", *EAGLE3_FLAGS], depth_env, log_dir / "evict_depth.log", name="evict_depth",
+        ),
     }  # fmt: skip
+
+
+def _dear_drafting_table(shipped: Path, out: Path) -> Path:
+    """The shipped table with drafting priced far above verification (draft_ms): plain decoding wins
+    every decision, so the full tree is drafted only on the warm-up and probe steps."""
+    d = json.loads(shipped.read_text())
+    steps = int(d["metadata"]["draft_steps"])
+    topk = str(d["metadata"]["draft_topk"])
+    d["draft_ms"] = {topk: [[0.0] + [400.0 * s for s in range(1, steps + 1)] for _ in d["batch_sizes"]]}
+    d["fixed_ms"] = [400.0 * steps + 1.0 for _ in d["batch_sizes"]]
+    out.write_text(json.dumps(d))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -388,3 +412,38 @@ def test_per_request_widths_pad_and_keep_greedy_output_identical(servers, prompt
     real, padded = float(lines[-1][0]), int(lines[-1][1])
     assert padded >= 1 and "errors=0" in last and "fallbacks=0" in last, last
     assert 0.0 <= real < 7.0, last  # N = 8: fewer than N-1 real nodes per request on average
+
+
+# ------------------------------------------------------------------------------------------------
+# EVICT deciding the depth: plain decoding between full-tree steps
+# ------------------------------------------------------------------------------------------------
+
+_SHAPES = re.compile(r"shapes=((?:[a-z]+(?:\(\d+,\d+\))?:\d+,?)+)")
+
+
+def test_depth_decision_goes_plain_and_back_with_identical_output(servers, prompts, reference):
+    """EVICT_DEPTH=1 (issue 20): plain steps (SGLang's steps=0 path) and full-tree steps interleave in
+    one server's decoding, and the output is the target's, one request at a time and under load."""
+    server = get(servers, "evict_depth")
+    for concurrency in (1, len(prompts)):
+        got = greedy_texts(server, prompts, concurrency=concurrency)
+        diff = [i for i, (a, b) in enumerate(zip(got, reference, strict=True)) if a != b]
+        assert not diff, (
+            f"EVICT_DEPTH=1 at concurrency {concurrency} differs on prompts {diff}: "
+            f"{got[diff[0]]!r} vs {reference[diff[0]]!r}"
+        )
+    r1 = complete(server, prompts[1], max_tokens=16, temperature=1.0, top_p=0.95, seed=3).choices[0].text
+    assert (
+        r1
+        and complete(server, prompts[1], max_tokens=16, temperature=1.0, top_p=0.95, seed=3).choices[0].text
+        == r1
+    )
+    log = server.log()
+    assert "depth decision on" in log, server.log_tail()
+    found = _SHAPES.findall(log)
+    assert found, f"no shapes in EVICT's metrics lines:\n{server.log_tail()}"
+    shapes = {k: int(n) for k, n in re.findall(r"([a-z]+(?:\(\d+,\d+\))?):(\d+)", found[-1])}
+    tree = sum(n for k, n in shapes.items() if k.startswith("tree"))
+    assert shapes.get("plain", 0) > tree >= 3, shapes  # mostly plain; warm-up and probes drafted
+    last = log.rsplit("EVICT: steps=", 1)[-1].splitlines()[0]
+    assert "errors=0" in last and "fallbacks=0" in last, last
