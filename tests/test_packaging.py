@@ -79,3 +79,26 @@ def test_the_wheel_carries_the_tables_and_the_testbed(tmp_path):
         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""},
     ).stdout.strip()
     assert Path(out) == tmp_path / "site" / "evict" / "configs" / TESTBED_COST_TABLE
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [
+        ("evict.truncation", "evict.profiler.auto", "evict.profiler.cli", "evict.kernels"),
+        pytest.param(("evict.plugin.worker",), marks=pytest.mark.sglang),
+    ],
+    ids=["rule-and-profiler", "plugin"],
+)
+def test_the_rule_profiler_and_plugin_never_import_the_reference_engine(modules):
+    """Issue 20 item 5: tree helpers live with the rule, step pricing takes samples; the engine is
+    the bench's and the CLI's, never the server's."""
+    if "evict.plugin.worker" in modules:
+        pytest.importorskip("sglang")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {list(modules)!r}: importlib.import_module(m)\n"
+        "print(','.join(sorted(m for m in sys.modules if m.startswith('evict.engine'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1:] in ([], [""]), out.stdout
