@@ -3,7 +3,7 @@
 Examples::
 
     evict-bench --served --quick                                  # smoke run: 3 servers, ~5 min on 2 cores
-    evict-bench --served                                          # six servers at 1, 4 and 16 requests
+    evict-bench --served                                          # seven servers at 1, 4 and 16 requests
     evict-bench --served --servers eagle3_tree evict --concurrency 1 --rounds 20
     python -m evict.bench.served --help                           # the same command
 
@@ -97,9 +97,10 @@ SERVER_NAMES: dict[str, str] = {
     "eagle3_tree": "EAGLE3, EVICT's tree uncut",
     "evict": "EVICT (raw acceptance)",
     "evict_cal": "EVICT (EVICT_ACCEPTANCE=calibrated)",
+    "evict_depth": "EVICT deciding plain decoding or the tree (EVICT_DEPTH=1)",
 }
 SGLANG_CONFIGS = ("plain", "eagle3_default", "eagle3_adaptive", "eagle3_tree")  # SGLang's own
-EVICT_SERVERS = ("evict", "evict_cal")
+EVICT_SERVERS = ("evict", "evict_cal", "evict_depth")
 # The CPU rig's tests' EVICT tree (evict.testing.cpu_server.EAGLE3_FLAGS, docs/cpu_server.md)
 DEFAULT_TREE = (3, 4, 8)
 DEFAULT_CONCURRENCY = (1, 4, 16)
@@ -169,6 +170,9 @@ def server_specs(
         "evict": (_spec_flags("EVICT", drafter, tree), evict, tree, f" ({s},{k},{n})"),
         "evict_cal": (
             _spec_flags("EVICT", drafter, tree), {**evict, "EVICT_ACCEPTANCE": "calibrated"}, tree, f" ({s},{k},{n})",
+        ),
+        "evict_depth": (
+            _spec_flags("EVICT", drafter, tree), {**evict, "EVICT_DEPTH": "1"}, tree, f" ({s},{k},{n})",
         ),
     }  # fmt: skip
     out = []
@@ -734,7 +738,7 @@ def summarize(
         for ev in EVICT_SERVERS:
             if ev not in lvl:
                 continue
-            for other in ("eagle3_tree", "eagle3_default", best_sglang):
+            for other in ("eagle3_tree", "eagle3_default", "eagle3_adaptive", best_sglang):
                 if other and other in lvl and other != ev:
                     sp = spread(paired_ratios(rounds, ev, other, c))
                     checks[f"{ev}/{other}"] = {**sp, "verdict": _verdict(sp)}
@@ -745,6 +749,8 @@ def summarize(
         for a, b in (
             ("evict", "eagle3_tree"),
             ("evict_cal", "eagle3_tree"),
+            ("evict_depth", "eagle3_tree"),
+            ("evict_depth", "plain"),
             ("eagle3_tree", "plain"),
             ("evict", "plain"),
             ("eagle3_default", "plain"),
@@ -760,12 +766,15 @@ def _targets(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     out = []
     for c, lvl in summary["levels"].items():
         checks = lvl["_checks"]
-        for other in ("eagle3_tree", "eagle3_default"):
-            sp = checks.get(f"evict/{other}")
+        pairs = [("evict", o) for o in ("eagle3_tree", "eagle3_default")]
+        pairs += [("evict_depth", o) for o in ("eagle3_default", "eagle3_adaptive")]  # issue 20
+        for ev, other in pairs:
+            sp = checks.get(f"{ev}/{other}")
             if sp is None:
                 continue
+            who = "EVICT" if ev == "evict" else "EVICT_DEPTH=1"
             out.append({
-                "target": f"EVICT never slower than {other} at {c} concurrent",
+                "target": f"{who} never slower than {other} at {c} concurrent",
                 "median": sp["median"], "p10": sp["p10"], "p90": sp["p90"],
                 "status": "NOT MET" if sp["verdict"] == "slower" else "MET",
                 "note": sp["verdict"],
