@@ -376,3 +376,22 @@ def test_adaptive_protocol_drives_the_chain_and_hears_back(pair_and_reference):
     assert [r for r, _ in adaptive.reports] == [[a - 1 for a in s.accepted] for s in res.steps]
     with pytest.raises(ValueError, match="topk 1"):
         SpecEngine(target, drafter, mode="static", steps=3, topk=2, adaptive=adaptive)
+
+
+def test_a_server_style_controller_weighs_plain_against_the_full_tree_only():
+    """The plugin offers two shapes (plain, the full tree): a tree observation refreshes only the
+    depth it lists, and the decision follows the reliability of what the drafts promised."""
+    table = CostTable.from_dict(table_dict(draft={2: [0.1, 0.6, 1.1, 1.6, 2.1]}))
+    policy = TruncationPolicy(table, widths=WIDTHS)
+    shapes = [DraftShape(2, 0), DraftShape(2, 4)]
+    ctl = DepthController(shapes, WIDTHS, lambda bs: policy.shape_costs(bs, shapes), probe_every=4)
+    assert ctl.plan(1) == DraftShape(2, 4)
+    scores = torch.full((1, num_candidates(4, 2)), 0.9)
+    ctl.observe(DraftShape(2, 4), scores)
+    assert ctl.decide(1) == DraftShape(2, 4)  # confident drafts: the tree pays
+    for _ in range(40):  # ... but they are never accepted
+        ctl.record_outcome(DraftShape(2, 4), predicted=8.0, realized=1.0)
+    assert ctl.reliability[2] < 0.01
+    assert ctl.decide(1) == DraftShape(2, 0)
+    with pytest.raises(ValueError, match="families"):
+        ctl.observe(DraftShape(1, 2), torch.ones(1, 2))
