@@ -832,19 +832,23 @@ class Rig:
         organized = self.rec.organized_index[b]
         return [int(organized[int(p)]) for p in d.kept[b] if int(p) >= 0]
 
-    # -- one decode step --------------------------------------------------------------------------
-    def run_step(self, want: int) -> None:
-        rec, b = self.rec, self.batch
-        rec.__dict__.clear()
-        rec.draft_calls = 0
-        self._sync_batch_from_reqs()
-        b.spec_info = EagleDraftInput(
+    def _draft_input(self) -> EagleDraftInput:
+        """The batch's draft input: each request's state from its last draft extend."""
+        return EagleDraftInput(
             topk_p=torch.cat([r.topk_p for r in self.reqs]),
             topk_index=torch.cat([r.topk_index for r in self.reqs]),
             hidden_states=torch.cat([r.hidden for r in self.reqs]),
             bonus_tokens=torch.cat([r.bonus for r in self.reqs]),
             capture_hidden_mode=CaptureHiddenMode.LAST,
         )
+
+    # -- one decode step --------------------------------------------------------------------------
+    def run_step(self, want: int) -> None:
+        rec, b = self.rec, self.batch
+        rec.__dict__.clear()
+        rec.draft_calls = 0
+        self._sync_batch_from_reqs()
+        b.spec_info = self._draft_input()
         allocated_before = [r.kv.kv_allocated_len for r in self.reqs]
         eagle_prepare_for_decode(b)  # SGLang's KV reservation for this step
         for r, before in zip(self.reqs, allocated_before):
@@ -1003,13 +1007,7 @@ class Rig:
         rec.draft_calls = 0
         rec.verify_width = 1  # the draft-extend stand-in checks against the verified width
         self._sync_batch_from_reqs()
-        b.spec_info = EagleDraftInput(
-            topk_p=torch.cat([r.topk_p for r in self.reqs]),
-            topk_index=torch.cat([r.topk_index for r in self.reqs]),
-            hidden_states=torch.cat([r.hidden for r in self.reqs]),
-            bonus_tokens=torch.cat([r.bonus for r in self.reqs]),
-            capture_hidden_mode=CaptureHiddenMode.LAST,
-        )
+        b.spec_info = self._draft_input()
         bonus = b.spec_info.bonus_tokens.clone()
         eagle_prepare_for_decode(b)
         self._check_kv_accounting("after the plain step's reservation")
