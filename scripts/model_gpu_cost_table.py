@@ -34,7 +34,7 @@ LAYER_OVERHEAD_S = 8e-6  # kernel launches per layer under CUDA graphs (router, 
 CONTEXT = 1024  # tokens of KV prefix per request
 DRAFT_STEPS, DRAFT_TOPK, DRAFT_VOCAB, DRAFT_INTER = 5, 4, 32000, 6144
 
-BATCH_SIZES = [1, 4, 16]
+BATCH_SIZES = [1, 4, 16, 32, 64]
 WIDTHS = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
 
 
@@ -61,13 +61,15 @@ def verify_s(bs: int, m: int) -> tuple[float, float]:
     return LAYERS * layer + head, u
 
 
-def draft_s(bs: int) -> float:
-    """EAGLE-3 drafting of a (DRAFT_STEPS, DRAFT_TOPK) tree: one-layer forwards + draft LM head."""
+def draft_s(bs: int, depth: int = DRAFT_STEPS) -> float:
+    """EAGLE-3 drafting to ``depth`` steps: one-layer forwards + draft LM head, weight-read bound
+    (so the same for a chain and a tree). Depth 0 still runs the draft extend (one forward), as
+    SGLang's steps=0 path does; depth d runs the extend and d - 1 tree forwards."""
     w = (
         HIDDEN * Q_HEADS * HEAD_DIM * 2 + HIDDEN * KV_HEADS * HEAD_DIM * 2 + 3 * HIDDEN * DRAFT_INTER
     ) * BYTES
     w += DRAFT_VOCAB * HIDDEN * BYTES + 3 * HIDDEN * HIDDEN * BYTES  # draft head + fc over 3 aux states
-    return DRAFT_STEPS * (mem_s(w) + 20 * LAYER_OVERHEAD_S)
+    return max(depth, 1) * (mem_s(w) + 20 * LAYER_OVERHEAD_S)
 
 
 def build() -> dict:
@@ -128,6 +130,11 @@ def build() -> dict:
         "latency_ms": {"median": lat, "p10": lat, "p90": lat},
         "fixed_ms": [round(1000 * draft_s(b), 4) for b in BATCH_SIZES],
         "expert_union": uni,
+        # per depth 0..DRAFT_STEPS, for the tree and for a chain (the whole-step decision's prices)
+        "draft_ms": {
+            str(k): [[round(1000 * draft_s(b, d), 4) for d in range(DRAFT_STEPS + 1)] for b in BATCH_SIZES]
+            for k in (DRAFT_TOPK, 1)
+        },
     }
 
 

@@ -395,3 +395,23 @@ def test_a_server_style_controller_weighs_plain_against_the_full_tree_only():
     assert ctl.decide(1) == DraftShape(2, 0)
     with pytest.raises(ValueError, match="families"):
         ctl.observe(DraftShape(1, 2), torch.ones(1, 2))
+
+
+def test_the_modeled_column_charges_each_step_the_drafting_it_did():
+    from evict.bench.runner import Bench
+
+    table = CostTable.from_dict(table_dict())
+    bench = Bench(lambda mode, policy: None, target=None, num_experts=8, modeled_table=table)
+    full = float(table.step_cost(1, [8])[0])
+    own = table.draft_cost(1, 2, 4)
+    assert bench._modeled_step_s(1, 8, 8.0, True, (2, 4)) == pytest.approx(full / 1000)
+    chain = bench._modeled_step_s(1, 4, 4.0, True, (1, 3))
+    assert chain == pytest.approx(
+        (float(table.step_cost(1, [4])[0]) - own + table.draft_cost(1, 1, 3)) / 1000
+    )
+    plain = bench._modeled_step_s(1, 1, 1.0, True, (2, 0))  # depth 0: only the draft extend
+    assert plain == pytest.approx(
+        (float(table.step_cost(1, [1])[0]) - own + table.draft_cost(1, 2, 0)) / 1000
+    )
+    # a shape the table does not price: charged as the table's own tree (the old behaviour)
+    assert bench._modeled_step_s(1, 8, 8.0, True, (8, 3)) == pytest.approx(full / 1000)

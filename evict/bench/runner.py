@@ -132,7 +132,7 @@ def record_from_result(
     prompt_ids: Sequence[int],
     step_cost: Callable[[int, int], float] | None = None,
     time_scale: float = 1.0,
-    modeled_step_s: Callable[[int, int, float, bool], float] | None = None,
+    modeled_step_s: Callable[..., float] | None = None,
 ) -> RunRecord:
     """Turn the engine's ``GenerationResult`` into a :class:`RunRecord`.
 
@@ -141,7 +141,7 @@ def record_from_result(
     ``verify_s``, ``decision_s`` and, for EVICT, ``predicted_accepted``). ``step_cost(bs, width)``
     gives EVICT's predicted step time in seconds. ``time_scale`` multiplies the engine's own
     (wall-clock) stage times, to put them on the clock of ``wall_s`` (CPU time over wall time of
-    the call when timing by CPU time). ``modeled_step_s(bs, width, real_width, drafted)`` charges
+    the call when timing by CPU time). ``modeled_step_s(bs, width, real_width, drafted, shape)`` charges
     each decode step from a modeled cost table (``real_width``: real tokens per request, root
     included, below ``width`` when per-request widths padded the batch); the sum is ``modeled_s``.
     """
@@ -176,7 +176,9 @@ def record_from_result(
         if modeled_step_s is not None and active:
             counts = _get(st, ("kept_counts",), None)
             real = width if counts is None else 1.0 + sum(counts) / len(active)
-            rec.modeled_s += modeled_step_s(len(active), width, real, mode.kind != "ar")
+            depth = _get(st, ("depth",), None)
+            shape = None if depth is None else (int(_get(st, ("topk",), 1) or 1), int(depth))
+            rec.modeled_s += modeled_step_s(len(active), width, real, mode.kind != "ar", shape)
         acc = [a for a in _as_list(_get(st, ("accepted", "accepted_lengths", "accept_lengths"), [])) if a > 0]
         rec.request_steps += len(acc)
         rec.emitted += int(sum(acc))
@@ -321,13 +323,21 @@ class Bench:
     def _step_cost_s(self, batch_size: int, width: int) -> float:
         return float(self.table.step_cost(batch_size, [width])[0]) / 1000.0
 
-    def _modeled_step_s(self, batch_size: int, width: int, real: float, drafted: bool) -> float:
+    def _modeled_step_s(
+        self, batch_size: int, width: int, real: float, drafted: bool, shape: tuple[int, int] | None = None
+    ) -> float:
         """One decode step charged from the modeled table: the real tokens' cost, plus padding at
-        the table's ``padding_cost``, minus the drafting (``fixed_ms``) when nothing was drafted."""
+        the table's ``padding_cost``; drafting priced for the ``(topk, depth)`` the step drafted when
+        the table prices it (``draft_ms``), else the table's own tree's (``fixed_ms``), and none
+        when nothing was drafted (autoregressive)."""
         t = self.modeled_table
         full, real_t = (float(v) for v in t.step_cost(batch_size, [float(width), float(real)]))
         ms = real_t + self.modeled_pad_cost * (full - real_t)
-        if not drafted and t.fixed_ms is not None:  # autoregressive: no drafter forwards
+        own = getattr(t, "draft_tree", None)
+        priced = getattr(t, "draft_shapes", None) or {}
+        if drafted and shape is not None and own is not None and priced.get(shape[0], -1) >= shape[1]:
+            ms += t.draft_cost(batch_size, shape[0], shape[1]) - t.draft_cost(batch_size, own[1], own[0])
+        elif not drafted and t.fixed_ms is not None:  # autoregressive: no drafter forwards
             bss = [float(b) for b in t.batch_sizes]
             b = min(max(float(batch_size), bss[0]), bss[-1])
             ms -= _interp(b, bss, [float(f) for f in t.fixed_ms])
