@@ -415,3 +415,17 @@ def test_the_modeled_column_charges_each_step_the_drafting_it_did():
     )
     # a shape the table does not price: charged as the table's own tree (the old behaviour)
     assert bench._modeled_step_s(1, 8, 8.0, True, (8, 3)) == pytest.approx(full / 1000)
+
+
+def test_plain_decoding_still_probes_when_nothing_is_observed():
+    """Engines and the server call observe() only after drafting: plain steps must age the families
+    anyway, or a controller that once chose plain decoding would never draft again."""
+    ctl = controller({2: [0.1, 0.11, 0.12, 0.13, 0.14]}, probe_every=4, max_probe_every=16)
+    ctl.plan(1)
+    ctl.observe(DraftShape(2, 4), torch.full((1, num_candidates(4, 2)), 0.001))
+    plans = [ctl.plan(1) for _ in range(60)]  # plain steps: no observe in between
+    assert DraftShape(2, 0) in plans and plans.count(DraftShape(2, 4)) >= 3
+    # a probe after a long plain stretch replaces the stale average instead of blending into it
+    strong = torch.full((1, num_candidates(4, 2)), 0.9)
+    ctl.observe(DraftShape(2, 4), strong)
+    assert ctl.decide(1) == DraftShape(2, 4)

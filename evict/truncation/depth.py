@@ -219,6 +219,9 @@ class DepthController:
         self._host: torch.Tensor | None = None  # the profile as of the last observe, on the host
         self._event = None
         self._age = {k: 0 for k in self.families}  # steps since the family's deepest was drafted
+        self._step = 0  # decode steps planned
+        self._row_step = [0] * len(self.shapes)  # the step each shape's averaged scores were refreshed
+        self._rel_step: dict[int, int] = {}  # the step each family's reliability last moved
         self._interval = {k: self.base_probe for k in self.families}
         self._probing: tuple[int, DraftShape] | None = None  # (family, decision before the probe)
         # per family: realized / predicted draft tokens accepted (1.0 until outcomes arrive)
@@ -229,7 +232,11 @@ class DepthController:
 
     # -- per step ---------------------------------------------------------------------------------
     def plan(self, batch_size: int) -> DraftShape:
-        """The shape to draft this step (host values only)."""
+        """The shape to draft this step (host values only). Called once per decode step, plain
+        ones included: the step count that ages the families (and so schedules probes) is here."""
+        self._step += 1
+        for k in self._age:
+            self._age[k] += 1
         for k, deepest in self.families.items():  # warm-up: every family drafted deep once
             if not self._seen_host[self.index[DraftShape(k, deepest)]]:
                 return self._count(DraftShape(k, deepest))
@@ -264,8 +271,6 @@ class DepthController:
 
     def observe(self, shape: DraftShape, scores: torch.Tensor) -> None:
         """Fold a drafted tree of ``shape`` into every shape of its family up to its depth."""
-        for k in self._age:
-            self._age[k] += 1
         if shape.depth == 0:
             return
         if shape.topk not in self.families:
@@ -281,7 +286,11 @@ class DepthController:
         if listed:
             new = prof[[d - 1 for d, _ in listed], : self.kmax]  # [n, Kmax]
             idx = torch.tensor([i for _, i in listed], device=prof.device)
-            fresh = [not self._seen_host[i] for _, i in listed]
+            # a row unseen, or not refreshed for a probe interval (stale: the requests have moved
+            # on), takes the new tree as it is; a recent one is averaged
+            fresh = [
+                not self._seen_host[i] or self._step - self._row_step[i] >= self.base_probe for _, i in listed
+            ]
             if all(fresh):
                 mixed = new
             else:
@@ -291,6 +300,7 @@ class DepthController:
             self._profile.index_copy_(0, idx, mixed)
             for _, i in listed:
                 self._seen_host[i] = True
+                self._row_step[i] = self._step
         if shape.depth >= self.families[shape.topk]:
             self._age[shape.topk] = 0
         self._snapshot()
@@ -304,7 +314,12 @@ class DepthController:
         if not (math.isfinite(promised) and math.isfinite(float(realized))) or promised < 0.05:
             return
         ratio = min(max((float(realized) - 1.0) / promised, 0.0), 2.0)
-        self.reliability[shape.topk] += self.ema * (ratio - self.reliability[shape.topk])
+        k = shape.topk
+        # after a long pause (plain decoding) the old factor describes other requests: weigh the
+        # probe's outcome as much as the old factor
+        weight = 0.5 if self._step - self._rel_step.get(k, self._step) >= self.base_probe else self.ema
+        self.reliability[k] += max(weight, self.ema) * (ratio - self.reliability[k])
+        self._rel_step[k] = self._step
 
     # -- host copy --------------------------------------------------------------------------------
     def _snapshot(self) -> None:
