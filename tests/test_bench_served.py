@@ -379,3 +379,14 @@ def test_served_bench_pauses_all_but_the_active_server(monkeypatch, tmp_path):
         (n, c) for n in ("eagle3_default", "evict") for c in (1, 2)
     }
     assert all(s.events[-1] == "stop" for s in all_servers.values())
+
+
+def test_draft_shape_counts_are_parsed_and_differenced_over_a_window():
+    from evict.bench.served import metrics_window, parse_metrics_line
+
+    head = "EVICT: steps={} mean_width=7.00 accept_len predicted=3.1 realized=3.0 fallbacks=0 errors=0 "
+    a = parse_metrics_line(head.format(10) + "widths=4:2,8:8 shapes=plain:3,tree(3,4):7")
+    b = parse_metrics_line(head.format(20) + "widths=4:4,8:16 shapes=plain:5,tree(3,4):15")
+    assert a["shapes"] == {"plain": 3, "tree(3,4)": 7} and a["widths"] == {4: 2, 8: 8}
+    window = metrics_window(a, b)
+    assert window["shapes"] == {"plain": 2, "tree(3,4)": 8} and window["widths"] == {4: 2, 8: 8}

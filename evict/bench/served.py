@@ -357,6 +357,9 @@ def parse_metrics_line(line: str) -> dict[str, Any] | None:
             except ValueError:
                 out["widths"] = value
             continue
+        if key == "shapes":  # EVICT_DEPTH=1: shapes=plain:79,tree(3,4):901
+            out["shapes"] = {k: int(n) for k, n in re.findall(r"([a-z]+(?:\(\d+,\d+\))?):(\d+)", value)}
+            continue
         if key in ("steps", "mean_width", "fallbacks", "errors", "width_switches", "decision", "backend"):
             prefix = ""  # the plugin's top-level fields end a prefix group
         out[prefix + key] = _number(value)
@@ -408,9 +411,10 @@ def metrics_window(
     for key in _COUNTERS:
         if isinstance(after.get(key), int):
             out[key] = after[key] - (int(before.get(key, 0)) if before else 0)
-    w2, w1 = after.get("widths"), (before or {}).get("widths") or {}
-    if isinstance(w2, dict) and isinstance(w1, dict):
-        out["widths"] = {w: c - w1.get(w, 0) for w, c in w2.items() if c - w1.get(w, 0) > 0}
+    for hist in ("widths", "shapes"):  # per-width and per-draft-shape step counts, differenced
+        h2, h1 = after.get(hist), (before or {}).get(hist) or {}
+        if isinstance(h2, dict) and isinstance(h1, dict):
+            out[hist] = {w: c - h1.get(w, 0) for w, c in h2.items() if c - h1.get(w, 0) > 0}
     timed = [m for m in window_lines if isinstance(m.get("step_ms.timed"), int) and m["step_ms.timed"] > 0]
     if timed:
         n = sum(m["step_ms.timed"] for m in timed)
@@ -881,7 +885,9 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                     f"\n{name}: {m.get('steps', 0)} metered steps, mean width {_f(m.get('mean_width'))}, accepted "
                     f"length predicted {_f(m.get('accept_len.predicted'))} / realized "
                     f"{_f(m.get('accept_len.realized'))} (step-weighted), fallbacks {m.get('fallbacks', '-')}, "
-                    f"errors {m.get('errors', '-')}, widths {m.get('widths', '-')}" + step
+                    f"errors {m.get('errors', '-')}, widths {m.get('widths', '-')}"
+                    + (f", draft shapes {m['shapes']}" if m.get("shapes") else "")
+                    + step
                 )
     lines += ["", "## Greedy identity (token ids, every concurrency and prompt both served)", ""]
     for key, ident in summary.get("identity", {}).items():
