@@ -170,3 +170,55 @@ def test_the_gpu_launch_gets_to_the_device_under_fake_cuda(tmp_path):
     assert "set_device" in log, log[-3000:]  # ... and died at the first real CUDA call
     raised = [line for line in log.splitlines() if line.startswith(("ModuleNotFoundError:", "ImportError:"))]
     assert not raised and "EvictConfigError" not in log, log[-3000:]
+
+
+def test_a_server_whose_port_was_taken_restarts_on_a_fresh_port(tmp_path, monkeypatch):
+    """Five CPU servers starting together: one lost its port to another's worker before binding it
+    (uvicorn logs the bind error and hangs). wait_ready restarts it on a new port instead of timing out."""
+    from evict.testing import server as srv
+
+    log = tmp_path / "s.log"
+    s = srv.CpuServer(["--speculative-algorithm", "EVICT"], log_path=log, port=40001, name="s")
+
+    class Proc:
+        returncode = None
+
+        def poll(self):
+            return None
+
+    starts = []
+
+    def start():
+        starts.append(s.port)
+        s.proc = Proc()
+        if len(starts) == 1:
+            log.write_text(
+                "ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', 40001)\n"
+            )
+        return s
+
+    monkeypatch.setattr(s, "start", start)
+    monkeypatch.setattr(s, "stop", lambda timeout=30.0: setattr(s, "proc", None))
+
+    class Ok:
+        status = 200
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    def urlopen(url, timeout=5):
+        if len(starts) < 2:
+            raise OSError("not up")
+        return Ok()
+
+    monkeypatch.setattr(srv.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(s, "get_json", lambda path, timeout=10.0: {})
+    monkeypatch.setattr(srv.time, "sleep", lambda x: None)
+    s.start()
+    assert s.wait_ready(timeout=30) is s
+    assert len(starts) == 2 and starts[1] != 40001
+    assert s.args[s.args.index("--port") + 1] == str(starts[1]) and s.args.count("--port") == 1
+    assert "restarted on" in log.read_text()

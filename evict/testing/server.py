@@ -109,12 +109,34 @@ class CpuServer:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
             return json.loads(r.read())
 
-    def wait_ready(self, timeout: float = 300.0) -> CpuServer:
-        """Block until ``/health`` and ``/v1/models`` answer 200; raise with the log tail if not."""
+    def _rebind(self) -> None:
+        """Restart on a new port: the chosen one was taken before the server bound it."""
+        self.stop()
+        old = self.port
+        self.port = free_port(self.host)
+        i = len(self.args) - 1 - self.args[::-1].index("--port")
+        self.args[i + 1] = str(self.port)
+        self.log_path.write_text(
+            f"(port {old} was taken before the server bound it; restarted on {self.port})\n"
+        )
+        self.start()
+
+    def wait_ready(self, timeout: float = 300.0, rebinds: int = 2) -> CpuServer:
+        """Block until ``/health`` and ``/v1/models`` answer 200; raise with the log tail if not.
+
+        The port is chosen free before start-up, but another server starting beside this one may
+        take it first (SGLang's workers bind ports of their own): uvicorn then logs a bind error and
+        hangs. Up to ``rebinds`` times the server is restarted on a fresh port.
+        """
         if self.proc is None:
             raise RuntimeError(f"{self.name} not started")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if rebinds > 0 and "error while attempting to bind on address" in self.log_tail(2000):
+                rebinds -= 1
+                self._rebind()
+                deadline = time.monotonic() + timeout
+                continue
             if self.proc.poll() is not None:
                 raise ServerStartError(
                     f"{self.name} exited with status {self.proc.returncode} during start-up; "
