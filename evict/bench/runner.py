@@ -170,14 +170,13 @@ def record_from_result(
         width = int(_get(st, ("width", "verified_width"), 1))
         rec.width_sum += width
         depth = _get(st, ("depth",), None)
-        if depth is not None:
-            label = str(DraftShape(int(_get(st, ("topk",), 1) or 1), int(depth)))
+        shape = None if depth is None else (int(_get(st, ("topk",), 1) or 1), int(depth))  # (topk, depth)
+        if shape is not None:
+            label = str(DraftShape(*shape))
             rec.shapes[label] = rec.shapes.get(label, 0) + 1
         if modeled_step_s is not None and active:
             counts = _get(st, ("kept_counts",), None)
             real = width if counts is None else 1.0 + sum(counts) / len(active)
-            depth = _get(st, ("depth",), None)
-            shape = None if depth is None else (int(_get(st, ("topk",), 1) or 1), int(depth))
             rec.modeled_s += modeled_step_s(len(active), width, real, mode.kind != "ar", shape)
         acc = [a for a in _as_list(_get(st, ("accepted", "accepted_lengths", "accept_lengths"), [])) if a > 0]
         rec.request_steps += len(acc)
