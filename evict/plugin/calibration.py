@@ -111,6 +111,19 @@ class CalibrationKey:
         text = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), default=list)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
+    def table_metadata(self) -> dict[str, Any]:
+        """The metadata a table measured under this key carries (the start-up calibration's and the
+        live costs' alike); callers add what only they know (versions, clock)."""
+        return {
+            "model_id": self.model_id,
+            "device": self.device,
+            "dtype": self.dtype,
+            "tp_size": self.tp_size,
+            "draft_steps": self.draft_steps,
+            "draft_topk": self.draft_topk,
+            "calibration_key": self.digest(),
+        }
+
     def path(self, folder: Path | None = None) -> Path:
         """``<cache>/calibration/<model>-tp<N>-<digest>.json`` (the readable part is for people)."""
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model_id).strip("_")[-60:] or "model"
@@ -448,14 +461,8 @@ def calibrate_or_load(
 
     tic = time.perf_counter()
     metadata = {
-        "model_id": key.model_id,
+        **key.table_metadata(),
         "model_config_hash": key.config_hash,
-        "device": key.device,
-        "dtype": key.dtype,
-        "tp_size": key.tp_size,
-        "draft_steps": key.draft_steps,
-        "draft_topk": key.draft_topk,
-        "calibration_key": key.digest(),
         "versions": {"evict": key.evict_version, "torch": torch.__version__},
     }
     if key.config_hash is None:

@@ -922,14 +922,8 @@ class EvictWorkerV2(EAGLEWorkerV2):
             prior,
             reduce=tp_max_reduce(get_tp_group().cpu_group) if parallel.tp_size > 1 else None,
             metadata={
-                "model_id": key.model_id,
+                **key.table_metadata(),
                 **({"model_config_hash": key.config_hash} if key.config_hash else {}),
-                "device": key.device,
-                "dtype": key.dtype,
-                "tp_size": key.tp_size,
-                "draft_steps": key.draft_steps,
-                "draft_topk": key.draft_topk,
-                "calibration_key": key.digest(),
                 "clock": "cuda events" if dw.score_sink.buffer.device.type == "cuda" else "host perf_counter",
             },
         )
