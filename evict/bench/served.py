@@ -58,6 +58,7 @@ from typing import Any
 from evict.boundary import OneLineArgumentParser, run_console
 from evict.machine import cpu_model
 from evict.paths import PACKAGE_DIR
+from evict.profiler.timing import percentile as _percentile
 
 from .modes import SGLANG_QWEN3_MOE_DEFAULT
 
@@ -270,14 +271,9 @@ class RoundResult:
 
 
 def percentile(xs: Iterable[float], q: float) -> float:
-    """The q-th percentile (0-100) with linear interpolation, as numpy's default; NaN when empty."""
-    v = sorted(x for x in xs if not math.isnan(x))
-    if not v:
-        return float("nan")
-    pos = (len(v) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+    """The q-th percentile (0-100) of the non-NaN values (a failed round is NaN); NaN when none."""
+    v = [x for x in xs if not math.isnan(x)]
+    return _percentile(v, q) if v else float("nan")
 
 
 def spread(xs: Sequence[float]) -> dict[str, float | int]:

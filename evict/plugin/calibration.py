@@ -33,7 +33,7 @@ import torch
 
 from evict.paths import cache_dir
 from evict.profiler.table import SCHEMA_VERSION, CostTable, CostTableError
-from evict.profiler.timing import cuda_event_timer
+from evict.profiler.timing import cuda_event_timer, percentile
 
 __all__ = [
     "CALIBRATION_SUBDIR",
@@ -205,16 +205,8 @@ def tp_max_reduce(group: Any, all_reduce: Callable[..., Any] | None = None) -> R
     return reduce
 
 
-def _percentile(xs: Sequence[float], q: float) -> float:
-    s = sorted(xs)
-    pos = (len(s) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def _stats(samples: Sequence[float]) -> tuple[float, float, float]:
-    return _percentile(samples, 10), float(statistics.median(samples)), _percentile(samples, 90)
+    return percentile(samples, 10), float(statistics.median(samples)), percentile(samples, 90)
 
 
 def calibrate(

@@ -6,6 +6,7 @@ One place for it because the profiler (eager forwards) and the server's start-up
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CLOCKS", "cuda_event_timer", "decode_step_ms", "decode_step_samples", "time_call"]
+__all__ = ["CLOCKS", "cuda_event_timer", "decode_step_ms", "decode_step_samples", "percentile", "time_call"]
 
 CLOCKS = ("wall", "cpu")
 
@@ -83,3 +84,17 @@ def decode_step_samples(
 def decode_step_ms(engine: Any, prompts: Sequence[Sequence[int]], **kwargs: Any) -> float:
     """Median of :func:`decode_step_samples` (same arguments)."""
     return statistics.median(decode_step_samples(engine, prompts, **kwargs))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]) of a non-empty sequence, as numpy's default.
+
+    The one percentile of the profiler, the server's calibration and the served bench.
+    """
+    xs = sorted(float(v) for v in values)
+    if not xs:
+        raise ValueError("percentile of an empty sequence")
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)

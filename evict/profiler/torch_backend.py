@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-import math
 import os
 import platform
 import random
@@ -42,7 +41,7 @@ import torch
 from evict.corpus import heldout_files, read_source
 from evict.machine import cpu_model
 from evict.profiler.experts import ExpertRecorder, mean_union, topk_from_router_logits
-from evict.profiler.timing import CLOCKS, time_call
+from evict.profiler.timing import CLOCKS, percentile, time_call
 
 
 class ProfileError(RuntimeError):
@@ -96,17 +95,6 @@ class ProfileResult:
             if p.batch_size == batch_size and p.width == width:
                 return p
         raise KeyError((batch_size, width))
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100]) of a non-empty sequence."""
-    xs = sorted(float(v) for v in values)
-    if not xs:
-        raise ValueError("percentile of an empty sequence")
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 # ----------------------------------------------------------------------------------------------
