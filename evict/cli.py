@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    g.add_argument(
+        "--testbed",
+        default=None,
+        metavar="NAME|DIR",
+        help="testbed pair: moe32 (default), moe128, moe128-padded, or a folder with target/ and drafter/",
+    )
     return parser
 
 
@@ -108,7 +114,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return [int(i) for i in ids]
 
 
-def _load_pair(device: str, dtype_name: str):
+def _load_pair(device: str, dtype_name: str, testbed: str | None = None):
     import torch
 
     try:
@@ -119,17 +125,21 @@ def _load_pair(device: str, dtype_name: str):
             "this checkout lacks the reference models"
         ) from exc
     try:
-        return load_testbed(dtype=getattr(torch, dtype_name), device=device)
-    except FileNotFoundError as exc:
+        return load_testbed(dtype=getattr(torch, dtype_name), device=device, name=testbed)
+    except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from exc
 
 
-def _model_dirs() -> tuple[Path, Path]:
+def _model_dirs(testbed: str | None = None) -> tuple[Path, Path]:
     """Checkpoint folders of the loaded pair (target, drafter): what the cost table is checked
     against and what a zero-config measurement times."""
-    from evict.models import TESTBED_DIR
+    from evict.models import testbed_dir
 
-    return Path(TESTBED_DIR) / "target", Path(TESTBED_DIR) / "drafter"
+    try:
+        root = testbed_dir(testbed)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    return root / "target", root / "drafter"
 
 
 def _policy(args: argparse.Namespace):
@@ -140,7 +150,7 @@ def _policy(args: argparse.Namespace):
     from evict.profiler.torch_backend import ProfileError
     from evict.truncation import TruncationPolicy
 
-    target_dir, drafter_dir = _model_dirs()
+    target_dir, drafter_dir = _model_dirs(args.testbed)
     try:
         choice = resolve_cost_table(
             step_sampler=engine_step_samples,
@@ -188,13 +198,13 @@ def _estimator(args: argparse.Namespace):
     return est
 
 
-def _max_positions() -> int | None:
+def _max_positions(testbed: str | None = None) -> int | None:
     """The target's ``max_position_embeddings`` from its config.json (no model load), if known."""
     import json
 
     try:
-        cfg = json.loads((_model_dirs()[0] / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, ImportError):
+        cfg = json.loads((_model_dirs(testbed)[0] / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, ImportError, CliError):
         return None
     v = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
     return v if isinstance(v, int) and v > 0 else None
@@ -243,7 +253,7 @@ def _validate(args: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             raise CliError(f"--device {dev}: torch sees no CUDA device; use --device cpu")
-    limit = _max_positions()
+    limit = _max_positions(args.testbed)
     if limit is not None and args.max_new_tokens + args.num_draft_tokens >= limit:
         raise CliError(
             f"--max-new-tokens {args.max_new_tokens} plus a draft tree of {args.num_draft_tokens} tokens "
@@ -255,11 +265,11 @@ def _generate(args: argparse.Namespace) -> int:
     _validate(args)
     from evict.engine import SpecEngine
 
-    target, drafter, tokenizer = _load_pair(args.device, args.dtype)
+    target, drafter, tokenizer = _load_pair(args.device, args.dtype, args.testbed)
     prompt = _encode(tokenizer, args.prompt)
     if not prompt:
         raise CliError("the prompt encodes to no tokens; give a non-empty --prompt")
-    limit = _max_positions()
+    limit = _max_positions(args.testbed)
     if limit is not None and len(prompt) + args.max_new_tokens + args.num_draft_tokens > limit:
         raise CliError(
             f"the prompt ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} + a draft tree of "

@@ -149,11 +149,11 @@ def loaded_pair(monkeypatch, tmp_path):
     from engine_fixtures import oracle_pair
 
     target, drafter = oracle_pair(0)
-    monkeypatch.setattr(gen_cli, "_load_pair", lambda device, dtype: (target, drafter, _Tok()))
+    monkeypatch.setattr(gen_cli, "_load_pair", lambda device, dtype, testbed=None: (target, drafter, _Tok()))
     folder = tmp_path / "target"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(target.config.to_dict(), default=str))
-    monkeypatch.setattr(gen_cli, "_model_dirs", lambda: (folder, tmp_path / "no_drafter"))
+    monkeypatch.setattr(gen_cli, "_model_dirs", lambda testbed=None: (folder, tmp_path / "no_drafter"))
     return target
 
 
@@ -302,7 +302,7 @@ BENCH_CASES = [
         "torch sees no CUDA device",
         marks=pytest.mark.skipif(not NO_CUDA, reason="checks the no-CUDA message"),
     ),
-    (["--testbed", "{tmp}/nope"], "config.json not found; give a folder with target/ and drafter/"),
+    (["--testbed", "{tmp}/nope"], "neither a known testbed (moe32, moe128, moe128-padded) nor a folder"),
     (["--max-new-tokens", "5000"], "beyond the target's max_position_embeddings 4096"),
     (["--evict-tree", "3,1,9"], "at most steps + 1"),
     (["--evict-tree", "a,b,c"], "must be three integers"),

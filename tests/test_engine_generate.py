@@ -144,13 +144,15 @@ def _checkpoint_of(target, tmp_path, monkeypatch):
     folder = tmp_path / "target"
     folder.mkdir(exist_ok=True)
     (folder / "config.json").write_text(json.dumps(target.config.to_dict(), default=str))
-    monkeypatch.setattr(cli, "_model_dirs", lambda: (folder, tmp_path / "no_drafter"))
+    monkeypatch.setattr(cli, "_model_dirs", lambda testbed=None: (folder, tmp_path / "no_drafter"))
     return folder
 
 
 def test_cli_generate_all_modes(pair, monkeypatch, tmp_path, capsys):
     target, drafter = pair
-    monkeypatch.setattr(cli, "_load_pair", lambda device, dtype: (target, drafter, FakeTokenizer()))
+    monkeypatch.setattr(
+        cli, "_load_pair", lambda device, dtype, testbed=None: (target, drafter, FakeTokenizer())
+    )
     _checkpoint_of(target, tmp_path, monkeypatch)
     table = {
         "schema_version": 1,
@@ -213,7 +215,9 @@ def test_cli_generate_all_modes(pair, monkeypatch, tmp_path, capsys):
 
 def test_cli_errors_are_clear(pair, monkeypatch, tmp_path, capsys):
     target, drafter = pair
-    monkeypatch.setattr(cli, "_load_pair", lambda device, dtype: (target, drafter, FakeTokenizer()))
+    monkeypatch.setattr(
+        cli, "_load_pair", lambda device, dtype, testbed=None: (target, drafter, FakeTokenizer())
+    )
     _checkpoint_of(target, tmp_path, monkeypatch)
     rc = cli.main(
         ["generate", "--prompt", "x", "--mode", "evict", "--cost-table", str(tmp_path / "none.json")]

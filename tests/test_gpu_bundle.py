@@ -351,7 +351,8 @@ def test_real_bundle_fits_and_lists_what_the_server_needs(tmp_path):
     )
     assert report.size_mib <= gb.DEFAULT_MAX_MIB
     # checkout + bundle must fit the device call's carry limit, with room for the untracked rest
-    assert gb.tracked_mib(ROOT) + report.size_mib <= gb.CARRY_LIMIT_MIB - 1.0
+    # (the folders the GPU check leaves behind, scripts/gpu_carry.py hide, do not travel)
+    assert gb.tracked_mib(ROOT, gb.GPU_LEAVE_BEHIND) + report.size_mib <= gb.CARRY_LIMIT_MIB - 1.0
     names = set(gb.list_archive(report.archive))
     for required in (
         "sglang/launch_server.py",
@@ -422,3 +423,42 @@ def test_the_fake_cuda_probe_takes_sglangs_cuda_only_imports():
     cuda, failed = gb.probe_runtime_modules(sys.executable, entry, repo_root=ROOT, fake_cuda=True)
     assert "sglang.kernels.ops.gemm.gptq_marlin" not in plain
     assert "sglang.kernels.ops.gemm.gptq_marlin" in cuda and not failed
+
+
+def test_hide_for_device_takes_a_folder_out_of_what_travels_and_restore_puts_it_back(tmp_path):
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / ".gitignore").write_text(f"/{gb.HIDDEN_DIR}/\n")
+    (tmp_path / "keep.txt").write_bytes(b"k" * 1024)
+    big = tmp_path / "models" / "big"
+    big.mkdir(parents=True)
+    (big / "w.bin").write_bytes(b"w" * 2**20)
+    git("add", "-A")
+    git("commit", "-q", "-m", "x")
+    before = gb.tracked_mib(tmp_path)
+    assert before > 1.0
+    assert gb.tracked_mib(tmp_path, ["models/big"]) < 0.01
+
+    assert gb.hide_for_device(tmp_path, ["models/big"]) == ["models/big"]
+    assert not big.exists()
+    # neither tracked nor an untracked-not-ignored file: nothing of it travels
+    assert "models/big" not in git("ls-files")
+    assert git("ls-files", "--others", "--exclude-standard") == ""
+    assert gb.tracked_mib(tmp_path) < 0.01
+    with pytest.raises(gb.BundleError):  # hiding twice would overwrite the parked copy
+        big.mkdir(parents=True)
+        try:
+            gb.hide_for_device(tmp_path, ["models/big"])
+        finally:
+            big.rmdir()
+
+    assert gb.restore_after_device(tmp_path, ["models/big"]) == ["models/big"]
+    assert (big / "w.bin").stat().st_size == 2**20
+    assert git("status", "--porcelain") == ""
+    assert gb.tracked_mib(tmp_path) == pytest.approx(before)

@@ -127,10 +127,11 @@ def test_eos_and_max_new_tokens_per_request(pair_and_reference):
     assert n_active == sorted(n_active, reverse=True)
 
 
-def test_shipped_testbed_pair_matches_target_greedy():
+@pytest.mark.parametrize("testbed", ["moe32", "moe128"])
+def test_shipped_testbed_pair_matches_target_greedy(testbed):
     models = pytest.importorskip("evict.models")
     try:
-        target, drafter, tok = models.load_testbed()
+        target, drafter, tok = models.load_testbed(name=testbed)
     except FileNotFoundError:
         pytest.skip("testbed weights not shipped in this checkout")
     prompts = [[int(i) for i in tok.encode(t)] for t in ("import os\n", "def main(args):\n    ")]

@@ -332,14 +332,16 @@ class Counter:
 '''
 
 
-def test_shipped_testbed_is_trained():
-    """The shipped pair loads from the package, is small, and is clearly trained (not random)."""
-    from evict.models import TESTBED_DIR, load_testbed
+@pytest.mark.parametrize("name", ["moe32", "moe128"])
+def test_shipped_testbed_is_trained(name):
+    """Each shipped pair loads from the package, is small, and is clearly trained (not random)."""
+    from evict.models import load_testbed, testbed_dir
 
+    root = testbed_dir(name)
     for sub in ("target", "drafter"):
-        for f in (TESTBED_DIR / sub).glob("*.safetensors"):
+        for f in (root / sub).glob("*.safetensors"):
             assert f.stat().st_size < 50e6, f"{f} is too large to ship"
-    target, drafter, tok = load_testbed()
+    target, drafter, tok = load_testbed(name=name)
     assert target.aux_layer_ids == tuple(drafter.config["eagle_config"]["eagle_aux_hidden_state_layer_ids"])
     ids = torch.tensor([tok(SNIPPET)["input_ids"]])
     assert tok.decode(ids[0]) == SNIPPET

@@ -65,9 +65,10 @@ def test_the_wheel_carries_the_tables_and_the_testbed(tmp_path):
         zf.extractall(tmp_path / "site")
     shipped = {p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs").glob("*.json")}
     assert {f"evict/configs/{n}" for n in shipped} <= names
-    testbed = PACKAGE_DIR / "testbed"
-    want = {"evict/" + p.relative_to(PACKAGE_DIR).as_posix() for p in testbed.rglob("*") if p.is_file()}
-    assert want <= names and any(n.endswith(".safetensors") for n in want)
+    for folder in ("testbed", "testbed_moe128"):  # both shipped pairs
+        testbed = PACKAGE_DIR / folder
+        want = {"evict/" + p.relative_to(PACKAGE_DIR).as_posix() for p in testbed.rglob("*") if p.is_file()}
+        assert want <= names and any(n.endswith(".safetensors") for n in want), folder
     # installed as a wheel, the shipped table resolves to the package's own copy
     probe = "from evict.paths import shipped_config; print(shipped_config())"
     out = subprocess.run(

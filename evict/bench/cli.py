@@ -37,6 +37,7 @@ from evict.boundary import (
 )
 from evict.kernels import BACKENDS
 from evict.machine import cpu_model
+from evict.models.testbeds import DEFAULT_TESTBED, TESTBEDS, testbed_dir
 from evict.paths import PACKAGE_DIR
 from evict.truncation import USER_DECISIONS
 
@@ -148,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--testbed",
-        type=Path,
         default=None,
-        help="folder with target/ and drafter/ (default: the shipped evict/testbed)",
+        metavar="NAME|DIR",
+        help=f"testbed pair: {', '.join(TESTBEDS)} (default {DEFAULT_TESTBED}) or a folder with target/ and drafter/",
     )
     p.add_argument(
         "--decision",
@@ -334,15 +335,10 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise BoundaryError(f"--device {device!r} is not supported; use cpu, cuda[:N] or auto")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BoundaryError(f"--device {device}: torch sees no CUDA device; use --device cpu (or auto)")
-    from evict.models import TESTBED_DIR  # noqa: PLC0415 (light: a path)
-
-    tb = Path(args.testbed or TESTBED_DIR)
-    for sub in ("target", "drafter"):
-        if not (tb / sub / "config.json").is_file():
-            raise BoundaryError(
-                f"--testbed {tb}: {tb / sub}/config.json not found; give a folder with target/ and drafter/ "
-                "checkpoints (default: the shipped evict/testbed)"
-            )
+    try:
+        tb = testbed_dir(args.testbed)
+    except (ValueError, FileNotFoundError) as exc:
+        raise BoundaryError(f"--testbed: {exc}") from None
     try:
         cfg = json.loads((tb / "target" / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -584,6 +580,7 @@ def run_bench(
     prompt_ids = [list(p.ids) for p in prompts]
     data = BenchData()
     data.meta.update(
+        testbed=str(args.testbed or DEFAULT_TESTBED),
         num_prompts=len(prompts),
         domains=f"{args.num_prompts} code + {args.num_prompts} prose"
         + (f" held-out stdlib, {ood} code + {ood} prose out-of-domain (third-party packages)" if ood else ""),
@@ -664,27 +661,13 @@ def run_bench(
 
 def _load(args: argparse.Namespace, device: str, log=print):
     from evict.engine.pricing import engine_step_samples
-    from evict.models import TESTBED_DIR, load_testbed  # noqa: PLC0415
+    from evict.models import load_testbed  # noqa: PLC0415
     from evict.profiler.auto import AutoGrid, resolve_cost_table  # noqa: PLC0415
     from evict.profiler.table import CostTable  # noqa: PLC0415
 
     dtype = getattr(torch, args.dtype)
-    tb = Path(args.testbed or TESTBED_DIR)
-    if args.testbed is None:
-        target, drafter, tokenizer = load_testbed(dtype=dtype, device=device)
-    else:
-        from transformers import AutoTokenizer  # noqa: PLC0415
-
-        from evict.models import Eagle3Drafter, Qwen3MoeTarget  # noqa: PLC0415
-
-        for sub in ("target", "drafter"):
-            if not (tb / sub / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"--testbed {tb}: {tb / sub}/config.json not found (need target/ and drafter/)"
-                )
-        target = Qwen3MoeTarget.from_pretrained(tb / "target", dtype=dtype, device=device)
-        drafter = Eagle3Drafter.from_pretrained(tb / "drafter", target, dtype=dtype, device=device)
-        tokenizer = AutoTokenizer.from_pretrained(str(tb / "target"))
+    tb = testbed_dir(args.testbed)
+    target, drafter, tokenizer = load_testbed(dtype=dtype, device=device, name=tb)
     tree = args.evict_tree
     choice = resolve_cost_table(
         step_sampler=engine_step_samples,

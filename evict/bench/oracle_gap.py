@@ -318,7 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cost-table", type=Path, default=None, help="as evict-bench (default: shipped or measured)"
     )
     p.add_argument("--allow-table-mismatch", action="store_true")
-    p.add_argument("--testbed", type=Path, default=None, help="folder with target/ and drafter/")
+    p.add_argument(
+        "--testbed",
+        default=None,
+        metavar="NAME|DIR",
+        help="testbed name (moe32, moe128, moe128-padded) or a folder with target/ and drafter/",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")

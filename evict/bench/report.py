@@ -386,6 +386,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
     L.append("## Benchmark results")
     L.append("")
     L.append(f"Command: `{meta.get('command', 'evict-bench')}`  ")
+    if meta.get("testbed"):
+        L.append(f"Testbed: {meta['testbed']}  ")
     L.append(f"Machine: {meta.get('machine', '?')}  ")
     L.append(f"Date (UTC): {meta.get('date', '?')}; wall time of the run: {meta.get('elapsed_s', 0):.0f} s  ")
     L.append(

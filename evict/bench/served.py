@@ -1013,6 +1013,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra launch_server argument for every server (repeatable, e.g. --server-arg=--dtype=bfloat16)")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="CpuServer or GpuServer")
+    p.add_argument(
+        "--testbed",
+        metavar="NAME",
+        help="serve a shipped testbed pair by name (moe32, moe128, moe128-padded) instead of the model paths",
+    )
     p.add_argument("--model-path", help="target (default: the shipped testbed target)")
     p.add_argument("--draft-model-path", help="EAGLE-3 drafter (default: the shipped testbed drafter)")
     p.add_argument("--log-interval", type=int, default=10, help="EVICT_LOG_INTERVAL for EVICT's servers")
@@ -1217,6 +1222,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def go() -> int:
         try:
+            if args.testbed:
+                if args.model_path or args.draft_model_path:
+                    raise ValueError(
+                        "--testbed names both models; leave out --model-path and --draft-model-path"
+                    )
+                from evict.models.testbeds import testbed_dir  # noqa: PLC0415
+
+                try:
+                    root = testbed_dir(args.testbed)
+                except FileNotFoundError as exc:
+                    raise ValueError(f"--testbed: {exc}") from None
+                args.model_path, args.draft_model_path = str(root / "target"), str(root / "drafter")
             return run(args, argv)
         except ValueError as exc:
             parser.error(str(exc))

@@ -1,12 +1,14 @@
 """Pure-PyTorch models of the reference engine: the Qwen3-MoE target and its EAGLE-3 drafter.
 
-``load_testbed()`` returns the small trained pair shipped in ``evict/testbed`` (made by
+``load_testbed()`` returns a small trained pair shipped with the package (made by
 ``scripts/train_testbed.py``), so the engine, profiler and benchmark run on real routing and real
-acceptance behaviour without a model hub.
+acceptance behaviour without a model hub; ``load_testbed("moe128")`` picks another by name
+(:mod:`evict.models.testbeds`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -14,6 +16,7 @@ import torch
 from .cache import KVCache
 from .eagle3 import SGLANG_EAGLE3_WEIGHT_NAMES, Eagle3Drafter, eagle3_config, sglang_param_name
 from .qwen3_moe import Qwen3MoeTarget, RouterHook, TargetOutput, default_aux_layer_ids
+from .testbeds import DEFAULT_TESTBED, TESTBEDS, testbed_dir
 
 __all__ = [
     "KVCache",
@@ -27,22 +30,27 @@ __all__ = [
     "SGLANG_EAGLE3_WEIGHT_NAMES",
     "load_testbed",
     "TESTBED_DIR",
+    "TESTBEDS",
+    "DEFAULT_TESTBED",
+    "testbed_dir",
 ]
 
 TESTBED_DIR = Path(__file__).resolve().parent.parent / "testbed"
 
 
-def load_testbed(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """Load the shipped (target, drafter, tokenizer); weights are stored bf16 and upcast to ``dtype``."""
+def load_testbed(
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    name: str | os.PathLike[str] | None = None,
+):
+    """Load a testbed's (target, drafter, tokenizer) by name or folder (default: the first pair).
+
+    Weights are stored bf16 and upcast to ``dtype``.
+    """
     from transformers import AutoTokenizer
 
-    tdir, ddir = TESTBED_DIR / "target", TESTBED_DIR / "drafter"
-    for d in (tdir, ddir):
-        if not any(d.glob("*.safetensors")):
-            raise FileNotFoundError(
-                f"testbed weights missing in {d}; retrain them with "
-                "`python scripts/train_testbed.py --out evict/testbed` (about 30 minutes on 2 CPU cores)"
-            )
+    root = testbed_dir(name)
+    tdir, ddir = root / "target", root / "drafter"
     target = Qwen3MoeTarget.from_pretrained(tdir, dtype=dtype, device=device)
     drafter = Eagle3Drafter.from_pretrained(ddir, target, dtype=dtype, device=device)
     tokenizer = AutoTokenizer.from_pretrained(str(tdir))

@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="HF checkpoint directory (default: the shipped testbed target)",
     )
     p.add_argument(
+        "--testbed",
+        default=None,
+        metavar="NAME",
+        help="a shipped testbed instead of --model/--draft-model: moe32, moe128 or moe128-padded "
+        "(the padded variant is made in the cache on first use)",
+    )
+    p.add_argument(
         "--backend",
         choices=["torch", "sglang"],
         default="torch",
@@ -208,6 +215,16 @@ def _validate(args: argparse.Namespace) -> None:
         raise _fail("--draft-steps and --draft-topk must be >= 1")
     if not args.tolerance > 0:
         raise _fail(f"--tolerance must be > 0, got {args.tolerance}")
+    if args.testbed is not None:
+        if args.model is not None or args.draft_model is not None:
+            raise _fail("--testbed names both models; leave out --model and --draft-model")
+        from evict.models.testbeds import testbed_dir  # noqa: PLC0415
+
+        try:
+            root = testbed_dir(args.testbed)
+        except (ValueError, FileNotFoundError) as exc:
+            raise _fail(f"--testbed: {exc}") from None
+        args.model, args.draft_model = root / "target", root / "drafter"
     if args.model is None and args.replot is None:
         args.model = default_model_path()
         if not (args.model / "config.json").is_file():
@@ -271,6 +288,19 @@ def _print_result(result, out=sys.stdout) -> None:
         )
     for bs, ms in sorted(result.fixed_ms.items()):
         print(f"fixed_ms bs={bs}: {ms:.3f} (drafting)", file=out)
+    from evict.profiler.experts import latency_union_correlation  # noqa: PLC0415
+
+    for bs in sorted({p.batch_size for p in result.points}):
+        row = sorted((p for p in result.points if p.batch_size == bs), key=lambda p: p.width)
+        if len(row) < 2 or row[0].median_ms <= 0 or not any(p.expert_union > 0 for p in row):
+            continue
+        r = latency_union_correlation([p.median_ms for p in row], [p.expert_union for p in row])
+        print(
+            f"bs={bs}: T(m={row[-1].width})/T(m={row[0].width}) = {row[-1].median_ms / row[0].median_ms:.2f}x, "
+            f"experts {row[0].expert_union:.1f} -> {row[-1].expert_union:.1f}; "
+            f"correlation of latency with the expert union {r:.3f}",
+            file=out,
+        )
 
 
 def _measure(args: argparse.Namespace, points: list[tuple[int, int]] | None = None):

@@ -65,6 +65,24 @@ def uniform_union(num_experts: int, top_k: int, num_tokens: int) -> float:
     return num_experts * (1.0 - (1.0 - min(top_k, num_experts) / num_experts) ** max(num_tokens, 0))
 
 
+def latency_union_correlation(latency_ms: Sequence[float], union: Sequence[float]) -> float:
+    """Pearson correlation of verify latency with the expert union across widths (NaN if undefined).
+
+    Why: the premise EVICT rests on is that verify cost follows the experts read, not the token
+    count; on a weight-read-bound target this is near 1, and the profiler prints it per batch size.
+    """
+    n = len(latency_ms)
+    if n != len(union) or n < 2:
+        return float("nan")
+    mx, my = sum(latency_ms) / n, sum(union) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(latency_ms, union))
+    sxx = sum((x - mx) ** 2 for x in latency_ms)
+    syy = sum((y - my) ** 2 for y in union)
+    if sxx <= 0 or syy <= 0:
+        return float("nan")
+    return sxy / (sxx * syy) ** 0.5
+
+
 class ExpertRecorder:
     """Router hook that keeps each MoE layer's ``topk_ids`` of the current forward.
 

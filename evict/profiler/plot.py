@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from evict.boundary import current_umask
-from evict.profiler.experts import uniform_union
+from evict.profiler.experts import latency_union_correlation, uniform_union
 from evict.profiler.table import CostTable
 
 
@@ -48,7 +48,14 @@ def plot_table(table: CostTable, out: str | os.PathLike[str]) -> Path:
     if has_union:
         ax = axes[0][1]
         for i, bs in enumerate(table.batch_sizes):
-            ax.plot(table.widths, table.expert_union[i], marker="o", ms=3, label=f"bs={bs} (measured)")
+            r = latency_union_correlation(table.median[i], table.expert_union[i])
+            ax.plot(
+                table.widths,
+                table.expert_union[i],
+                marker="o",
+                ms=3,
+                label=f"bs={bs} (measured; r={r:.2f} with latency)",
+            )
         experts, top_k = meta.get("num_experts"), meta.get("top_k")
         if isinstance(experts, int) and isinstance(top_k, int) and experts > 0 and top_k > 0:
             bs0 = table.batch_sizes[0]

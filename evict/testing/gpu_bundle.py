@@ -71,6 +71,11 @@ __all__ = [
     "write_dist_info",
     "write_dist_infos",
     "build_bundle",
+    "tracked_mib",
+    "GPU_LEAVE_BEHIND",
+    "HIDDEN_DIR",
+    "hide_for_device",
+    "restore_after_device",
 ]
 
 SGLANG_VERSION = "0.5.23"
@@ -757,15 +762,60 @@ def _tar_xz(site: Path, archive: Path, preset: int) -> None:
     tmp.replace(archive)
 
 
-def tracked_mib(repo_root: Path) -> float:
-    """Size of the files git tracks: what every device call carries before the bundle."""
+#: Tracked folders the GPU check does not need and leaves behind (``scripts/gpu_carry.py hide``):
+#: the 128-expert testbed's weights (22 MB) would push checkout + bundle past the carry limit.
+GPU_LEAVE_BEHIND: tuple[str, ...] = ("evict/testbed_moe128",)
+#: Where ``hide`` parks them: ignored by git (``/.gpu_hidden/``) and never named in ``carry``.
+HIDDEN_DIR = ".gpu_hidden"
+
+
+def tracked_mib(repo_root: Path, leave_behind: Sequence[str] = ()) -> float:
+    """Size of the files git tracks, less ``leave_behind`` folders: what a device call carries before
+    the bundle."""
     out = subprocess.run(
         ["git", "ls-files", "-z"], cwd=repo_root, capture_output=True, check=True
     ).stdout.decode()
+    prefixes = tuple(p.rstrip("/") + "/" for p in leave_behind)
     total = sum(
-        (repo_root / name).stat().st_size for name in out.split("\0") if name and (repo_root / name).is_file()
+        (repo_root / name).stat().st_size
+        for name in out.split("\0")
+        if name and not name.startswith(prefixes) and (repo_root / name).is_file()
     )
     return total / 2**20
+
+
+def hide_for_device(repo_root: Path, paths: Sequence[str] = GPU_LEAVE_BEHIND) -> list[str]:
+    """Take ``paths`` out of what a device call sends: untrack them (index only) and park the files
+    in ``HIDDEN_DIR``. Why not just delete: the call sends tracked and untracked-not-ignored files,
+    so a folder must be neither; ``restore_after_device`` puts both back. Returns the paths moved."""
+    moved = []
+    for rel in paths:
+        src, dst = repo_root / rel, repo_root / HIDDEN_DIR / rel
+        if not src.exists():
+            continue
+        if dst.exists():
+            raise BundleError(f"{dst} exists: run `python scripts/gpu_carry.py restore` first")
+        subprocess.run(["git", "rm", "-r", "-q", "--cached", "--", rel], cwd=repo_root, check=True)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(dst)
+        moved.append(rel)
+    return moved
+
+
+def restore_after_device(repo_root: Path, paths: Sequence[str] = GPU_LEAVE_BEHIND) -> list[str]:
+    """Undo ``hide_for_device``: move the parked files back and re-track them as committed."""
+    restored = []
+    for rel in paths:
+        src, dst = repo_root / HIDDEN_DIR / rel, repo_root / rel
+        if not src.exists():
+            continue
+        if dst.exists():
+            raise BundleError(f"both {src} and {dst} exist; keep one by hand")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(dst)
+        subprocess.run(["git", "reset", "-q", "--", rel], cwd=repo_root, check=True)
+        restored.append(rel)
+    return restored
 
 
 def build_bundle(
