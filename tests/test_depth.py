@@ -429,3 +429,27 @@ def test_plain_decoding_still_probes_when_nothing_is_observed():
     strong = torch.full((1, num_candidates(4, 2)), 0.9)
     ctl.observe(DraftShape(2, 4), strong)
     assert ctl.decide(1) == DraftShape(2, 4)
+
+
+def test_forced_steps_age_the_families_like_planned_ones():
+    """The server forces plain steps while it times them: those steps must keep probes on schedule,
+    and be counted, exactly as planned plain steps are."""
+    shapes = {2: [0.1, 0.11, 0.12, 0.13, 0.14]}
+    weak = torch.full((1, num_candidates(4, 2)), 0.001)
+    planned, forced = (controller(shapes, probe_every=4, max_probe_every=4) for _ in range(2))
+    for ctl in (planned, forced):
+        ctl.plan(1)
+        ctl.observe(DraftShape(2, 4), weak)
+    plain = DraftShape(2, 0)
+    assert planned.plan(1) == plain
+    for _ in range(2):
+        planned.plan(1)
+        assert forced.force(plain) == plain
+    forced.plan(1)
+    # the same steps since: both probe on the same step, and count the same shapes
+    after = [planned.plan(1) for _ in range(4)]
+    assert after == [forced.plan(1) for _ in range(4)]
+    assert DraftShape(2, 4) in after
+    assert forced.stats()["shapes"] == planned.stats()["shapes"]
+    with pytest.raises(ValueError, match="not one of"):
+        forced.force(DraftShape(3, 2))

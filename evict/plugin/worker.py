@@ -875,7 +875,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
         """The controller's plan, except while this batch size's plain step is still being timed."""
         plain = self.plain_costs
         if plain is not None and plain.explore_index(batch_size) is not None:
-            return self.depth._count(self.depth.shapes[0])
+            return self.depth.force(self.depth.shapes[0])
         return self.depth.plan(batch_size)
 
     def _observe_tree(self, scores: torch.Tensor) -> None:

@@ -279,6 +279,28 @@ def _default_device_dtype(args: argparse.Namespace) -> None:
         args.dtype = "bfloat16" if str(args.device).startswith("cuda") else "float32"
 
 
+def union_summary(rows: dict[int, list[tuple[int, float, float]]]) -> list[str]:
+    """One line per batch size: T(widest)/T(narrowest), the expert union's growth, and the
+    correlation of latency with the union. ``rows``: bs -> [(width, median_ms, expert_union)].
+
+    Why: on an MoE target whose cost is reading experts, latency should follow the union; this is
+    the check that a testbed (or a real model) behaves so (docs/testbed.md)."""
+    from evict.profiler.experts import latency_union_correlation  # noqa: PLC0415
+
+    lines = []
+    for bs in sorted(rows):
+        row = sorted(rows[bs])
+        if len(row) < 2 or row[0][1] <= 0 or not any(u > 0 for _, _, u in row):
+            continue
+        r = latency_union_correlation([ms for _, ms, _ in row], [u for _, _, u in row])
+        lines.append(
+            f"bs={bs}: T(m={row[-1][0]})/T(m={row[0][0]}) = {row[-1][1] / row[0][1]:.2f}x, "
+            f"experts {row[0][2]:.1f} -> {row[-1][2]:.1f} per layer; "
+            f"correlation of latency with the expert union {r:.3f}"
+        )
+    return lines
+
+
 def _print_result(result, out=sys.stdout) -> None:
     print(f"{'bs':>4} {'width':>5} {'median_ms':>10} {'p10_ms':>8} {'p90_ms':>8} {'experts':>8}", file=out)
     for p in result.points:
@@ -288,19 +310,11 @@ def _print_result(result, out=sys.stdout) -> None:
         )
     for bs, ms in sorted(result.fixed_ms.items()):
         print(f"fixed_ms bs={bs}: {ms:.3f} (drafting)", file=out)
-    from evict.profiler.experts import latency_union_correlation  # noqa: PLC0415
-
-    for bs in sorted({p.batch_size for p in result.points}):
-        row = sorted((p for p in result.points if p.batch_size == bs), key=lambda p: p.width)
-        if len(row) < 2 or row[0].median_ms <= 0 or not any(p.expert_union > 0 for p in row):
-            continue
-        r = latency_union_correlation([p.median_ms for p in row], [p.expert_union for p in row])
-        print(
-            f"bs={bs}: T(m={row[-1].width})/T(m={row[0].width}) = {row[-1].median_ms / row[0].median_ms:.2f}x, "
-            f"experts {row[0].expert_union:.1f} -> {row[-1].expert_union:.1f}; "
-            f"correlation of latency with the expert union {r:.3f}",
-            file=out,
-        )
+    rows = {}
+    for p in result.points:
+        rows.setdefault(p.batch_size, []).append((p.width, p.median_ms, p.expert_union))
+    for line in union_summary(rows):
+        print(line, file=out)
 
 
 def _measure(args: argparse.Namespace, points: list[tuple[int, int]] | None = None):
@@ -428,9 +442,14 @@ def _main(argv: Sequence[str] | None = None) -> int:
             from evict.profiler.plot import plot_table
             from evict.profiler.table import CostTable
 
-            print(
-                f"wrote {plot_table(CostTable.load(args.replot), args.plot or args.replot.with_suffix('.png'))}"
-            )
+            table = CostTable.load(args.replot)
+            print(f"wrote {plot_table(table, args.plot or args.replot.with_suffix('.png'))}")
+            if table.expert_union is not None:
+                rows = {
+                    bs: list(zip(table.widths, table.median[i], table.expert_union[i]))
+                    for i, bs in enumerate(table.batch_sizes)
+                }
+                print("\n".join(union_summary(rows)))
             return 0
         if args.check is not None:
             return _run_check(args)

@@ -34,6 +34,7 @@ __all__ = [
     "TESTBED_TARGET",
     "TESTBED_DRAFTER",
     "EAGLE3_FLAGS",
+    "eagle3_flags",
     "cpu_env",
     "server_command",
     "main",
@@ -53,17 +54,23 @@ CPU_FLAGS: dict[str, str | None] = {
     "--dtype": "float32",
 }
 
-# The testbed pair's tree, as the issue's trial served it (3 steps x top-4, 8 verified tokens).
-EAGLE3_FLAGS: tuple[str, ...] = (
-    "--speculative-draft-model-path",
-    str(TESTBED_DRAFTER),
-    "--speculative-num-steps",
-    "3",
-    "--speculative-eagle-topk",
-    "4",
-    "--speculative-num-draft-tokens",
-    "8",
-)
+
+def eagle3_flags(drafter: str | os.PathLike[str] = TESTBED_DRAFTER) -> tuple[str, ...]:
+    """The rig's EAGLE-3 flags for ``drafter``: the tree the issue's trial served (3 steps x top-4,
+    8 verified tokens), the same for every testbed pair so served figures compare."""
+    return (
+        "--speculative-draft-model-path",
+        str(drafter),
+        "--speculative-num-steps",
+        "3",
+        "--speculative-eagle-topk",
+        "4",
+        "--speculative-num-draft-tokens",
+        "8",
+    )
+
+
+EAGLE3_FLAGS: tuple[str, ...] = eagle3_flags()
 
 
 def cpu_env(base: Mapping[str, str] | None = None) -> dict[str, str]:

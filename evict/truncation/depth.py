@@ -234,9 +234,7 @@ class DepthController:
     def plan(self, batch_size: int) -> DraftShape:
         """The shape to draft this step (host values only). Called once per decode step, plain
         ones included: the step count that ages the families (and so schedules probes) is here."""
-        self._step += 1
-        for k in self._age:
-            self._age[k] += 1
+        self._tick()
         for k, deepest in self.families.items():  # warm-up: every family drafted deep once
             if not self._seen_host[self.index[DraftShape(k, deepest)]]:
                 return self._count(DraftShape(k, deepest))
@@ -340,6 +338,20 @@ class DepthController:
         if self._event is not None:
             self._event.synchronize()
         return self._host.double()
+
+    def force(self, shape: DraftShape) -> DraftShape:
+        """Draft ``shape`` this step for a reason outside the rule (the server still timing its
+        plain step, say) instead of ``plan()``: the step still ages the families, so probes stay
+        on schedule, and it is counted in ``stats()``."""
+        if shape not in self.index:
+            raise ValueError(f"{shape} is not one of this controller's shapes")
+        self._tick()
+        return self._count(shape)
+
+    def _tick(self) -> None:
+        self._step += 1
+        for k in self._age:
+            self._age[k] += 1
 
     def _count(self, shape: DraftShape) -> DraftShape:
         self.counts_by_shape[shape] = self.counts_by_shape.get(shape, 0) + 1

@@ -21,7 +21,7 @@ pytest.importorskip("sglang")
 openai = pytest.importorskip("openai")
 
 from evict.models import testbeds  # noqa: E402
-from evict.testing.cpu_server import EAGLE3_FLAGS  # noqa: E402
+from evict.testing.cpu_server import eagle3_flags  # noqa: E402
 from evict.testing.server import CpuServer, ServerStartError  # noqa: E402
 
 pytestmark = pytest.mark.server
@@ -46,8 +46,6 @@ def servers(pair, tmp_path_factory):
     common = [
         "--model-path",
         str(pair / "target"),
-        "--speculative-draft-model-path",
-        str(pair / "drafter"),
         "--dtype",
         "float32",
         "--sleep-on-idle",
@@ -57,11 +55,10 @@ def servers(pair, tmp_path_factory):
     ]
     base_env = {k: None for k in os.environ if k.startswith("EVICT_")} | {"TRITON_INTERPRET": None}
     evict_env = base_env | {"EVICT_LOG_INTERVAL": "10"}
+    flags = eagle3_flags(pair / "drafter")
     specs = {
-        "eagle3": CpuServer(
-            [*common, "EAGLE3", *EAGLE3_FLAGS], base_env, log_dir / "eagle3.log", name="eagle3"
-        ),
-        "evict": CpuServer([*common, "EVICT", *EAGLE3_FLAGS], evict_env, log_dir / "evict.log", name="evict"),
+        "eagle3": CpuServer([*common, "EAGLE3", *flags], base_env, log_dir / "eagle3.log", name="eagle3"),
+        "evict": CpuServer([*common, "EVICT", *flags], evict_env, log_dir / "evict.log", name="evict"),
     }
     out: dict[str, CpuServer | Exception] = {}
     try:
