@@ -14,10 +14,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["PACKAGE_DIR", "TESTBED_COST_TABLE", "CACHE_DIR_ENV", "cache_dir", "shipped_config"]
+__all__ = [
+    "PACKAGE_DIR",
+    "TESTBED_COST_TABLE",
+    "TESTBED_COST_TABLES",
+    "CACHE_DIR_ENV",
+    "cache_dir",
+    "shipped_config",
+]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TESTBED_COST_TABLE = "testbed_cpu_cost_table.json"  # the shipped testbed pair, profiled on CPU
+#: Every shipped CPU table of a testbed pair (``--testbed``); the one made for the loaded model is used.
+TESTBED_COST_TABLES = (TESTBED_COST_TABLE, "testbed_moe128_padded_cpu_cost_table.json")
 CACHE_DIR_ENV = "EVICT_CACHE_DIR"
 
 

@@ -245,6 +245,11 @@ PROFILE_CASES = [
     (["--model", "{plain}", "--out", "{tmp}/t.json"], "is not a directory"),
     (["--dtype", "float64"], "invalid choice: 'float64'"),
     (["--repeats", "many"], "invalid int value: 'many'"),
+    (
+        ["--testbed", "moe64", "--out", "{tmp}/t.json"],
+        "--testbed: testbed 'moe64' is neither a known testbed",
+    ),
+    (["--testbed", "moe128", "--model", "{dir}"], "--testbed names both models; leave out --model"),
 ]
 
 

@@ -87,6 +87,32 @@ def test_gap_rows_bound_every_width_rule_by_the_width_oracle(pair):
     assert "width oracle" in text and "(best static)" in text
 
 
+@pytest.mark.parametrize("plain_ms", [0.5, 4.0, 1e6])
+def test_plain_or_tree_rows_bound_the_depth_choice(pair, plain_ms):
+    """The depth rows: the oracle over plain-or-any-width beats the width oracle, the rule and all-plain
+    decoding; a nearly free plain step makes the rule decode plainly, a prohibitive one never."""
+    target, drafter = pair
+    full = SpecEngine(target, drafter, mode="static", steps=STEPS, topk=TOPK)
+    steps = og.capture_steps(full, [PROMPTS, PROMPTS[:2]], 8)
+    widths = [2, 3, 4, 6, 8, 11]
+    step_ms = {(b, m): 5.0 + 0.4 * b * m + 0.02 * (b * m) ** 2 for b in (1, 2, 3) for m in widths}
+    step_ms.update({(b, og.PLAIN): plain_ms for b in (1, 2, 3)})
+    rows, _ = og.gap_rows(steps, widths, step_ms)
+    by_name = {r.name: r for r in rows}
+    rule, oracle = by_name["plain or tree (rule)"], by_name["plain or tree oracle"]
+    all_plain = sum(s.batch_size for s in steps) / (plain_ms * len(steps))
+    for r in [*rows, og.GapRow("all plain", tokens=all_plain, time_ms=1.0)]:
+        if r.name not in ("node oracle", oracle.name):
+            assert r.throughput <= oracle.throughput * (1 + 1e-6), r.name
+    if plain_ms == 0.5:  # plain decoding wins every step the rule can see (all but the first)
+        assert rule.width_sum / rule.batch_steps < 2 and oracle.width_sum == oracle.batch_steps
+    if plain_ms == 1e6:  # never plain: the rule is EVICT's width rule on measured costs
+        measured = by_name["evict (measured)"]
+        assert (rule.tokens, rule.time_ms) == pytest.approx((measured.tokens, measured.time_ms))
+    without = {k: v for k, v in step_ms.items() if k[1] != og.PLAIN}
+    assert "plain or tree oracle" not in {r.name for r in og.gap_rows(steps, widths, without)[0]}
+
+
 @pytest.mark.parametrize(
     "argv,problem",
     [

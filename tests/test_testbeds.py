@@ -115,3 +115,18 @@ def test_every_named_testbed_is_listed_with_its_folder():
     assert set(TESTBEDS) == {"moe32", "moe128", "moe128-padded"}
     assert TESTBEDS["moe128-padded"].folder == TESTBEDS["moe128"].folder
     assert TESTBEDS["moe128-padded"].pad_intermediate == PADDED_INTERMEDIATE
+
+
+def test_each_padded_testbed_finds_its_own_shipped_cost_table():
+    """``--testbed moe128-padded`` on a 1-thread run uses its shipped table, not the first pair's."""
+    from evict.paths import TESTBED_COST_TABLE, shipped_config
+    from evict.profiler.auto import shipped_table_for
+    from evict.profiler.table import checkpoint_config_hash
+
+    padded = checkpoint_config_hash(_shipped("moe128-padded") / "target")
+    path = shipped_table_for(padded)
+    assert path is not None and path.name == "testbed_moe128_padded_cpu_cost_table.json"
+    assert json.loads(path.read_text())["metadata"]["model_config_hash"] == padded
+    first = checkpoint_config_hash(_shipped("moe32") / "target")
+    assert shipped_table_for(first) == shipped_config(TESTBED_COST_TABLE)
+    assert shipped_table_for("0" * 16) == shipped_config(TESTBED_COST_TABLE)  # mismatch reported on it

@@ -16,6 +16,15 @@ a missed speed target can be read against the ceiling of what the rule can choos
 - ``node oracle``: the exact accepted path per request (the batch verifies the longest, rounded
   up to an allowed width) -- the oracle cut.
 
+With the plain decode step timed too (``PLAIN``: an autoregressive step, no draft), two rows add
+the depth choice EVICT_DEPTH makes (plain decoding or the tree):
+
+- ``plain or tree (rule)``: plain decoding when the previous step's scores, priced by the measured
+  costs, value it above the best width of the tree (what a lagged depth decision knows), else
+  EVICT's width on this step's scores;
+- ``plain or tree oracle``: the best of plain decoding and every width per step, for the tokens
+  each would really emit (Dinkelbach again) -- the ceiling of deciding the depth and the width.
+
 How: one greedy decode per batch size verifies the whole draft tree (the uncut static tree) and
 records, per step, every request's scores and accepted path. Greedy acceptance under a cut to the
 top ``m - 1`` nodes is then exact without decoding again: the kept set is ancestor-closed, so a
@@ -67,9 +76,12 @@ __all__ = [
     "gap_rows",
     "render_gap",
     "DEFAULT_WIDTHS",
+    "PLAIN",
 ]
 
 DEFAULT_WIDTHS: tuple[int, ...] = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+#: The key of the plain (autoregressive) decode step in ``measure_step_ms``'s engines and times.
+PLAIN = 0
 
 
 @dataclass
@@ -261,10 +273,47 @@ def gap_rows(
         j = int((w >= need).nonzero()[0]) if bool((w >= need).any()) else len(w) - 1
         row.add(float(sum(len(r) + 1 for r in s.path_ranks)), float(c[j]), int(w[j]), s.batch_size)
     rows.append(row)
+    if any(m == PLAIN for _, m in step_ms):
+        rows += _plain_or_tree_rows(steps, w, accs, costs, benefits, _cost_lookup(step_ms, [PLAIN]))
     pred = torch.cat([b[:, best] for b in benefits]).double()
     real = torch.cat([a[:, best] for a in accs]).double()
     corr = float(torch.corrcoef(torch.stack([pred, real]))[0, 1]) if real.numel() > 1 else float("nan")
     return rows, {"best_static_width": float(w[best]), "r2_predicted_vs_realized": corr * corr}
+
+
+def _plain_or_tree_rows(
+    steps: Sequence[CapturedStep],
+    w: torch.Tensor,
+    accs: list[torch.Tensor],
+    costs: list[torch.Tensor],
+    benefits: list[torch.Tensor],
+    plain_cost: Any,
+) -> list[GapRow]:
+    """The depth choice on the capture: plain decoding (1 token per request, one plain step's time)
+    or the tree at a width. The rule decides plain-or-tree from the previous step's scores (a lagged
+    decision: the depth is chosen before drafting), then the width from this step's; the oracle
+    picks per step whatever maximizes the run's tokens / time for what each choice would emit."""
+    rule = GapRow("plain or tree (rule)")
+    prev: torch.Tensor | None = None
+    for a, c, b, s in zip(accs, costs, benefits, steps):
+        bs, t_plain = s.batch_size, float(plain_cost(s.batch_size)[0])
+        go_plain = False
+        if prev is not None:  # per-request value of each width, from the previous step's scores
+            tree_value = float((prev.mean(dim=0) * bs / c).max())
+            go_plain = bs / t_plain > tree_value
+        if go_plain:
+            rule.add(float(bs), t_plain, 1, bs)
+        else:
+            j = choose_width(s.scores, c, w).width_index
+            rule.add(float(a[:, j].sum()), float(c[j]), int(w[j]), bs)
+        prev = b.float()
+    ext_accs = [torch.cat([a, torch.ones((a.shape[0], 1), dtype=a.dtype)], dim=1) for a in accs]
+    ext_costs = [torch.cat([c, plain_cost(s.batch_size)[:1]]) for c, s in zip(costs, steps)]
+    oracle = GapRow("plain or tree oracle")
+    start = max(rule.throughput, 1e-9)
+    for a, c, s, j in zip(ext_accs, ext_costs, steps, _width_oracle(ext_accs, ext_costs, start)):
+        oracle.add(float(a[:, j].sum()), float(c[j]), 1 if j == len(w) else int(w[j]), s.batch_size)
+    return [rule, oracle]
 
 
 def render_gap(bs: int, rows: Sequence[GapRow], diag: dict[str, float]) -> str:
@@ -373,11 +422,15 @@ def _main(argv: list[str] | None) -> int:
             m: SpecEngine(target, drafter, mode="static", steps=steps_, topk=topk, num_draft_tokens=m)
             for m in widths
         }
+        timed = {**engines, PLAIN: SpecEngine(target, None, mode="ar")}  # the plain step, timed alike
         print(f"bs {bs}: capturing {len(batches)} batches at the full width {full} ...", flush=True)
         steps = capture_steps(engines[full], batches, args.max_new_tokens)
         sizes = timing_sizes(bs)
-        print(f"bs {bs}: timing {len(widths)} widths at batch sizes {sizes} (wall clock) ...", flush=True)
-        step_ms = measure_step_ms(engines, prompts, sizes, repeats=args.timing_repeats)
+        print(
+            f"bs {bs}: timing {len(widths)} widths and the plain step at batch sizes {sizes} (wall clock) ...",
+            flush=True,
+        )
+        step_ms = measure_step_ms(timed, prompts, sizes, repeats=args.timing_repeats)
         rows, diag = gap_rows(steps, widths, step_ms, table)
         print(render_gap(bs, rows, diag))
         report[str(bs)] = {

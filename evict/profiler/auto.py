@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from evict.paths import TESTBED_COST_TABLE, cache_dir, shipped_config
+from evict.paths import TESTBED_COST_TABLE, TESTBED_COST_TABLES, cache_dir, shipped_config
 from evict.profiler.table import CostTable, CostTableError, checkpoint_config_hash
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "measure_table",
     "price_whole_step",
     "resolve_cost_table",
+    "shipped_table_for",
     "table_spread",
 ]
 
@@ -249,6 +250,22 @@ def price_whole_step(result: Any, step_ms: dict[int, list[float]], width: int) -
     )
 
 
+def shipped_table_for(config_hash: str) -> Path | None:
+    """The shipped testbed table made for the model with ``config_hash`` (each ``--testbed`` pair
+    has its own); the first pair's table when none is, so a mismatch is reported against it."""
+    for name in TESTBED_COST_TABLES:
+        path = shipped_config(name)
+        if path is None:
+            continue
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(meta, dict) and meta.get("model_config_hash") == config_hash:
+            return path
+    return shipped_config(TESTBED_COST_TABLE)
+
+
 def resolve_cost_table(
     *,
     explicit: str | Path | None,
@@ -287,7 +304,7 @@ def resolve_cost_table(
         )
         return TableChoice(table, path, "explicit")
 
-    shipped_path = shipped_config(TESTBED_COST_TABLE) if shipped is True else (shipped or None)
+    shipped_path = shipped_table_for(config_hash) if shipped is True else (shipped or None)
     why_not = "no shipped table"
     if shipped_path is not None:
         try:
