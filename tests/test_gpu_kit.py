@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from evict.testing import gpu_check, gpu_server
+from evict.testing.cpu_server import eagle3_flags
 from evict.testing.gpu_bundle import FAKE_CUDA_PRELUDE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,14 +143,7 @@ def test_the_gpu_launch_gets_to_the_device_under_fake_cuda(tmp_path):
     args = [
         "--speculative-algorithm",
         "EVICT",
-        "--speculative-draft-model-path",
-        str(gpu_server.TESTBED_DRAFTER),
-        "--speculative-num-steps",
-        "3",
-        "--speculative-eagle-topk",
-        "4",
-        "--speculative-num-draft-tokens",
-        "8",
+        *eagle3_flags(gpu_server.TESTBED_DRAFTER),
         "--port",
         "1",
         "--max-total-tokens",

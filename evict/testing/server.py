@@ -17,13 +17,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from evict.testing.cpu_server import cpu_env
 
-__all__ = ["CpuServer", "GpuServer", "ServerStartError", "free_port"]
+__all__ = ["CpuServer", "GpuServer", "ServerStartError", "free_port", "started_together"]
 
 
 class ServerStartError(RuntimeError):
@@ -35,6 +37,30 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def started_together(
+    servers: Mapping[str, CpuServer], timeout: float
+) -> Iterator[dict[str, CpuServer | ServerStartError]]:
+    """Start every server at once (their model loads overlap), then wait for each; yield name ->
+    the ready server, or its :class:`ServerStartError` so that one server that failed fails only
+    the tests that use it. All are stopped on exit, in parallel (each stop waits for SGLang's own
+    shutdown, several seconds)."""
+    out: dict[str, CpuServer | ServerStartError] = {}
+    try:
+        for server in servers.values():
+            server.start()
+        for name, server in servers.items():
+            try:
+                out[name] = server.wait_ready(timeout)
+            except ServerStartError as exc:
+                server.stop()
+                out[name] = exc
+        yield out
+    finally:
+        with ThreadPoolExecutor(max(len(servers), 1)) as pool:
+            list(pool.map(CpuServer.stop, servers.values()))
 
 
 class CpuServer:

@@ -26,6 +26,7 @@ from sglang.srt.speculative.spec_registry import CustomSpecAlgo  # noqa: E402
 import evict.plugin  # noqa: E402
 from evict.plugin.config import EvictConfigError  # noqa: E402
 from evict.plugin.spec_algo import EvictSpecAlgo  # noqa: E402
+from evict.testing.cpu_server import eagle3_flags  # noqa: E402
 
 pytestmark = pytest.mark.sglang
 
@@ -74,14 +75,7 @@ def resolve(models, algorithm, *extra):
     return server_args
 
 
-TREE = (
-    "--speculative-num-steps",
-    "3",
-    "--speculative-eagle-topk",
-    "4",
-    "--speculative-num-draft-tokens",
-    "8",
-)
+TREE = eagle3_flags()[2:]  # the CPU rig's tree (3 steps x top-4, 8 tokens), without the drafter
 
 
 # -- registry --------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ requests = pytest.importorskip("requests")
 
 from evict.paths import shipped_config  # noqa: E402
 from evict.testing.cpu_server import EAGLE3_FLAGS  # noqa: E402
-from evict.testing.server import CpuServer, ServerStartError  # noqa: E402
+from evict.testing.server import CpuServer, started_together  # noqa: E402
 
 pytestmark = pytest.mark.server
 
@@ -119,21 +119,8 @@ def _dear_drafting_table(shipped: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """All four servers, started together; a server that failed to start is its exception."""
-    specs = _server_specs(tmp_path_factory.mktemp("cpu_servers"))
-    out: dict[str, CpuServer | Exception] = {}
-    try:
-        for s in specs.values():
-            s.start()
-        for name, s in specs.items():
-            try:
-                out[name] = s.wait_ready(START_TIMEOUT)
-            except ServerStartError as e:
-                s.stop()
-                out[name] = e
+    with started_together(_server_specs(tmp_path_factory.mktemp("cpu_servers")), START_TIMEOUT) as out:
         yield out
-    finally:  # in parallel: each stop waits for SGLang's own shutdown (several seconds)
-        with ThreadPoolExecutor(len(specs)) as pool:
-            list(pool.map(CpuServer.stop, specs.values()))
 
 
 def get(servers, name: str) -> CpuServer:

@@ -22,7 +22,7 @@ openai = pytest.importorskip("openai")
 
 from evict.models import testbeds  # noqa: E402
 from evict.testing.cpu_server import eagle3_flags  # noqa: E402
-from evict.testing.server import CpuServer, ServerStartError  # noqa: E402
+from evict.testing.server import CpuServer, started_together  # noqa: E402
 
 pytestmark = pytest.mark.server
 
@@ -60,20 +60,8 @@ def servers(pair, tmp_path_factory):
         "eagle3": CpuServer([*common, "EAGLE3", *flags], base_env, log_dir / "eagle3.log", name="eagle3"),
         "evict": CpuServer([*common, "EVICT", *flags], evict_env, log_dir / "evict.log", name="evict"),
     }
-    out: dict[str, CpuServer | Exception] = {}
-    try:
-        for s in specs.values():
-            s.start()
-        for name, s in specs.items():
-            try:
-                out[name] = s.wait_ready(START_TIMEOUT)
-            except ServerStartError as exc:
-                s.stop()
-                out[name] = exc
+    with started_together(specs, START_TIMEOUT) as out:
         yield out
-    finally:
-        with ThreadPoolExecutor(len(specs)) as pool:
-            list(pool.map(CpuServer.stop, specs.values()))
 
 
 def get(servers, name: str) -> CpuServer:
