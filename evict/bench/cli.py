@@ -580,7 +580,7 @@ def run_bench(
     prompt_ids = [list(p.ids) for p in prompts]
     data = BenchData()
     data.meta.update(
-        testbed=str(args.testbed or DEFAULT_TESTBED),
+        testbed=str(getattr(args, "testbed", None) or DEFAULT_TESTBED),
         num_prompts=len(prompts),
         domains=f"{args.num_prompts} code + {args.num_prompts} prose"
         + (f" held-out stdlib, {ood} code + {ood} prose out-of-domain (third-party packages)" if ood else ""),
