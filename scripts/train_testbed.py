@@ -703,6 +703,21 @@ def prepare_data(args, out: Path):
     return tokenizer, train_stream, held_stream
 
 
+def args_record(args: argparse.Namespace) -> dict:
+    """The run's arguments for metrics.json; paths inside the repo relative to it, so the shipped
+    file names no machine's folders."""
+
+    def plain(v):
+        if not isinstance(v, Path):
+            return v
+        try:
+            return v.resolve().relative_to(REPO).as_posix()
+        except ValueError:
+            return str(v)
+
+    return {k: plain(v) for k, v in vars(args).items()}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -726,11 +741,11 @@ def main(argv=None) -> int:
     if args.stage in ("all", "target"):
         _, tm = train_target(args, tokenizer, train_stream, held_windows, out / "target")
         metrics["target"] = tm
-        metrics["target_args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        metrics["target_args"] = args_record(args)
         mpath.write_text(json.dumps(metrics, indent=2) + "\n")
     if args.stage in ("all", "drafter"):
         metrics["drafter"] = train_drafter(args, train_stream, held_windows, out)
-        metrics["drafter_args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        metrics["drafter_args"] = args_record(args)
         mpath.write_text(json.dumps(metrics, indent=2) + "\n")
     if args.stage in ("all", "drafter", "eval"):
         metrics["eval"] = evaluate_pair(args, held_stream, held_windows, out)
