@@ -130,3 +130,25 @@ def test_each_padded_testbed_finds_its_own_shipped_cost_table():
     first = checkpoint_config_hash(_shipped("moe32") / "target")
     assert shipped_table_for(first) == shipped_config(TESTBED_COST_TABLE)
     assert shipped_table_for("0" * 16) == shipped_config(TESTBED_COST_TABLE)  # mismatch reported on it
+
+
+def test_a_padded_copy_is_keyed_by_the_pairs_contents_drafter_included(tmp_path):
+    """A retrained drafter (it is copied into the padded folder) must not be served from an old copy;
+    an identical pair (a fresh clone) finds the copy it made before."""
+    from safetensors.torch import save_file
+
+    pair = tmp_path / "pair"
+    (pair / "target").mkdir(parents=True)
+    (pair / "drafter").mkdir()
+    (pair / "target" / "config.json").write_text(json.dumps({"moe_intermediate_size": 2}))
+    save_file(
+        {"model.layers.0.mlp.experts.0.up_proj.weight": torch.ones(2, 3)},
+        str(pair / "target" / "model.safetensors"),
+    )
+    (pair / "drafter" / "config.json").write_text('{"v": 1}')
+    first = materialize_padded(pair, 4, cache_root=tmp_path / "cache")
+    assert materialize_padded(pair, 4, cache_root=tmp_path / "cache") == first
+    (pair / "drafter" / "config.json").write_text('{"v": 2}')
+    second = materialize_padded(pair, 4, cache_root=tmp_path / "cache")
+    assert second != first
+    assert json.loads((second / "drafter" / "config.json").read_text()) == {"v": 2}

@@ -29,16 +29,15 @@ __all__ = [
     "DEFAULT_TESTBED",
     "PADDED_INTERMEDIATE",
     "testbed_dir",
-    "testbed_names",
     "pad_expert_tensors",
     "materialize_padded",
 ]
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
-#: The padded expert width of ``moe128-padded``. Chosen on the 2-core CPU machine so that one
-#: token's step is dominated by reading its 8 routed experts per layer and T(1, 64) / T(1, 1) lands
-#: near the H100's fused-MoE ratio (docs/testbed.md, "The padded variant").
+#: The padded expert width of ``moe128-padded``: the smallest of the widths tried on the 2-core CPU
+#: machine at which reading a token's 8 routed experts per layer is most of its step (T(1, 64) /
+#: T(1, 1) is then 9.7-11.3x, above the H100's fused-MoE 5.9x; docs/testbed.md, "The padded variant").
 PADDED_INTERMEDIATE = 2048
 
 
@@ -72,16 +71,11 @@ TESTBEDS: dict[str, NamedTestbed] = {
 DEFAULT_TESTBED = "moe32"
 
 
-def testbed_names() -> list[str]:
-    """The names ``--testbed`` accepts (besides a folder path)."""
-    return list(TESTBEDS)
-
-
 def testbed_dir(name_or_path: str | os.PathLike[str] | None = None) -> Path:
     """A folder with ``target/`` and ``drafter/`` for a testbed name or a folder path.
 
-    ``None`` is the default pair. A padded variant is materialized into the cache on first use (a
-    few seconds; about 0.8 GB for moe128-padded). Raises ValueError naming the known testbeds for an
+    ``None`` is the default pair. A padded variant is materialized into the cache on first use
+    (about 15 s; 1.6 GB for moe128-padded). Raises ValueError naming the known testbeds for an
     unknown name, FileNotFoundError when a shipped pair's weights are missing.
     """
     if name_or_path is None:
@@ -136,13 +130,16 @@ def pad_expert_tensors(
     return out
 
 
-def _source_key(target: Path, padded: int) -> str:
-    """Content key of a padded copy: the source config and weights' sizes and times, and the width."""
+def _source_key(shipped: Path, padded: int) -> str:
+    """Content key of a padded copy: every file of the pair's target/ and drafter/ (both are in the
+    copy, so a retrained drafter makes a new one), and the width. Contents, not times: a fresh
+    clone of the same pair finds the copy it made before (23 MB hashed in well under a second)."""
     h = hashlib.sha256(f"pad{padded}".encode())
-    for f in sorted(target.iterdir()):
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    for sub in ("target", "drafter"):
+        for f in sorted((shipped / sub).iterdir()):
+            if f.is_file():
+                h.update(f"{sub}/{f.name}:".encode())
+                h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()[:16]
 
 
@@ -161,7 +158,7 @@ def materialize_padded(shipped: Path, padded: int, cache_root: Path | None = Non
     cfg = json.loads((src_t / "config.json").read_text())
     inter = int(cfg["moe_intermediate_size"])
     root = (cache_root or cache_dir()) / "testbeds"
-    dest = root / f"{shipped.name}-pad{padded}-{_source_key(src_t, padded)}"
+    dest = root / f"{shipped.name}-pad{padded}-{_source_key(shipped, padded)}"
     if (dest / "target" / "config.json").is_file():
         return dest
     root.mkdir(parents=True, exist_ok=True)
