@@ -257,10 +257,11 @@ def gap_rows(
     if table is not None:
         deciders.append(("evict (table)", lambda s: table.step_cost(s.batch_size, w)))
     deciders.append(("evict (measured)", lambda s: cost(s.batch_size)))
+    picks: dict[str, list[int]] = {}
     for name, step_cost in deciders:
         row = GapRow(name)
-        for a, c, s in zip(accs, costs, steps):
-            j = choose_width(s.scores, step_cost(s), w).width_index
+        picks[name] = [choose_width(s.scores, step_cost(s), w).width_index for s in steps]
+        for a, c, s, j in zip(accs, costs, steps, picks[name]):
             row.add(float(a[:, j].sum()), float(c[j]), int(w[j]), s.batch_size)
         rows.append(row)
     row = GapRow("width oracle")
@@ -274,7 +275,9 @@ def gap_rows(
         row.add(float(sum(len(r) + 1 for r in s.path_ranks)), float(c[j]), int(w[j]), s.batch_size)
     rows.append(row)
     if any(m == PLAIN for _, m in step_ms):
-        rows += _plain_or_tree_rows(steps, w, accs, costs, benefits, _cost_lookup(step_ms, [PLAIN]))
+        rows += _plain_or_tree_rows(
+            steps, w, accs, costs, benefits, picks["evict (measured)"], _cost_lookup(step_ms, [PLAIN])
+        )
     pred = torch.cat([b[:, best] for b in benefits]).double()
     real = torch.cat([a[:, best] for a in accs]).double()
     corr = float(torch.corrcoef(torch.stack([pred, real]))[0, 1]) if real.numel() > 1 else float("nan")
@@ -287,15 +290,17 @@ def _plain_or_tree_rows(
     accs: list[torch.Tensor],
     costs: list[torch.Tensor],
     benefits: list[torch.Tensor],
+    width_picks: list[int],
     plain_cost: Any,
 ) -> list[GapRow]:
     """The depth choice on the capture: plain decoding (1 token per request, one plain step's time)
     or the tree at a width. The rule decides plain-or-tree from the previous step's scores (a lagged
-    decision: the depth is chosen before drafting), then the width from this step's; the oracle
-    picks per step whatever maximizes the run's tokens / time for what each choice would emit."""
+    decision: the depth is chosen before drafting), then the width from this step's (``width_picks``:
+    the ``evict (measured)`` row's choices); the oracle picks per step whatever maximizes the run's
+    tokens / time for what each choice would emit."""
     rule = GapRow("plain or tree (rule)")
     prev: torch.Tensor | None = None
-    for a, c, b, s in zip(accs, costs, benefits, steps):
+    for a, c, b, s, j in zip(accs, costs, benefits, steps, width_picks):
         bs, t_plain = s.batch_size, float(plain_cost(s.batch_size)[0])
         go_plain = False
         if prev is not None:  # per-request value of each width, from the previous step's scores
@@ -304,7 +309,6 @@ def _plain_or_tree_rows(
         if go_plain:
             rule.add(float(bs), t_plain, 1, bs)
         else:
-            j = choose_width(s.scores, c, w).width_index
             rule.add(float(a[:, j].sum()), float(c[j]), int(w[j]), bs)
         prev = b.float()
     ext_accs = [torch.cat([a, torch.ones((a.shape[0], 1), dtype=a.dtype)], dim=1) for a in accs]
