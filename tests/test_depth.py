@@ -279,12 +279,13 @@ class ScriptedDepth(DepthController):
         return self._count(next(self.script))
 
 
-def engine_with(target, drafter, depth_cls=DepthController, script=None, draft=None, **kw):
+def engine_with(target, drafter, depth_cls=DepthController, script=None, draft=None, depth_kw=None, **kw):
+    depth_kw = depth_kw or {}
     table = CostTable.from_dict(table_dict(draft=draft))
     policy = TruncationPolicy(table, widths=WIDTHS, decision=kw.pop("decision", "immediate"))
     shapes = shape_grid({2: 4, 1: 4})
     args = (shapes, WIDTHS, lambda bs: policy.shape_costs(bs, shapes))
-    depth = depth_cls(script, *args) if script is not None else depth_cls(*args, probe_every=2)
+    depth = depth_cls(script, *args) if script is not None else depth_cls(*args, probe_every=2, **depth_kw)
     return SpecEngine(target, drafter, mode="evict", steps=4, topk=2, policy=policy, depth=depth, **kw)
 
 
@@ -321,7 +322,8 @@ def test_depth_controller_decides_and_stays_token_identical(pair_and_reference):
     draft = {2: [0.1, 0.6, 1.1, 1.6, 2.1], 1: [0.1, 0.3, 0.5, 0.7, 0.9]}
     # calibrated scores: the random drafter is confident and wrong, which only outcomes reveal
     est = AcceptanceEstimator(topk=2, max_depth=4, prior_strength=2.0, half_life=64.0)
-    engine = engine_with(target, drafter, draft=draft, acceptance=est)
+    # decide on the table's prices (this machine's timings of a toy model would overrule them)
+    engine = engine_with(target, drafter, draft=draft, acceptance=est, depth_kw={"cost_window": 0})
     every = []
     for _ in range(3):
         res = engine.generate(PROMPTS, NEW)
@@ -334,6 +336,19 @@ def test_depth_controller_decides_and_stays_token_identical(pair_and_reference):
         assert any(s.depth > 0 for s in res.steps)
     assert len(shapes) >= 2  # warm-up, probes and decisions really vary the shape
     assert all(s.predicted_step_ms is not None for s in every if s.depth)
+    assert engine.depth.stats()["cost_factors"] == {}
+
+
+def test_the_engine_corrects_each_drafted_shape_by_its_measured_steps(pair_and_reference):
+    _, target, drafter, ref = pair_and_reference
+    draft = {2: [0.1, 0.6, 1.1, 1.6, 2.1], 1: [0.1, 0.3, 0.5, 0.7, 0.9]}
+    engine = engine_with(target, drafter, ScriptedDepth, SCRIPT, draft=draft)
+    res = engine.generate(PROMPTS, NEW)
+    assert res.tokens == ref
+    factors = engine.depth.stats()["cost_factors"]
+    drafted = {str(DraftShape(s.topk, s.depth)) for s in res.steps}
+    assert factors and {k.split(":")[1] for k in factors} == drafted
+    assert all(0.1 <= v <= 10.0 for v in factors.values())
 
 
 def test_depth_needs_a_table_that_prices_drafting():
@@ -453,3 +468,81 @@ def test_forced_steps_age_the_families_like_planned_ones():
     assert forced.stats()["shapes"] == planned.stats()["shapes"]
     with pytest.raises(ValueError, match="not one of"):
         forced.force(DraftShape(3, 2))
+
+
+# ------------------------------------------------------------ measured prices and probe budget
+
+
+def _two_shape_controller(**kw):
+    """Plain decoding against a (4, 2) tree whose drafts promise 0.6 tokens per node."""
+    table = CostTable.from_dict(table_dict(draft={2: [0.5, 0.6, 1.1, 1.6, 2.1]}))
+    policy = TruncationPolicy(table, widths=WIDTHS)
+    shapes = [DraftShape(2, 0), DraftShape(2, 4)]
+    ctl = DepthController(shapes, WIDTHS, lambda bs: policy.shape_costs(bs, shapes), **kw)
+    assert ctl.plan(8) == DraftShape(2, 4)  # warm-up
+    ctl.observe(DraftShape(2, 4), torch.full((8, num_candidates(4, 2)), 0.6))
+    return ctl, policy, shapes
+
+
+def test_measured_step_times_correct_the_price_of_each_shape():
+    ctl, policy, shapes = _two_shape_controller()
+    assert ctl.decide(8) == DraftShape(2, 4)
+    assert torch.equal(ctl.cost_factors(8), torch.ones(2, dtype=torch.float64))
+    plain_price = float(policy.shape_costs(8, shapes)[0, 0])
+    tree_price = float(policy.shape_costs(8, shapes)[1, 2])
+    # the tree's steps measure 3x their price and the plain step its price: plain decoding wins
+    for _ in range(5):
+        ctl.record_step(DraftShape(2, 4), 8, tree_price, 3.0 * tree_price)
+    ctl.record_step(DraftShape(2, 0), 8, plain_price, plain_price)
+    assert ctl.cost_factors(8).tolist() == pytest.approx([1.0, 3.0])
+    assert ctl.decide(8) == DraftShape(2, 0)
+    assert torch.allclose(
+        ctl.priced(8), policy.shape_costs(8, shapes).double() * torch.tensor([[1.0], [3.0]])
+    )
+    # a batch-size bucket without samples takes the nearest measured bucket's factors
+    assert ctl.cost_factors(9).tolist() == pytest.approx([1.0, 3.0])  # 9 falls in bucket 8
+    assert ctl.cost_factors(64).tolist() == pytest.approx([1.0, 3.0])
+    assert ctl.stats()["cost_factors"] == {"bs8:plain": 1.0, "bs8:tree(4,2)": 3.0}
+
+
+def test_an_unmeasured_shape_takes_the_median_of_the_measured_ones():
+    ctl, policy, shapes = _two_shape_controller()
+    tree_price = float(policy.shape_costs(4, shapes)[1, 2])
+    for ratio in (0.5, 0.4, 0.6, 9.0):  # the median shrugs off one slow step
+        ctl.record_step(DraftShape(2, 4), 4, tree_price, ratio * tree_price)
+    assert ctl.cost_factors(4).tolist() == pytest.approx([0.55, 0.55])
+    # bad samples are ignored, unknown shapes refused
+    ctl.record_step(DraftShape(2, 4), 4, tree_price, float("nan"))
+    ctl.record_step(DraftShape(2, 4), 4, 0.0, 1.0)
+    assert ctl.cost_factors(4).tolist() == pytest.approx([0.55, 0.55])
+    with pytest.raises(ValueError, match="shapes"):
+        ctl.record_step(DraftShape(1, 2), 4, 1.0, 1.0)
+
+
+def _probe_steps(ctl, steps=60):
+    weak = torch.full((1, num_candidates(4, 2)), 0.001)
+    plans = []
+    for _ in range(steps):
+        shape = ctl.plan(1)
+        plans.append(shape.depth)
+        ctl.observe(shape, weak[:, : shape.candidates])
+    return [i for i, d in enumerate(plans) if d == 4][1:]  # probes (the first was the warm-up)
+
+
+def test_probes_wait_until_their_extra_cost_fits_the_budget():
+    dear = {2: [0.1, 0.5, 1.0, 1.5, 20.0]}  # drafting the deep tree costs ~20x a plain step
+    free = _probe_steps(controller(dear, probe_every=3, max_probe_every=3, probe_budget=0.0))
+    ctl = controller(dear, probe_every=3, max_probe_every=100, probe_budget=0.5)
+    budgeted = _probe_steps(ctl, 120)
+    assert free[:3] == [3, 6, 9]  # the interval alone
+    priced = ctl.priced(1)
+    # with these weak drafts the probe would verify the root alone, as plain decoding does
+    extra, base = float(priced[-1, 0] - priced[0, 0]), float(priced[0, 0])
+    wait = math.ceil(extra / (0.5 * base))
+    assert 3 < wait < 100
+    assert budgeted and all(b - a >= wait for a, b in zip([0, *budgeted], budgeted))
+    # ... but never longer than max_probe_every: only a probe re-measures a stale price
+    capped = _probe_steps(controller(dear, probe_every=3, max_probe_every=8, probe_budget=0.01), 60)
+    assert capped[:3] == [8, 16, 24]
+    with pytest.raises(ValueError, match="probe_budget"):
+        controller(dear, probe_budget=-1.0)

@@ -394,7 +394,10 @@ class SpecEngine:
             st.root_logits, st.root_hidden = self._extend(st.dcache, base, out.aux_hidden, acc)
             _sync(device)
         st.root = acc.bonus
-        stats.extend_s = time.perf_counter() - t4
+        t5 = time.perf_counter()
+        stats.extend_s = t5 - t4
+        if self.depth is not None and shape is not None:  # what this shape's step really costs
+            self.depth.record_step(shape, len(st.req), self._priced_ms(shape, stats), 1e3 * (t5 - t1))
         if self.observer is not None:
             self.observer(tree, kept, acc, stats)
         return stats
@@ -458,6 +461,14 @@ class SpecEngine:
             stats.predicted_step_ms = float(cost[j] + pad * (cost[i] - cost[j]))
             stats.kept_counts = decision.kept_counts.cpu().tolist()
         return decision.kept.to(scores.device).long()
+
+    def _priced_ms(self, shape: DraftShape, stats: StepStats) -> float:
+        """The cost source's (uncorrected) ms for this step: the width rule's price of the width it
+        verified, or the plain row for a step that drafted nothing."""
+        if stats.predicted_step_ms is not None:
+            return stats.predicted_step_ms
+        row = self.policy.shape_costs(len(stats.active), self.depth.shapes)[self.depth.index[shape]]
+        return float(row[0])
 
     def _extend(self, dcache: Any, base: torch.Tensor, aux_hidden: torch.Tensor, acc: AcceptResult):
         """Draft extend: the drafter over (emitted token t, target hidden of path node t).
@@ -555,8 +566,17 @@ def select_rows(cache: Any, idx: torch.Tensor) -> Any:
             "can leave the batch"
         )
     new = copy.copy(cache)
-    new.k_all = cache.k_all.index_select(1, idx)
-    new.v_all = cache.v_all.index_select(1, idx)
+    # only the committed prefix is copied: the slots past every row's length are garbage by
+    # contract, and copying all of max_len (sized for the widest verify) made a shrinking batch
+    # pay for the deepest tree's buffers
+    used = int(cache.lengths.max()) if cache.lengths.numel() else 0
+    for name in ("k_all", "v_all"):
+        old = getattr(cache, name)
+        buf = torch.empty(
+            (old.shape[0], int(idx.numel()), *old.shape[2:]), dtype=old.dtype, device=old.device
+        )
+        buf[:, :, :, :used] = old[:, :, :, :used].index_select(1, idx)
+        setattr(new, name, buf)
     new.k = list(new.k_all.unbind(0))
     new.v = list(new.v_all.unbind(0))
     new.lengths = cache.lengths.index_select(0, idx)

@@ -83,7 +83,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
         "1 = EVICT also decides how deep to draft: each decode step either drafts the full tree (then cut "
         "to a width as usual) or drafts nothing and verifies the last token alone (SGLang's steps=0 "
         "path: plain decoding, with the draft extend keeping the drafter warm), whichever the costs and "
-        "the recent draft scores say yields more tokens per second; --tp-size 1 only",
+        "the recent draft scores say yields more tokens per second (with TP > 1 the ranks agree on the deepest plan)",
     ),
     "EVICT_LOG_INTERVAL": ("100", "log EVICT metrics every N decode steps (0 = never)"),
     "EVICT_LIVE_COSTS": (

@@ -559,14 +559,10 @@ class EvictWorkerV2(EAGLEWorkerV2):
         if get_parallel().pp_size > 1:
             raise EvictConfigError("EVICT supports --pp-size 1 only")
         self.full_num_draft_tokens = self.speculative_num_draft_tokens
-        if self.evict_config.depth and get_parallel().tp_size > 1 and not self.evict_config.disable:
-            raise EvictConfigError(
-                "EVICT_DEPTH=1 supports --tp-size 1 only (the ranks would have to agree on the depth); "
-                "unset EVICT_DEPTH"
-            )
         self.truncation_policy = self._build_policy()
         self._draft_worker.kill_switch = self.evict_config.disable
         self.depth: DepthController | None = None  # EVICT_DEPTH=1: set up in init_cuda_graphs
+        self.depth_agreement: WidthAgreement | None = None  # EVICT_DEPTH=1 with TP > 1
         self.plain_costs: LiveCosts | None = None
         self._plain_step = False
         self._depth_pending: deque[torch.Tensor | None] = deque(maxlen=4)
@@ -839,18 +835,31 @@ class EvictWorkerV2(EAGLEWorkerV2):
         nothing of the step is EVICT's code. The choice is :class:`DepthController`'s, over the
         policy's step costs of the full tree and the measured cost of a plain step (timed on the
         served steps like the widths; from the table's ``draft_ms`` when it prices drafting).
+
+        With TP > 1 every rank plans, then the ranks agree on the deepest plan (one host
+        ``all_reduce(MAX)`` of the shape index over the TP group's CPU group, as for widths): ranks
+        that drafted differently would run collectives of different sizes. The plain step's timings
+        are max-reduced like the widths', so the ranks normally plan alike and the agreement only
+        proves it.
         """
         s, k = self.speculative_num_steps, self.topk
         shapes = [DraftShape(k, 0), DraftShape(k, s)]
         widths = tuple(int(w) for w in self.truncation_policy.widths.tolist())
+        tp = get_parallel().tp_size
         if self.live_costs is not None:
-            self.plain_costs = LiveCosts((1,), self.live_costs.batch_sizes, None)
-        self.depth = DepthController(shapes, widths, self._depth_costs)
+            reduce = tp_max_reduce(get_tp_group().cpu_group) if tp > 1 else None
+            self.plain_costs = LiveCosts((1,), self.live_costs.batch_sizes, None, reduce=reduce)
+        # probe_budget=0: the full tree's served cost is measured on its own steps, so a probe is
+        # also how a tree priced too dear by a stale table gets re-measured
+        self.depth = DepthController(shapes, widths, self._depth_costs, probe_budget=0.0)
+        if tp > 1:
+            self.depth_agreement = WidthAgreement(get_tp_group().cpu_group, "cpu")
         self._draft_worker.depth_observer = self._observe_tree
         log_info_on_rank0(
             logger,
             f"EVICT: depth decision on: plain decoding or the full ({s}, {k}) tree each step; a plain "
-            f"step's cost is {'timed on the served steps' if self.plain_costs else 'from the cost table'}",
+            f"step's cost is {'timed on the served steps' if self.plain_costs else 'from the cost table'}"
+            f"{f', agreed across {tp} TP ranks' if self.depth_agreement else ''}",
         )
 
     def _plain_cost(self, batch_size: int, full: torch.Tensor) -> float:
@@ -872,11 +881,17 @@ class EvictWorkerV2(EAGLEWorkerV2):
         return torch.stack([torch.full_like(full, self._plain_cost(batch_size, full)), full])
 
     def _plan_depth(self, batch_size: int) -> DraftShape:
-        """The controller's plan, except while this batch size's plain step is still being timed."""
+        """The controller's plan, except while this batch size's plain step is still being timed;
+        with TP > 1, the deepest plan of any rank (a collective: every rank, every decode step)."""
         plain = self.plain_costs
         if plain is not None and plain.explore_index(batch_size) is not None:
-            return self.depth.force(self.depth.shapes[0])
-        return self.depth.plan(batch_size)
+            shape = self.depth.force(self.depth.shapes[0])
+        else:
+            shape = self.depth.plan(batch_size)
+        agreement = getattr(self, "depth_agreement", None)
+        if agreement is not None:
+            shape = self.depth.shapes[agreement.agree(self.depth.index[shape])]
+        return shape
 
     def _observe_tree(self, scores: torch.Tensor) -> None:
         """The full tree's kept scores ``[bs, N-1]`` (the best N-1 of its K): the controller's input."""
@@ -968,11 +983,11 @@ class EvictWorkerV2(EAGLEWorkerV2):
                         plain.observe(dataclasses.replace(sample, width=1))
                 else:
                     live.observe(sample)
-            if plain is not None:
-                plain.on_step()
         except Exception as exc:  # a local failure: this rank loses a sample, never the cadence below
             self.truncation_policy.counters.record_error(exc, "timing a decode step failed")
-        # Every rank, every decode step: the publication is a TP collective every sync_every steps.
+        # Every rank, every decode step: the publications are TP collectives every sync_every steps.
+        if plain is not None:
+            plain.on_step()
         if live.on_step():
             self._refresh_live_costs()
 

@@ -25,6 +25,8 @@ Lossless: any shape and any ancestor-closed cut verify under the standard accept
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -157,6 +159,11 @@ def choose_step(
     return flat // v.shape[1], flat % v.shape[1]
 
 
+def _bucket(batch_size: int) -> int:
+    """The power of two at or below ``batch_size``: the rows measured step times are kept in."""
+    return 1 << (max(int(batch_size), 1).bit_length() - 1)
+
+
 class DepthController:
     """Chooses each step's draft shape from the previous steps' trees and the step costs.
 
@@ -169,6 +176,13 @@ class DepthController:
         probe_every, max_probe_every: a family whose deepest depth has not been drafted for this
             many steps is drafted at that depth once (a probe). The interval doubles after a probe
             that did not change the decision, up to ``max_probe_every``, and resets when it did.
+        probe_budget: a probe also waits until what it costs beyond the current decision's step is
+            at most this share of the steps since the family's last deep draft (under load the
+            deep tree is dear, so it is probed less often), but never past ``max_probe_every``
+            steps: a price that only a probe can correct must still be re-measured. 0 disables it.
+        cost_window: measured step times kept per (batch-size bucket, shape) by
+            :meth:`record_step`, whose median ratio to the priced time corrects that shape's price
+            (0: decide on the prices as given, e.g. where they are measured already).
 
     Use: ``shape = plan(bs)`` before drafting; after drafting a tree of ``shape``,
     ``observe(shape, scores)``. Both are cheap host work plus a few small device ops; ``plan`` reads
@@ -185,6 +199,8 @@ class DepthController:
         ema: float = 0.25,
         probe_every: int = 8,
         max_probe_every: int = 256,
+        probe_budget: float = 0.05,
+        cost_window: int = 9,
     ) -> None:
         self.shapes = list(shapes)
         if not self.shapes or len(set(self.shapes)) != len(self.shapes):
@@ -197,8 +213,17 @@ class DepthController:
             raise ValueError(
                 f"need 1 <= probe_every <= max_probe_every, got {probe_every}, {max_probe_every}"
             )
+        if not (math.isfinite(probe_budget) and probe_budget >= 0.0):
+            raise ValueError(f"probe_budget must be a finite number >= 0, got {probe_budget!r}")
+        if cost_window < 0:
+            raise ValueError(f"cost_window must be >= 0, got {cost_window!r}")
         self.widths = tuple(int(w) for w in widths)
         self.shape_costs = shape_costs
+        self.probe_budget = float(probe_budget)
+        self.cost_window = int(cost_window)
+        # (batch-size bucket, shape index) -> the last measured / priced step-time ratios
+        self._ratios: dict[tuple[int, int], deque[float]] = {}
+        self._best_cost: list[float] | None = None  # per shape: ms at its best width, last decide
         self.ema = float(ema)
         self.base_probe = int(probe_every)
         self.max_probe = int(max_probe_every)
@@ -249,6 +274,10 @@ class DepthController:
         for k, deepest in self.families.items():
             if decision == DraftShape(k, deepest) or self._age[k] < self._interval[k]:
                 continue
+            if self._age[k] < self.max_probe and not self._probe_affordable(
+                DraftShape(k, deepest), decision, self._age[k]
+            ):
+                continue
             self._probing = (k, decision)
             self.probes += 1
             return self._count(DraftShape(k, deepest))
@@ -259,13 +288,73 @@ class DepthController:
         profile = self._read_profile()
         scale = torch.tensor([self.reliability.get(s.topk, 1.0) for s in self.shapes], dtype=torch.float64)
         profile = profile * scale.view(-1, 1)
-        cost = self.shape_costs(int(batch_size)).detach().to("cpu", torch.float64)
+        cost = self.priced(batch_size)
         # A shape never observed (a deeper depth than any drafted yet) is not chosen blind.
         if not all(self._seen_host):
             cost = torch.where(torch.tensor(self._seen_host).view(-1, 1), cost, math.inf)
         i, _ = choose_step(profile, self.counts, cost, self.widths)
+        v = shape_values(profile, self.counts, cost, self.widths)
+        best = torch.nan_to_num(v, nan=-math.inf).argmax(dim=1, keepdim=True)  # [D, 1]
+        self._best_cost = cost.gather(1, best).view(-1).tolist()
         self.last_decision = self.shapes[i]
         return self.shapes[i]
+
+    def priced(self, batch_size: int) -> torch.Tensor:
+        """``[D, W]`` float64 host ms of each shape at each width: the cost source's prices times
+        the measured correction of :meth:`cost_factors`."""
+        cost = self.shape_costs(int(batch_size)).detach().to("cpu", torch.float64)
+        return cost * self.cost_factors(batch_size).view(-1, 1)
+
+    def record_step(self, shape: DraftShape, batch_size: int, priced_ms: float, measured_ms: float) -> None:
+        """One decode step of ``shape`` at ``batch_size``: what the cost source priced it at (the
+        uncorrected ms at the width it verified) and what it measured, draft to draft extend.
+
+        Why: a table profiled on bare forwards at one context length misprices whole steps
+        differently per shape (the engine's plain step measured 0.6x its price at bs 64 and the
+        chain 0.9x), and the decision compares shapes, so each shape's price is corrected by its
+        own measured ratio. Non-finite or non-positive times are ignored."""
+        if shape not in self.index:
+            raise ValueError(f"{shape} is not one of this controller's shapes")
+        if self.cost_window == 0:
+            return
+        p, m = float(priced_ms), float(measured_ms)
+        if not (math.isfinite(p) and math.isfinite(m)) or p <= 0.0 or m <= 0.0:
+            return
+        key = (_bucket(batch_size), self.index[shape])
+        window = self._ratios.get(key)
+        if window is None:
+            window = self._ratios[key] = deque(maxlen=self.cost_window)
+        window.append(min(max(m / p, 0.1), 10.0))
+
+    def cost_factors(self, batch_size: int) -> torch.Tensor:
+        """``[D]`` float64: measured / priced step time per shape at this batch size's bucket.
+
+        A shape with its own samples takes their median; one without takes the median of every
+        shape measured in the bucket (what misprices all shapes alike: the context length, the host
+        work around a step); a bucket without samples takes the nearest measured bucket's; none: 1.
+        """
+        buckets = sorted({b for b, _ in self._ratios})
+        if not buckets:
+            return torch.ones(len(self.shapes), dtype=torch.float64)
+        want = _bucket(batch_size)
+        b = min(buckets, key=lambda x: (abs(math.log2(x) - math.log2(want)), x))
+        own = {i: list(w) for (bb, i), w in self._ratios.items() if bb == b and w}
+        pooled = statistics.median([r for w in own.values() for r in w])
+        return torch.tensor(
+            [statistics.median(own[i]) if i in own else pooled for i in range(len(self.shapes))],
+            dtype=torch.float64,
+        )
+
+    def _probe_affordable(self, probe: DraftShape, decision: DraftShape, age: int) -> bool:
+        """Whether a probe's extra cost over the decision's step fits ``probe_budget`` of the
+        ``age`` steps it has waited (unknown prices: yes)."""
+        if self.probe_budget <= 0.0 or self._best_cost is None:
+            return True
+        extra = self._best_cost[self.index[probe]] - self._best_cost[self.index[decision]]
+        base = self._best_cost[self.index[decision]]
+        if not (math.isfinite(extra) and math.isfinite(base)) or extra <= 0.0:
+            return True
+        return extra <= self.probe_budget * age * base
 
     def observe(self, shape: DraftShape, scores: torch.Tensor) -> None:
         """Fold a drafted tree of ``shape`` into every shape of its family up to its depth."""
@@ -362,6 +451,11 @@ class DepthController:
         return {
             "shapes": {str(s): n for s, n in sorted(self.counts_by_shape.items())},
             "probes": self.probes,
+            "cost_factors": {
+                f"bs{b}:{self.shapes[i]}": round(statistics.median(w), 3)
+                for (b, i), w in sorted(self._ratios.items())
+                if w
+            },
             "reliability": {str(k): round(v, 3) for k, v in sorted(self.reliability.items())},
             "last_decision": str(self.last_decision) if self.last_decision is not None else None,
         }

@@ -1233,3 +1233,36 @@ def test_depth_changes_to_plain_decoding_and_back_stay_lossless(monkeypatch, sam
     """EVICT_DEPTH=1 (issue 20): SGLang's steps=0 path between tree steps, through EVICT's worker."""
     rig = _run_depth(monkeypatch, sampling=sampling, seed=5)
     assert any(a > 1 for (m, a) in rig.accepted_at if m > 1), "tree steps still accept drafts"
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampling"])
+def test_tp_ranks_agree_on_the_depth(monkeypatch, sampling):
+    """EVICT_DEPTH=1 with TP > 1: this rank always plans plain decoding, a stand-in second rank
+    plans the tree on the script's tree steps; the agreed (deeper) plan is what runs, losslessly."""
+    import torch.distributed as dist
+
+    from evict.plugin.tp_sync import WidthAgreement
+
+    rig = Rig(monkeypatch, sampling=sampling, mask_mode=TreeMaskMode.FULL_MASK, seed=7, depth=True)
+    w = rig.worker
+    plain, tree = w.depth.shapes
+    monkeypatch.setattr(w.depth, "plan", lambda bs: w.depth._count(plain))
+    w.depth_agreement = WidthAgreement(group=None)
+    proposals = [w.depth.index[tree] if want else w.depth.index[plain] for want in DEPTH_SCRIPT]
+
+    def all_reduce(tensor, op=None, group=None):  # the other rank's proposal, MAX-reduced
+        assert op == dist.ReduceOp.MAX and tensor.device.type == "cpu"
+        tensor.fill_(max(int(tensor[0]), proposals.pop(0)))
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    for want in DEPTH_SCRIPT:
+        rig.policy.want = want
+        if want == 0:
+            rig.run_plain_step()
+        else:
+            rig.run_step(want)  # asserts the tree was drafted and verified at the scripted width
+    assert not proposals, "the ranks agreed once per decode step"
+    assert w.depth_agreement.calls == len(DEPTH_SCRIPT)
+    assert w.depth_agreement.changed == sum(1 for want in DEPTH_SCRIPT if want)
+    assert rig.plain_steps == DEPTH_SCRIPT.count(0) and rig.finished >= 1
