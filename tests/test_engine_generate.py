@@ -252,3 +252,36 @@ def test_router_hook_sees_every_verify_forward(pair):
     assert len(seen) == n_layers * len(res.steps)  # verify forwards only, not the prefill
     tokens_per_step = [len(s.active) * s.width for s in res.steps]
     assert [n for (layer, n) in seen if layer == 0] == tokens_per_step
+
+
+def test_finished_requests_leave_the_batch_with_finite_caches(pair):
+    """Compaction copies only the committed prefix of each cache; the rest of the new buffers must
+    still be finite (masked slots enter attention's matmuls, and 0 * NaN is NaN). Under
+    deterministic algorithms torch fills uninitialized memory with NaN, so a buffer left
+    uninitialized fails here, and the greedy output then differs from autoregressive decoding."""
+    from evict.engine.engine import select_rows
+
+    target, drafter = pair
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9], [3, 3, 3, 3, 3]]
+    full = SpecEngine(target, drafter, mode="ar").generate(prompts, 10).tokens
+    eos = next(t for t in full[1][2:] if sum(t in row for row in full) < len(full))  # ends some rows early
+    ar = SpecEngine(target, drafter, mode="ar", eos_token_id=eos).generate(prompts, 10).tokens
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        cache = target.new_cache(3, 16)
+        cache.k_all.normal_()
+        cache.v_all.normal_()
+        cache.lengths.copy_(torch.tensor([5, 9, 2]))
+        small = select_rows(cache, torch.tensor([2, 0]))
+        assert small.lengths.tolist() == [2, 5] and small.k_all.shape[1] == 2
+        assert torch.isfinite(small.k_all).all() and torch.isfinite(small.v_all).all()
+        assert torch.equal(small.k_all[:, 1, :, :5], cache.k_all[:, 0, :, :5])
+        assert torch.equal(small.v_all[:, 0, :, :2], cache.v_all[:, 2, :, :2])
+        res = SpecEngine(target, drafter, mode="static", steps=3, topk=2, eos_token_id=eos).generate(
+            prompts, 10
+        )
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert len({len(s.active) for s in res.steps}) > 1, "no request left the batch early"
+    assert res.tokens == ar

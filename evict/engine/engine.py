@@ -150,8 +150,10 @@ class SpecEngine:
         depth: a ``DepthController`` (``evict`` only): the whole-step decision. Each step drafts the
             shape it plans (depth 0: no draft, the root is verified alone, and the draft extend still
             runs so the drafter's cache stays warm), then the policy cuts that tree at the width
-            priced for that shape (``policy.shape_costs``). The engine's ``steps`` / ``topk`` stay
-            the deepest tree's (buffer sizes). Without it: always ``steps`` of ``topk``.
+            priced for that shape (``policy.shape_costs``). Each step's measured time, draft to
+            draft extend, goes back to ``depth.record_step``, which corrects that shape's price.
+            The engine's ``steps`` / ``topk`` stay the deepest tree's (buffer sizes). Without it:
+            always ``steps`` of ``topk``.
         adaptive: ``static`` mode with ``topk=1`` only: an object with SGLang's adaptive-steps
             protocol (``get_steps_for_batch(bs) -> steps``, ``on_verify_complete(correct drafts per
             request, batch_size)``), e.g. 0.5.23's ``AdaptiveSpeculativeParams``: each step drafts
@@ -572,7 +574,8 @@ def select_rows(cache: Any, idx: torch.Tensor) -> Any:
     used = int(cache.lengths.max()) if cache.lengths.numel() else 0
     for name in ("k_all", "v_all"):
         old = getattr(cache, name)
-        buf = torch.empty(
+        # zeros, not empty: masked slots still enter attention's matmuls, and 0 * NaN is NaN
+        buf = torch.zeros(
             (old.shape[0], int(idx.numel()), *old.shape[2:]), dtype=old.dtype, device=old.device
         )
         buf[:, :, :, :used] = old[:, :, :, :used].index_select(1, idx)

@@ -150,9 +150,19 @@ def choose_step(
     Non-finite or non-positive costs never win; if nothing is finite the last shape at its widest
     width is returned (the deepest draft: today's behaviour).
     """
+    return _argmax_step(_valid_values(profile, counts, cost, widths))
+
+
+def _valid_values(
+    profile: torch.Tensor, counts: Sequence[int], cost: torch.Tensor, widths: Sequence[int]
+) -> torch.Tensor:
+    """:func:`shape_values` with every (shape, width) whose cost is not finite and positive at -inf."""
     v = shape_values(profile, counts, cost, widths)
     ok = torch.isfinite(v) & (cost.to(v.device) > 0) & torch.isfinite(cost.to(v.device))
-    v = torch.where(ok, v, torch.full_like(v, -math.inf))
+    return torch.where(ok, v, torch.full_like(v, -math.inf))
+
+
+def _argmax_step(v: torch.Tensor) -> tuple[int, int]:
     flat = int(torch.argmax(v.reshape(-1)))
     if not math.isfinite(float(v.reshape(-1)[flat])):
         return v.shape[0] - 1, v.shape[1] - 1
@@ -292,10 +302,9 @@ class DepthController:
         # A shape never observed (a deeper depth than any drafted yet) is not chosen blind.
         if not all(self._seen_host):
             cost = torch.where(torch.tensor(self._seen_host).view(-1, 1), cost, math.inf)
-        i, _ = choose_step(profile, self.counts, cost, self.widths)
-        v = shape_values(profile, self.counts, cost, self.widths)
-        best = torch.nan_to_num(v, nan=-math.inf).argmax(dim=1, keepdim=True)  # [D, 1]
-        self._best_cost = cost.gather(1, best).view(-1).tolist()
+        v = _valid_values(profile, self.counts, cost, self.widths)  # [D, W]
+        i, _ = _argmax_step(v)  # choose_step, keeping the values for the probe budget
+        self._best_cost = cost.gather(1, v.argmax(dim=1, keepdim=True)).view(-1).tolist()
         self.last_decision = self.shapes[i]
         return self.shapes[i]
 
