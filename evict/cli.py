@@ -28,6 +28,8 @@ class CliError(BoundaryError):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from evict.models.testbeds import testbed_choices  # noqa: PLC0415 (torch loads only when used)
+
     parser = OneLineArgumentParser(prog="evict", description="EVICT reference engine tools")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser(
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--testbed",
         default=None,
         metavar="NAME|DIR",
-        help="testbed pair: moe32 (default), moe128, moe128-padded, or a folder with target/ and drafter/",
+        help=f"testbed pair: {testbed_choices()}, or a folder with target/ and drafter/",
     )
     return parser
 

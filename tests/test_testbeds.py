@@ -152,3 +152,21 @@ def test_a_padded_copy_is_keyed_by_the_pairs_contents_drafter_included(tmp_path)
     second = materialize_padded(pair, 4, cache_root=tmp_path / "cache")
     assert second != first
     assert json.loads((second / "drafter" / "config.json").read_text()) == {"v": 2}
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["evict.cli", "evict.profiler.cli", "evict.bench.cli", "evict.bench.oracle_gap",
+     "evict.bench.domain_shift", "evict.bench.served"],
+)  # fmt: skip
+def test_every_testbed_option_lists_every_testbed(module):
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    subs = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    parsers = [parser] + [p for s in subs for p in s.choices.values()]
+    helps = [a.help for p in parsers for a in p._actions if "--testbed" in a.option_strings]
+    assert helps, f"{module} has no --testbed option"
+    for text in helps:
+        assert all(name in text for name in TESTBEDS), text
+        assert f"{tb.DEFAULT_TESTBED} (default)" in text, text

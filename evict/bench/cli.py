@@ -37,7 +37,7 @@ from evict.boundary import (
 )
 from evict.kernels import BACKENDS
 from evict.machine import cpu_model
-from evict.models.testbeds import DEFAULT_TESTBED, TESTBEDS, testbed_dir
+from evict.models.testbeds import DEFAULT_TESTBED, testbed_choices, testbed_dir
 from evict.paths import PACKAGE_DIR
 from evict.truncation import USER_DECISIONS
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--testbed",
         default=None,
         metavar="NAME|DIR",
-        help=f"testbed pair: {', '.join(TESTBEDS)} (default {DEFAULT_TESTBED}) or a folder with target/ and drafter/",
+        help=f"testbed pair: {testbed_choices()}, or a folder with target/ and drafter/",
     )
     p.add_argument(
         "--decision",

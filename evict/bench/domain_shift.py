@@ -291,6 +291,8 @@ def render_shift(summary: dict[str, dict[str, float]], window: int, order: Seque
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from evict.models.testbeds import testbed_choices  # noqa: PLC0415 (torch loads only when used)
+
     p = OneLineArgumentParser(
         prog="python -m evict.bench.domain_shift",
         description=__doc__,
@@ -322,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--testbed",
         default=None,
         metavar="NAME|DIR",
-        help="testbed name (moe32, moe128, moe128-padded) or a folder with target/ and drafter/",
+        help=f"testbed name ({testbed_choices()}) or a folder with target/ and drafter/",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

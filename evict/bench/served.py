@@ -974,6 +974,8 @@ def write_results(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from evict.models.testbeds import testbed_choices  # noqa: PLC0415 (torch loads only when used)
+
     p = OneLineArgumentParser(
         prog="evict-bench --served", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -1016,7 +1018,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--testbed",
         metavar="NAME",
-        help="serve a shipped testbed pair by name (moe32, moe128, moe128-padded) instead of the model paths",
+        help=f"serve a shipped testbed pair by name ({testbed_choices()}) instead of the model paths",
     )
     p.add_argument("--model-path", help="target (default: the shipped testbed target)")
     p.add_argument("--draft-model-path", help="EAGLE-3 drafter (default: the shipped testbed drafter)")

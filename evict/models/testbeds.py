@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_TESTBED",
     "PADDED_INTERMEDIATE",
     "testbed_dir",
+    "testbed_choices",
     "pad_expert_tensors",
     "materialize_padded",
 ]
@@ -69,6 +70,11 @@ TESTBEDS: dict[str, NamedTestbed] = {
     )
 }
 DEFAULT_TESTBED = "moe32"
+
+
+def testbed_choices() -> str:
+    """``"moe32 (default), moe128, moe128-padded"``: the names every ``--testbed`` help lists."""
+    return ", ".join(f"{n} (default)" if n == DEFAULT_TESTBED else n for n in TESTBEDS)
 
 
 def testbed_dir(name_or_path: str | os.PathLike[str] | None = None) -> Path:

@@ -65,6 +65,7 @@ def parse_int_list(values: Sequence[str] | str, name: str, minimum: int = 1) -> 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (separate so tests and docs can inspect it)."""
     from evict.boundary import OneLineArgumentParser  # noqa: PLC0415
+    from evict.models.testbeds import testbed_choices  # noqa: PLC0415 (torch loads only when used)
 
     p = OneLineArgumentParser(
         prog="evict-profile",
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--testbed",
         default=None,
         metavar="NAME",
-        help="a shipped testbed instead of --model/--draft-model: moe32, moe128 or moe128-padded "
+        help=f"a shipped testbed instead of --model/--draft-model: {testbed_choices()} "
         "(the padded variant is made in the cache on first use)",
     )
     p.add_argument(
