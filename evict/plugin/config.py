@@ -80,10 +80,11 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     ),
     "EVICT_DEPTH": (
         "0",
-        "1 = EVICT also decides how deep to draft: each decode step either drafts the full tree (then cut "
-        "to a width as usual) or drafts nothing and verifies the last token alone (SGLang's steps=0 "
-        "path: plain decoding, with the draft extend keeping the drafter warm), whichever the costs and "
-        "the recent draft scores say yields more tokens per second (with TP > 1 the ranks agree on the deepest plan)",
+        "1 = EVICT also decides how deep to draft: each decode step drafts the full tree, or the tree "
+        "1..S-1 steps deep (EVICT_DECISION=immediate, raw acceptance), then cuts it to a width as usual, "
+        "or drafts nothing and verifies the last token alone (SGLang's steps=0 path: plain decoding, "
+        "with the draft extend keeping the drafter warm), whichever the costs and the recent draft "
+        "scores say yields more tokens per second (with TP > 1 the ranks agree on the deepest plan)",
     ),
     "EVICT_LOG_INTERVAL": ("100", "log EVICT metrics every N decode steps (0 = never)"),
     "EVICT_LIVE_COSTS": (

@@ -174,12 +174,13 @@ class ScoreSink:
         return self.buffer.shape[0]
 
     def write(self, scores: torch.Tensor) -> bool:
-        """Copy ``scores [bs, cols]`` in; returns False (and ignores them) for another width."""
-        if scores.dim() != 2 or scores.shape[1] != self.cols:
-            return False  # e.g. a draft graph captured for a narrower state: not the one served
-        bs = scores.shape[0]
+        """Copy ``scores [bs, c]`` in, ``c <= cols`` (a shallower draft keeps fewer candidates: they
+        fill the first ``c`` columns); returns False (and ignores them) when ``c > cols``."""
+        if scores.dim() != 2 or scores.shape[1] > self.cols:
+            return False
+        bs, c = scores.shape
         if bs <= self.rows:
-            self.buffer[:bs].copy_(scores)
+            self.buffer[:bs, :c].copy_(scores)
         else:
             if _is_capturing(self.buffer.device):
                 raise RuntimeError(
@@ -189,13 +190,16 @@ class ScoreSink:
             self._overflow = scores.detach().to(torch.float32).clone()
         return True
 
-    def read(self, bs: int) -> torch.Tensor:
-        """Scores of the last draft of batch size ``bs`` (a view, valid until the next draft)."""
+    def read(self, bs: int, cols: int | None = None) -> torch.Tensor:
+        """Scores of the last draft of batch size ``bs`` (a view, valid until the next draft):
+        its first ``cols`` columns (default all), the candidates that draft kept. The reader names
+        the width because a replayed graph runs no Python that could record it."""
+        c = self.cols if cols is None else int(cols)
         if bs <= self.rows:
-            return self.buffer[:bs]
+            return self.buffer[:bs, :c]
         if self._overflow is None or self._overflow.shape[0] != bs:
             raise RuntimeError(f"EVICT ScoreSink: no scores recorded for an eager batch of {bs} requests")
-        return self._overflow
+        return self._overflow[:, :c]
 
     @contextlib.contextmanager
     def active(self) -> Iterator[ScoreSink]:

@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 from sglang.srt.distributed.parallel_state import get_tp_group
+from sglang.srt.environ import envs
 from sglang.srt.layers.attention.qsa.config import parse_qsa_profile
 from sglang.srt.layers.moe.utils import speculative_moe_a2a_backend_context, speculative_moe_backend_context
 from sglang.srt.runtime_context import get_exec, get_parallel, get_schedule, get_spec
@@ -306,8 +307,13 @@ class EvictDraftWorker(EagleDraftWorker):
         self.live_costs: LiveCosts | None = None
         # EVICT_DISABLE=1 (set by EvictWorkerV2): SGLang's own step, no score tap, no decision.
         self.kill_switch = False
-        # EVICT_DEPTH=1 (set by EvictWorkerV2): receives each drafted tree's kept scores.
-        self.depth_observer: Callable[[torch.Tensor], None] | None = None
+        # EVICT_DEPTH=1 (set by EvictWorkerV2): receives each drafted tree's kept scores and their
+        # flat candidate indices.
+        self.depth_observer: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        # EVICT_DEPTH=1, a step that drafts fewer than the server's steps (EvictWorkerV2 sets both
+        # for that step): its own [W] step prices (inf past its widest width) and the full depth.
+        self.step_cost: torch.Tensor | None = None
+        self.full_num_steps = self.speculative_num_steps
 
     def draft_forward(self, forward_batch: Any):
         # Also entered by draft CUDA-graph capture, which then records the score copy.  The kill
@@ -338,10 +344,13 @@ class EvictDraftWorker(EagleDraftWorker):
         because their set is ancestor-closed.  Its features are held until the verification's
         outcome arrives (:meth:`learn`).
         """
-        scores = self.score_sink.read(batch.seq_lens.shape[0])
+        scores = self._scores(batch.seq_lens.shape[0])
         self._pending_outcome = None
-        if self.acceptance is None:
-            return scores
+        full_steps = getattr(
+            self, "full_num_steps", self.speculative_num_steps
+        )  # absent on test-built workers
+        if self.acceptance is None or self.speculative_num_steps != full_steps:
+            return scores  # the estimator learns the full tree's layout only
         bs, k = top_scores_index.shape[0], self.acceptance_candidates
         flat = torch.zeros((bs, k), dtype=torch.float32, device=scores.device)
         flat.scatter_(1, top_scores_index.long(), scores.to(torch.float32))
@@ -351,6 +360,10 @@ class EvictDraftWorker(EagleDraftWorker):
             # build_verify_input replaces the kept index with an owned copy of what is verified
             self._pending_outcome = (feats, top_scores_index)
         return calibrated.gather(1, top_scores_index.long())
+
+    def _scores(self, bs: int) -> torch.Tensor:
+        """The kept candidates' scores of this step's draft: ``[bs, n-1]`` for its width ``n``."""
+        return self.score_sink.read(bs, self.full_num_draft_tokens - 1)
 
     def _host_widths(self, policy: TruncationPolicy) -> tuple[int, ...]:
         """The policy's widths as host ints, read once per policy (never per step)."""
@@ -396,7 +409,7 @@ class EvictDraftWorker(EagleDraftWorker):
             return n, None
         widths = self._host_widths(policy)
         if scores is None:
-            scores = self.score_sink.read(batch.seq_lens.shape[0])
+            scores = self._scores(batch.seq_lens.shape[0])
         decision, index = None, len(widths) - 1
         explore = None
         live = getattr(self, "live_costs", None)  # absent on workers built without __init__ (tests)
@@ -408,6 +421,8 @@ class EvictDraftWorker(EagleDraftWorker):
             if explore is not None:
                 decision = _decide_at(policy, scores, explore, widths)
                 policy.counters.record(decision)
+            elif (step_cost := getattr(self, "step_cost", None)) is not None:  # a shallower draft
+                decision = policy.decide(scores, cost=step_cost)
             else:
                 decision = policy.decide(scores)
             index = decision.width_index
@@ -461,13 +476,15 @@ class EvictDraftWorker(EagleDraftWorker):
         observer = getattr(self, "depth_observer", None)
         if observer is not None and not batch.forward_mode.is_idle():
             try:
-                observer(scores if scores is not None else self.score_sink.read(batch.seq_lens.shape[0]))
+                observer(
+                    scores if scores is not None else self._scores(batch.seq_lens.shape[0]), top_scores_index
+                )
             except Exception as exc:  # the depth estimate must never fail a request
                 self.truncation_policy.counters.record_error(exc, "depth observation failed")
         real = None  # per-request widths: [bs, m-1] real (True) or padding slots of the cut tree
         if kept is not None and _pads(self.last_decision):
             try:
-                ranked = scores if scores is not None else self.score_sink.read(batch.seq_lens.shape[0])
+                ranked = scores if scores is not None else self._scores(batch.seq_lens.shape[0])
                 kept, real = padded_frame(ranked, kept)
             except Exception as exc:  # never fail a request over the cut: same width, no padding
                 self.truncation_policy.counters.record_error(
@@ -545,6 +562,17 @@ class EvictDraftWorker(EagleDraftWorker):
             return super()._draft_extend_for_decode(batch, batch_result, kv_loc_plan=kv_loc_plan)
 
 
+@dataclasses.dataclass(frozen=True)
+class DraftDepthState:
+    """What drafting ``steps`` deep needs besides the width states: SGLang's multi-step draft
+    attention backend for that many steps (None for one step) and its draft graph (None on CPU)."""
+
+    steps: int
+    num_draft_tokens: int  # n_d: the widest captured width this depth fills, root included
+    draft_attn_backend: Any
+    cuda_graph_runner: Any
+
+
 class EvictWorkerV2(EAGLEWorkerV2):
     """``EAGLEWorkerV2`` with an ``EvictDraftWorker``, one captured state per width and metrics."""
 
@@ -563,6 +591,8 @@ class EvictWorkerV2(EAGLEWorkerV2):
         self._draft_worker.kill_switch = self.evict_config.disable
         self.depth: DepthController | None = None  # EVICT_DEPTH=1: set up in init_cuda_graphs
         self.depth_agreement: WidthAgreement | None = None  # EVICT_DEPTH=1 with TP > 1
+        self.depth_states: dict[int, DraftDepthState] = {}  # EVICT_DEPTH=1: the shallower depths
+        self.full_num_steps = self.speculative_num_steps
         self.plain_costs: LiveCosts | None = None
         self._plain_step = False
         self._depth_pending: deque[torch.Tensor | None] = deque(maxlen=4)
@@ -828,13 +858,22 @@ class EvictWorkerV2(EAGLEWorkerV2):
 
     # -- depth (EVICT_DEPTH=1) -------------------------------------------------------------------
     def _start_depth(self) -> None:
-        """Each decode step: the full tree (cut to a width as usual) or plain decoding.
+        """Each decode step: plain decoding, the tree drafted to a depth d of 1..S, or the full tree;
+        then (if it drafted) the width as usual.
 
         Plain decoding is SGLang's own ``speculative_num_steps == 0`` path (a one-node verify of the
         last token through the width-1 state, then the draft extend that keeps the drafter warm), so
-        nothing of the step is EVICT's code. The choice is :class:`DepthController`'s, over the
-        policy's step costs of the full tree and the measured cost of a plain step (timed on the
-        served steps like the widths; from the table's ``draft_ms`` when it prices drafting).
+        nothing of the step is EVICT's code. A shallower tree is SGLang's draft run with
+        ``speculative_num_steps = d`` on a draft-decode state of its own (``_build_depth_state``:
+        the multi-step attention backend and, on a GPU, the draft graph for d steps, as
+        ``adaptive_runtime_state.py`` builds them for chains), keeping the best ``n_d - 1`` of its
+        ``K(d)`` candidates for the widest captured width ``n_d`` it fills; verify and draft extend
+        run on the width states as for any step. The choice is :class:`DepthController`'s, over
+        the policy's step costs of the full tree, the measured cost of a plain step (timed on the
+        served steps like the widths; from the table's ``draft_ms`` when it prices drafting), and
+        for depth d the full tree's costs less the drafting it skips (the table's ``draft_ms``, else
+        ``(S - d) / S`` of the full tree's measured drafting: its width-1 step less a plain step),
+        corrected by each depth's own measured steps (``DepthController.record_step``).
 
         With TP > 1 every rank plans, then the ranks agree on the deepest plan (one host
         ``all_reduce(MAX)`` of the shape index over the TP group's CPU group, as for widths): ranks
@@ -843,24 +882,125 @@ class EvictWorkerV2(EAGLEWorkerV2):
         proves it.
         """
         s, k = self.speculative_num_steps, self.topk
-        shapes = [DraftShape(k, 0), DraftShape(k, s)]
         widths = tuple(int(w) for w in self.truncation_policy.widths.tolist())
+        depths, why = self._served_depths(widths)
+        shapes = [DraftShape(k, 0)] + [DraftShape(k, d) for d in depths]
         tp = get_parallel().tp_size
         if self.live_costs is not None:
             reduce = tp_max_reduce(get_tp_group().cpu_group) if tp > 1 else None
             self.plain_costs = LiveCosts((1,), self.live_costs.batch_sizes, None, reduce=reduce)
+        for d in depths[:-1]:
+            self.depth_states[d] = self._build_depth_state(d, widths)
         # probe_budget=0: the full tree's served cost is measured on its own steps, so a probe is
         # also how a tree priced too dear by a stale table gets re-measured
         self.depth = DepthController(shapes, widths, self._depth_costs, probe_budget=0.0)
         if tp > 1:
             self.depth_agreement = WidthAgreement(get_tp_group().cpu_group, "cpu")
         self._draft_worker.depth_observer = self._observe_tree
+        if getattr(self.server_args, "enable_deterministic_inference", False):
+            logger.warning(
+                "EVICT: EVICT_DEPTH=1 under --enable-deterministic-inference: the draft depth follows "
+                "the server's recent history (as --speculative-adaptive's steps do), so a seeded sampled "
+                "request repeats only when the depth decisions do; greedy output is unaffected"
+            )
+        drafted = ", ".join(
+            f"d={d}: {st.num_draft_tokens} of {num_candidates(d, k)}" for d, st in self.depth_states.items()
+        )
         log_info_on_rank0(
             logger,
-            f"EVICT: depth decision on: plain decoding or the full ({s}, {k}) tree each step; a plain "
-            f"step's cost is {'timed on the served steps' if self.plain_costs else 'from the cost table'}"
+            f"EVICT: depth decision on: plain decoding or the ({s}, {k}) tree drafted to depth "
+            f"{', '.join(map(str, depths))} each step{f' (kept nodes {drafted})' if drafted else ''}"
+            f"{f'; only the full depth: {why}' if why else ''}; a plain step's cost is "
+            f"{'timed on the served steps' if self.plain_costs else 'from the cost table'}"
             f"{f', agreed across {tp} TP ranks' if self.depth_agreement else ''}",
         )
+
+    def _served_depths(self, widths: tuple[int, ...]) -> tuple[list[int], str]:
+        """The draft depths offered besides plain decoding, and why only the full one if so.
+
+        A depth needs a captured width of 2 or more that its candidates fill; the shallower trees
+        are decided by the plain width rule only (the per-request budget, the lagged held width and
+        the calibrated estimator assume the full tree's layout).
+        """
+        s, cfg = self.speculative_num_steps, self.evict_config
+        if cfg.per_request or cfg.policy_decision != "immediate" or cfg.acceptance != "raw":
+            return [
+                s
+            ], "shallower trees need EVICT_DECISION=immediate, EVICT_ACCEPTANCE=raw, EVICT_PER_REQUEST=0"
+        return [d for d in range(1, s) if self._depth_width(d, widths) >= 2] + [s], ""
+
+    def _depth_width(self, depth: int, widths: tuple[int, ...]) -> int:
+        """``n_d``: the widest captured width a depth-``depth`` tree fills (root included)."""
+        cap = min(self.full_num_draft_tokens, num_candidates(depth, self.topk) + 1)
+        return max((w for w in widths if w <= cap), default=1)
+
+    def _build_depth_state(self, depth: int, widths: tuple[int, ...]) -> DraftDepthState:
+        """The draft-decode state for ``depth`` steps: its multi-step attention backend and, with
+        CUDA graphs, its draft graph (captured into the shared pool, the draft extend graph left
+        out: extends run on the width states). Restores the worker's own state afterwards."""
+        dw = self._draft_worker
+        n_d = self._depth_width(depth, widths)
+        tic, before = time.perf_counter(), self._free_gpu_gb()
+        graphs = dw.cuda_graph_runner is not None  # the server captures draft-decode graphs
+        with self._override_worker_state(depth, n_d), self._capture_context():
+            dw.draft_attn_backend = dw.draft_runner.draft_attn_backend = DraftBackendFactory(
+                dw.draft_runner,
+                dw.topk,
+                depth,
+                seed_dsa_topk_from_draft_extend=dw.seed_dsa_topk_from_draft_extend,
+                qsa_profile=parse_qsa_profile(dw.draft_runner.model_config.hf_config),
+            ).create_decode_backend()
+            dw.cuda_graph_runner = None
+            full_n, dw.full_num_draft_tokens = dw.full_num_draft_tokens, n_d
+            try:
+                if graphs:
+                    with envs.SGLANG_DISABLE_DRAFT_EXTEND_CUDA_GRAPH.override(True):
+                        dw._capture_cuda_graphs()
+            finally:
+                dw.full_num_draft_tokens = full_n
+            state = DraftDepthState(depth, n_d, dw.draft_attn_backend, dw.cuda_graph_runner)
+        log_info_on_rank0(
+            logger,
+            f"EVICT: depth {depth} draft state (keeps {n_d - 1} of {num_candidates(depth, self.topk)} "
+            f"candidates) in {time.perf_counter() - tic:.1f} s, {before - self._free_gpu_gb():.3f} GB",
+        )
+        return state
+
+    def _free_gpu_gb(self) -> float:
+        return float(get_available_gpu_memory(self.device, self.gpu_id)) if torch.cuda.is_available() else 0.0
+
+    @contextlib.contextmanager
+    def _at_depth(self, state: DraftDepthState, batch_size: int) -> Iterator[None]:
+        """Draft this step ``state.steps`` deep (SGLang's own draft, on the depth's state); verify and
+        draft extend stay on the width states. Everything is restored afterwards."""
+        dw = self._draft_worker
+        saved = (
+            self.speculative_num_steps,
+            dw.speculative_num_steps,
+            dw.full_num_draft_tokens,
+            dw.draft_attn_backend,
+            dw.draft_runner.draft_attn_backend,
+            dw.cuda_graph_runner,
+            dw.step_cost,
+        )
+        row = self.depth.index[DraftShape(self.topk, state.steps)]
+        self.speculative_num_steps = dw.speculative_num_steps = state.steps
+        dw.full_num_draft_tokens = state.num_draft_tokens
+        dw.draft_attn_backend = dw.draft_runner.draft_attn_backend = state.draft_attn_backend
+        dw.cuda_graph_runner = state.cuda_graph_runner
+        dw.step_cost = self.depth.priced(batch_size)[row].to(torch.float32)
+        try:
+            yield
+        finally:
+            (
+                self.speculative_num_steps,
+                dw.speculative_num_steps,
+                dw.full_num_draft_tokens,
+                dw.draft_attn_backend,
+                dw.draft_runner.draft_attn_backend,
+                dw.cuda_graph_runner,
+                dw.step_cost,
+            ) = saved
 
     def _plain_cost(self, batch_size: int, full: torch.Tensor) -> float:
         """ms of a plain step: measured, else the table's drafting-free step, else a width-1 tree step."""
@@ -868,24 +1008,59 @@ class EvictWorkerV2(EAGLEWorkerV2):
         if plain is not None and any(plain.observed[plain.bucket(batch_size)]):
             return float(plain.predict(batch_size, 1))
         table = self.cost_prior
-        if (
-            table is not None
-            and getattr(table, "draft_shapes", {}).get(self.topk, 0) >= self.speculative_num_steps
-        ):
+        if self._table_prices_depths():
             return float(table.shape_cost(batch_size, [1], self.topk, 0)[0])
         return float(full[0])  # an upper bound: the tree drafted, then cut to the root
 
+    def _skipped_share(self, batch_size: int, depth: int) -> float:
+        """The share of the full tree's drafting that a ``depth``-step draft does not run."""
+        s, k, table = self.full_num_steps, self.topk, self.cost_prior
+        if self._table_prices_depths():
+            full = table.draft_cost(batch_size, k, s) - table.draft_cost(batch_size, k, 0)
+            if full > 0:
+                skip = table.draft_cost(batch_size, k, s) - table.draft_cost(batch_size, k, depth)
+                return min(max(skip / full, 0.0), 1.0)
+        return (s - depth) / s
+
+    def _table_prices_depths(self) -> bool:
+        table = self.cost_prior
+        return (
+            table is not None and getattr(table, "draft_shapes", {}).get(self.topk, 0) >= self.full_num_steps
+        )
+
     def _depth_costs(self, batch_size: int) -> torch.Tensor:
-        """``[2, W]`` ms of plain decoding (at every width: it verifies one token) and the full tree."""
+        """``[D, W]`` ms of each offered shape at each width (uncorrected; the controller applies its
+        measured factors): plain decoding (one token at any width), each shallower depth (the
+        full tree's costs less the drafting it skips, inf past its widest width), the full tree."""
         full = self.truncation_policy.step_cost(batch_size).detach().to("cpu", torch.float64)
-        return torch.stack([torch.full_like(full, self._plain_cost(batch_size, full)), full])
+        plain = self._plain_cost(batch_size, full)
+        rows = [torch.full_like(full, plain)]
+        s = self.full_num_steps
+        widths = self.truncation_policy.widths.tolist()
+        for shape in self.depth.shapes[1:] if self.depth is not None else ():
+            d = shape.depth
+            if d == s:
+                rows.append(full)
+                continue
+            # the full tree's drafting as this server prices it (its width-1 step less a plain
+            # step: both measured once live costs run), times the share a depth-d draft skips
+            # (from the table's per-depth drafting when it has one, else (S - d) / S)
+            skipped = max(float(full[0]) - plain, 0.0) * self._skipped_share(batch_size, d)
+            n_d = self.depth_states[d].num_draft_tokens
+            row = (full - skipped).clamp(min=plain)
+            row[torch.tensor([w > n_d for w in widths])] = float("inf")
+            rows.append(row)
+        return torch.stack(rows)
 
     def _plan_depth(self, batch_size: int) -> DraftShape:
-        """The controller's plan, except while this batch size's plain step is still being timed;
-        with TP > 1, the deepest plan of any rank (a collective: every rank, every decode step)."""
-        plain = self.plain_costs
+        """The controller's plan, except while this batch size's plain step or widths are still
+        being timed; with TP > 1, the deepest plan of any rank (a collective: every rank, every
+        decode step)."""
+        plain, live = self.plain_costs, getattr(self, "live_costs", None)
         if plain is not None and plain.explore_index(batch_size) is not None:
             shape = self.depth.force(self.depth.shapes[0])
+        elif live is not None and live.explore_index(batch_size) is not None:
+            shape = self.depth.force(self.depth.shapes[-1])  # the full tree's widths are being timed
         else:
             shape = self.depth.plan(batch_size)
         agreement = getattr(self, "depth_agreement", None)
@@ -893,12 +1068,16 @@ class EvictWorkerV2(EAGLEWorkerV2):
             shape = self.depth.shapes[agreement.agree(self.depth.index[shape])]
         return shape
 
-    def _observe_tree(self, scores: torch.Tensor) -> None:
-        """The full tree's kept scores ``[bs, N-1]`` (the best N-1 of its K): the controller's input."""
-        k_all = num_candidates(self.speculative_num_steps, self.topk)
-        padded = torch.zeros((scores.shape[0], k_all), dtype=torch.float32, device=scores.device)
-        padded[:, : scores.shape[1]] = scores.float()
-        self.depth.observe(self.depth.shapes[1], padded)
+    def _observe_tree(self, scores: torch.Tensor, top_scores_index: torch.Tensor) -> None:
+        """A drafted tree's kept scores ``[bs, n-1]`` at their flat candidate indices: the
+        controller's input. The kept nodes are the drafter's best ``n-1`` of the tree, so for every
+        depth cap the kept ones of that depth are its best too (exact up to their count)."""
+        d = self._draft_worker.speculative_num_steps
+        flat = torch.zeros(
+            (scores.shape[0], num_candidates(d, self.topk)), dtype=torch.float32, device=scores.device
+        )
+        flat.scatter_(1, top_scores_index.long(), scores.float())
+        self.depth.observe(DraftShape(self.topk, d), flat)
 
     # -- live step costs ------------------------------------------------------------------------
     def _start_live_costs(self, policy: TruncationPolicy) -> TruncationPolicy:
@@ -967,13 +1146,20 @@ class EvictWorkerV2(EAGLEWorkerV2):
         """One decode step done: end its timing, feed every readable sample, publish every K steps.
 
         A plain step (EVICT_DEPTH=1) is timed as width 0 and its samples go to ``plain_costs``: it
-        verifies one token like a tree cut to width 1, but drafts nothing.
+        verifies one token like a tree cut to width 1, but drafts nothing. A step that drafted a
+        shallower tree is timed as width ``-depth`` with its uncorrected price, and its sample
+        corrects that depth's price (``DepthController.record_step``), never the full tree's table.
         """
         live, timer, plain = self.live_costs, self.step_timer, getattr(self, "plain_costs", None)
+        shape = getattr(self, "_step_shape", None)
         width = 0 if getattr(self, "_plain_step", False) else self.speculative_num_draft_tokens
         try:
             if width == 0:
                 predicted = plain.predict(batch_size, 1) if plain is not None else float("nan")
+            elif shape is not None and shape.depth in self.depth_states:
+                j = self._draft_worker._host_widths(self.truncation_policy).index(width)
+                predicted = float(self._depth_costs(batch_size)[self.depth.index[shape], j])
+                width = -shape.depth
             else:
                 predicted = live.predict(batch_size, width) if width in live.widths else float("nan")
             timer.end(batch_size, width, predicted)
@@ -981,6 +1167,11 @@ class EvictWorkerV2(EAGLEWorkerV2):
                 if sample.width == 0:
                     if plain is not None:
                         plain.observe(dataclasses.replace(sample, width=1))
+                elif sample.width < 0:
+                    shape_d = DraftShape(self.topk, -sample.width)
+                    self.depth.record_step(
+                        shape_d, sample.batch_size, sample.predicted_ms, sample.measured_ms
+                    )
                 else:
                     live.observe(sample)
         except Exception as exc:  # a local failure: this rank loses a sample, never the cadence below
@@ -1285,12 +1476,11 @@ class EvictWorkerV2(EAGLEWorkerV2):
         elif timer is not None and extend:
             timer.interrupt()  # the last decode step ends at its own end, not at this prefill
         depth = getattr(self, "depth", None)
-        self._plain_step = (
-            depth is not None
-            and not extend
-            and not batch.forward_mode.is_idle()
-            and self._plan_depth(int(batch.seq_lens.shape[0])).depth == 0
-        )
+        shape = None
+        if depth is not None and not extend and not batch.forward_mode.is_idle():
+            shape = self._plan_depth(int(batch.seq_lens.shape[0]))
+        self._step_shape = shape
+        self._plain_step = shape is not None and shape.depth == 0
         kwargs = dict(
             on_publish=on_publish, grammar_barrier=grammar_barrier, pp_proxy_tensors=pp_proxy_tensors
         )
@@ -1302,6 +1492,9 @@ class EvictWorkerV2(EAGLEWorkerV2):
                 result = super().forward_batch_generation(batch, **kwargs)
             finally:
                 self.speculative_num_steps = steps
+        elif shape is not None and shape.depth in self.depth_states:  # a shallower tree
+            with self._at_depth(self.depth_states[shape.depth], int(batch.seq_lens.shape[0])):
+                result = super().forward_batch_generation(batch, **kwargs)
         else:
             result = super().forward_batch_generation(batch, **kwargs)
         if timed:
@@ -1328,7 +1521,8 @@ class EvictWorkerV2(EAGLEWorkerV2):
             if getattr(self, "depth", None) is not None:
                 plain = getattr(self, "_plain_step", False)
                 decision = None if plain else self._draft_worker.last_decision
-                self._depth_pending.append(None if decision is None else decision.expected_accepted)
+                shape = getattr(self, "_step_shape", None) or self.depth.shapes[-1]
+                self._depth_pending.append(None if decision is None else (shape, decision.expected_accepted))
         return result
 
     def on_verify_complete_cpu(self, num_correct_drafts_per_req: list[int], batch_size: int = 0) -> None:
@@ -1338,7 +1532,8 @@ class EvictWorkerV2(EAGLEWorkerV2):
         if depth is not None and self._depth_pending and num_correct_drafts_per_req:
             # the step whose results these are (steps are processed in order); its work is done, so
             # reading its predicted accepted length waits for nothing still running
-            expected = self._depth_pending.popleft()
-            if expected is not None:
+            pending = self._depth_pending.popleft()
+            if pending is not None:
+                shape, expected = pending
                 realized = 1.0 + sum(num_correct_drafts_per_req) / len(num_correct_drafts_per_req)
-                depth.record_outcome(depth.shapes[1], float(expected.float().mean()), realized)
+                depth.record_outcome(shape, float(expected.float().mean()), realized)

@@ -7,6 +7,7 @@ to distinct experts). No GPU, no server.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -202,3 +203,59 @@ def test_live_costs_default_off_only_under_deterministic_inference(env, determin
     w.evict_config = parse_env(env)
     w.server_args = SimpleNamespace(enable_deterministic_inference=deterministic)
     assert w._live_costs_on() is on
+
+
+def _depth_pricing_worker(table: CostTable | None, widths=(1, 2, 4, 8)):
+    """An EVICT worker (S=3, topk 4, N=8) offering plain decoding and depths 1..3, priced by ``table``."""
+    from evict.truncation.depth import DepthController, DraftShape
+
+    w = object.__new__(evict_worker.EvictWorkerV2)
+    w.full_num_draft_tokens, w.full_num_steps, w.speculative_num_steps, w.topk = 8, 3, 3, 4
+    w.cost_prior, w.plain_costs = table, None
+    w.truncation_policy = TruncationPolicy(lambda bs, ws: 10.0 + ws.float(), widths=list(widths))
+    w.depth_states = {
+        d: evict_worker.DraftDepthState(d, w._depth_width(d, tuple(widths)), None, None) for d in (1, 2)
+    }
+    shapes = [DraftShape(4, d) for d in range(4)]
+    w.depth = DepthController(shapes, list(widths), w._depth_costs, probe_budget=0.0)
+    return w
+
+
+def test_a_shallower_depth_costs_the_full_step_less_the_drafting_it_skips():
+    # no table pricing drafting: the full tree's width-1 step (11 ms) is plain decoding's (11 ms,
+    # an upper bound without a table) plus drafting 0 ms, so nothing is skipped
+    w = _depth_pricing_worker(None)
+    assert {d: st.num_draft_tokens for d, st in w.depth_states.items()} == {1: 4, 2: 8}
+    cost = w._depth_costs(1)
+    full = torch.tensor([11.0, 12.0, 14.0, 18.0], dtype=torch.float64)
+    assert torch.equal(cost[3], full) and torch.equal(cost[0], torch.full_like(full, 11.0))
+    assert torch.equal(cost[1][:3], full[:3]) and math.isinf(cost[1][3])  # depth 1 fills width 4 at most
+    # a table pricing drafting per depth: plain = the step less all drafting; depth d skips the
+    # table's share of it (drafting 1 step costs 1 ms, 2 steps 3 ms, 3 steps 6 ms; extend 0.5 ms)
+    table = CostTable.from_dict(
+        {
+            "schema_version": 1,
+            "metadata": {"model_id": "m", "device": "cpu:x", "dtype": "float32", "tp_size": 1,
+                         "draft_steps": 3, "draft_topk": 4},
+            "batch_sizes": [1, 4],
+            "widths": [1, 2, 4, 8],
+            "latency_ms": {k: [[10.0, 11.0, 13.0, 17.0]] * 2 for k in ("median", "p10", "p90")},
+            "fixed_ms": [6.0, 6.0],
+            "draft_ms": {"4": [[0.5, 1.0, 3.0, 6.0]] * 2},
+        }
+    )  # fmt: skip
+    w = _depth_pricing_worker(table)
+    w.truncation_policy = TruncationPolicy(table, widths=[1, 2, 4, 8])
+    cost = w._depth_costs(1)
+    full = torch.tensor([16.0, 17.0, 19.0, 23.0], dtype=torch.float64)
+    plain = 16.0 - 6.0 + 0.5
+    assert torch.allclose(cost[3], full) and torch.allclose(cost[0], torch.full_like(full, plain))
+    drafting = 16.0 - plain  # 5.5 ms: the full tree's width-1 step less a plain step
+    for d, share in ((1, (6.0 - 1.0) / 5.5), (2, (6.0 - 3.0) / 5.5)):
+        row = (full - drafting * share).clamp(min=plain)
+        n_d = w.depth_states[d].num_draft_tokens
+        want = torch.where(torch.tensor([1, 2, 4, 8]) > n_d, torch.tensor(math.inf, dtype=torch.float64), row)
+        assert torch.allclose(cost[d], want), (d, cost[d], want)
+    # what the controller compares is corrected by each depth's measured steps
+    w.depth.record_step(w.depth.shapes[1], 1, float(cost[1, 2]), 2.0 * float(cost[1, 2]))
+    assert torch.allclose(w.depth.priced(1)[1], 2.0 * cost[1])

@@ -429,6 +429,7 @@ class Rig:
         depth: bool = False,
     ) -> None:
         self.depth = depth
+        self.draft_depth: int | None = None  # a scripted shallower depth for the next tree step
         self.g = torch.Generator().manual_seed(seed)
         # SGLang draws the verify coins from the global generator (no per-request seed here): seed it
         # too, so that a run is reproducible (unseeded, the coverage checks failed about 1 run in 15)
@@ -560,6 +561,7 @@ class Rig:
         draft_model = SimpleNamespace(
             forward=self._draft_model_forward,
             attn_backend=None,
+            draft_attn_backend=None,  # SGLang's ModelRunner for the draft holds the multi-step one
             model_config=SimpleNamespace(
                 hf_config=SimpleNamespace(architectures=["LlamaForCausalLMEagle3"]),
                 model_is_mrope=False,
@@ -649,15 +651,25 @@ class Rig:
         dw.truncation_policy, dw.use_width = w.truncation_policy, w.use_width
         w.depth, w.plain_costs, w._plain_step = None, None, False
         w._depth_pending = collections.deque(maxlen=4)
+        dw.step_cost, dw.full_num_steps, w.full_num_steps = None, STEPS, STEPS
+        w.depth_states, w._step_shape = {}, None
         if self.depth:  # EVICT_DEPTH=1 with the plan scripted: plain when the script says 0
             rig = self
 
             class ScriptedDepth(DepthController):
-                def plan(self, batch_size):
-                    return self._count(self.shapes[0 if rig.policy.want == 0 else 1])
+                def plan(self, batch_size):  # the scripted depth (default: the full tree)
+                    d = 0 if rig.policy.want == 0 else (rig.draft_depth or STEPS)
+                    return self._count(DraftShape(TOPK, d))
 
-            shapes = [DraftShape(TOPK, 0), DraftShape(TOPK, STEPS)]
-            w.depth = ScriptedDepth(shapes, list(WIDTHS), lambda bs: torch.ones(2, len(WIDTHS)))
+            shapes = [DraftShape(TOPK, d) for d in range(STEPS + 1)]
+            # every shape priced as the scripted policy prices the widths: only the scripted width pays
+            scripted = lambda bs: w.truncation_policy.step_cost(bs).expand(len(shapes), -1)  # noqa: E731
+            w.depth = ScriptedDepth(shapes, list(WIDTHS), scripted)
+            for d in range(1, STEPS):
+                n_d = w._depth_width(d, WIDTHS)
+                w.depth_states[d] = evict_worker.DraftDepthState(
+                    d, n_d, WidthBackend("draft decode", n_d), None
+                )
             dw.depth_observer = w._observe_tree
         return w
 
@@ -750,7 +762,7 @@ class Rig:
             hidden[:, 0] = torch.arange(rows, dtype=hidden.dtype)  # row marker: shows select_index
         else:
             if self.rec.draft_calls == 0:  # the draft writes topk*steps slots past each prefix, all owned
-                b, span = self.batch, TOPK * STEPS
+                b, span = self.batch, TOPK * self.worker._draft_worker.speculative_num_steps
                 for i, r in enumerate(self.reqs):
                     seq = int(b.seq_lens[i])
                     assert seq + span <= r.kv.kv_allocated_len
@@ -843,7 +855,9 @@ class Rig:
         )
 
     # -- one decode step --------------------------------------------------------------------------
-    def run_step(self, want: int) -> None:
+    def run_step(self, want: int, depth: int = STEPS) -> None:
+        """One tree step drafted ``depth`` deep (EVICT_DEPTH=1 below the full depth), verified at ``want``."""
+        self.draft_depth = depth
         rec, b = self.rec, self.batch
         rec.__dict__.clear()
         rec.draft_calls = 0
@@ -865,16 +879,22 @@ class Rig:
         # -- the width: chosen, verified, and drafted-extended at the same m ---------------------
         assert self.worker._draft_worker.last_decision is not None
         assert self.worker._draft_worker.last_decision.width == m, ctx
-        assert rec.organized_width == N, f"{ctx}: drafting must organize the full tree"
-        assert rec.draft_calls == STEPS - 1, ctx
-        assert rec.build["num_steps"] == STEPS, (
+        n_d = N if depth == STEPS else self.worker.depth_states[depth].num_draft_tokens
+        ctx += f", depth {depth}" if depth != STEPS else ""
+        assert rec.organized_width == n_d, f"{ctx}: drafting must organize the whole tree it drafted"
+        assert rec.draft_calls == depth - 1, ctx
+        assert rec.build["num_steps"] == depth, (
             f"{ctx}: the verify tree was built with depth {rec.build['num_steps']}"
+        )
+        assert (
+            self.worker.speculative_num_steps == STEPS
+            and self.worker._draft_worker.full_num_draft_tokens == N
         )
         assert rec.verify_width == m and result.speculative_num_draft_tokens == m, ctx
         assert rec.extend_width == m, f"{ctx}: verify ran at width {m}, draft extend at {rec.extend_width}"
         assert rec.extend_tokens_per_req == m, ctx
         accept_lens, accept_index = result.accept_lens.long(), result.accept_index.long()
-        spec_steps = min(STEPS, m - 1)
+        spec_steps = min(depth, m - 1)
         assert accept_index.shape == (BS, spec_steps + 1), ctx
         assert bool((accept_lens >= 1).all()) and bool((accept_lens <= spec_steps + 1).all()), ctx
         # select_index: the bonus row of each request, stride m (SGLang's kernel computes the same)
@@ -1223,7 +1243,7 @@ def _run_depth(monkeypatch, *, sampling: bool, seed: int) -> Rig:
     assert rig.finished >= 1, "requests finish and free their KV during the run"
     # the tree steps fed the depth controller, the plain ones did not
     assert rig.worker.depth.counts_by_shape[DraftShape(TOPK, 0)] == DEPTH_SCRIPT.count(0)
-    assert rig.worker.depth._seen_host[1], "the full tree's scores never reached the controller"
+    assert rig.worker.depth._seen_host[-1], "the full tree's scores never reached the controller"
     return rig
 
 
@@ -1246,7 +1266,7 @@ def test_tp_ranks_agree_on_the_depth(monkeypatch, sampling):
 
     rig = Rig(monkeypatch, sampling=sampling, mask_mode=TreeMaskMode.FULL_MASK, seed=7, depth=True)
     w = rig.worker
-    plain, tree = w.depth.shapes
+    plain, tree = w.depth.shapes[0], w.depth.shapes[-1]
     monkeypatch.setattr(w.depth, "plan", lambda bs: w.depth._count(plain))
     w.depth_agreement = WidthAgreement(group=None)
     proposals = [w.depth.index[tree] if want else w.depth.index[plain] for want in DEPTH_SCRIPT]
@@ -1266,3 +1286,33 @@ def test_tp_ranks_agree_on_the_depth(monkeypatch, sampling):
     assert w.depth_agreement.calls == len(DEPTH_SCRIPT)
     assert w.depth_agreement.changed == sum(1 for want in DEPTH_SCRIPT if want)
     assert rig.plain_steps == DEPTH_SCRIPT.count(0) and rig.finished >= 1
+
+
+# (width, depth): shallower trees of every depth between full-depth and plain steps, up and down
+SHALLOW_SCRIPT = [
+    (16, 5), (5, 1), (8, 2), (0, 0), (4, 3), (2, 1), (16, 4), (1, 2), (0, 0), (0, 0),
+    (3, 1), (16, 2), (5, 5), (8, 3), (4, 1), (16, 5), (2, 4), (0, 0), (5, 1), (16, 3),
+] * 2  # fmt: skip
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampling"])
+def test_shallower_draft_depths_stay_lossless(monkeypatch, sampling):
+    """EVICT_DEPTH=1 drafting the tree 1..S deep (issue 20): SGLang's draft with fewer steps on a
+    depth's own draft state, cut and verified on the width states; the rig checks each step's depth
+    (draft calls, organized width, tree-builder depth), the cut against the reference engine's, the
+    KV accounting and the acceptance."""
+    rig = Rig(monkeypatch, sampling=sampling, mask_mode=TreeMaskMode.FULL_MASK, seed=11, depth=True)
+    w = rig.worker
+    assert {d: st.num_draft_tokens for d, st in w.depth_states.items()} == {1: 5, 2: 16, 3: 16, 4: 16}
+    for want, depth in SHALLOW_SCRIPT:
+        rig.policy.want = want
+        if want == 0:
+            rig.run_plain_step()
+        else:
+            rig.run_step(want, depth)
+    assert rig.finished >= 1, "requests finish and free their KV during the run"
+    counts = {s.depth: n for s, n in w.depth.counts_by_shape.items()}
+    assert counts == dict(collections.Counter(d for _, d in SHALLOW_SCRIPT)), counts
+    assert all(w.depth._seen_host), "every depth's scores reached the controller"
+    assert any(a > 1 for (m, a) in rig.accepted_at if m > 1), "shallower trees still accept drafts"

@@ -85,8 +85,11 @@ def test_score_sink_keeps_its_buffer_and_handles_large_eager_batches():
     s = torch.rand(2, 3)
     assert sink.write(s)
     assert torch.equal(sink.read(2), s)
-    assert not sink.write(torch.rand(2, 5))  # another width's graph: ignored
+    assert not sink.write(torch.rand(2, 5))  # wider than the full tree keeps: ignored
     assert torch.equal(sink.read(2), s)
+    shallow = torch.rand(2, 2)  # a shallower draft keeps fewer candidates: the first columns
+    assert sink.write(shallow)
+    assert torch.equal(sink.read(2, 2), shallow) and torch.equal(sink.read(2)[:, 2], s[:, 2])
     big = torch.rand(6, 3)
     assert sink.write(big)
     assert torch.equal(sink.read(6), big)
