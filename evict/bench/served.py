@@ -98,7 +98,7 @@ SERVER_NAMES: dict[str, str] = {
     "eagle3_tree": "EAGLE3, EVICT's tree uncut",
     "evict": "EVICT (raw acceptance)",
     "evict_cal": "EVICT (EVICT_ACCEPTANCE=calibrated)",
-    "evict_depth": "EVICT deciding plain decoding or the tree (EVICT_DEPTH=1)",
+    "evict_depth": "EVICT deciding the draft depth (plain, 1..S, full) and the width (EVICT_DEPTH=1)",
 }
 SGLANG_CONFIGS = ("plain", "eagle3_default", "eagle3_adaptive", "eagle3_tree")  # SGLang's own
 EVICT_SERVERS = ("evict", "evict_cal", "evict_depth")
