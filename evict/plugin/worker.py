@@ -974,15 +974,16 @@ class EvictWorkerV2(EAGLEWorkerV2):
         """Draft this step ``state.steps`` deep (SGLang's own draft, on the depth's state); verify and
         draft extend stay on the width states. Everything is restored afterwards."""
         dw = self._draft_worker
-        saved = (
-            self.speculative_num_steps,
-            dw.speculative_num_steps,
-            dw.full_num_draft_tokens,
-            dw.draft_attn_backend,
-            dw.draft_runner.draft_attn_backend,
-            dw.cuda_graph_runner,
-            dw.step_cost,
-        )
+        fields = [
+            (self, "speculative_num_steps"),
+            (dw, "speculative_num_steps"),
+            (dw, "full_num_draft_tokens"),
+            (dw, "draft_attn_backend"),
+            (dw.draft_runner, "draft_attn_backend"),
+            (dw, "cuda_graph_runner"),
+            (dw, "step_cost"),
+        ]
+        saved = [getattr(obj, name) for obj, name in fields]
         row = self.depth.index[DraftShape(self.topk, state.steps)]
         self.speculative_num_steps = dw.speculative_num_steps = state.steps
         dw.full_num_draft_tokens = state.num_draft_tokens
@@ -992,15 +993,8 @@ class EvictWorkerV2(EAGLEWorkerV2):
         try:
             yield
         finally:
-            (
-                self.speculative_num_steps,
-                dw.speculative_num_steps,
-                dw.full_num_draft_tokens,
-                dw.draft_attn_backend,
-                dw.draft_runner.draft_attn_backend,
-                dw.cuda_graph_runner,
-                dw.step_cost,
-            ) = saved
+            for (obj, name), value in zip(fields, saved, strict=True):
+                setattr(obj, name, value)
 
     def _plain_cost(self, batch_size: int, full: torch.Tensor) -> float:
         """ms of a plain step: measured, else the table's drafting-free step, else a width-1 tree step."""
