@@ -904,12 +904,13 @@ class EvictWorkerV2(EAGLEWorkerV2):
                 "request repeats only when the depth decisions do; greedy output is unaffected"
             )
         drafted = ", ".join(
-            f"d={d}: {st.num_draft_tokens} of {num_candidates(d, k)}" for d, st in self.depth_states.items()
+            f"d={d}: {st.num_draft_tokens - 1} of {num_candidates(d, k)}"
+            for d, st in self.depth_states.items()
         )
         log_info_on_rank0(
             logger,
             f"EVICT: depth decision on: plain decoding or the ({s}, {k}) tree drafted to depth "
-            f"{', '.join(map(str, depths))} each step{f' (kept nodes {drafted})' if drafted else ''}"
+            f"{', '.join(map(str, depths))} each step{f' (candidates kept: {drafted})' if drafted else ''}"
             f"{f'; only the full depth: {why}' if why else ''}; a plain step's cost is "
             f"{'timed on the served steps' if self.plain_costs else 'from the cost table'}"
             f"{f', agreed across {tp} TP ranks' if self.depth_agreement else ''}",
