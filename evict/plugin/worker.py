@@ -592,10 +592,12 @@ class EvictWorkerV2(EAGLEWorkerV2):
         self.depth: DepthController | None = None  # EVICT_DEPTH=1: set up in init_cuda_graphs
         self.depth_agreement: WidthAgreement | None = None  # EVICT_DEPTH=1 with TP > 1
         self.depth_states: dict[int, DraftDepthState] = {}  # EVICT_DEPTH=1: the shallower depths
+        self._depth_prices: torch.Tensor | None = None  # [W] uncorrected ms of this step's depth
         self.full_num_steps = self.speculative_num_steps
         self.plain_costs: LiveCosts | None = None
         self._plain_step = False
-        self._depth_pending: deque[torch.Tensor | None] = deque(maxlen=4)
+        # per verified step: (shape drafted, predicted accepted length per request), None if plain
+        self._depth_pending: deque[tuple[DraftShape, torch.Tensor] | None] = deque(maxlen=4)
         self.width_states: WidthStateSet[SpecRuntimeState] = WidthStateSet(self._apply_width_state)
         self.evict_metrics = EvictMetrics(
             self.truncation_policy,
@@ -990,7 +992,9 @@ class EvictWorkerV2(EAGLEWorkerV2):
         dw.full_num_draft_tokens = state.num_draft_tokens
         dw.draft_attn_backend = dw.draft_runner.draft_attn_backend = state.draft_attn_backend
         dw.cuda_graph_runner = state.cuda_graph_runner
-        dw.step_cost = self.depth.priced(batch_size)[row].to(torch.float32)
+        # the uncorrected row is what this step's timing sample is priced at (_after_timed_step)
+        self._depth_prices = self.depth.shape_costs(batch_size)[row].to(torch.float64)
+        dw.step_cost = (self._depth_prices * self.depth.cost_factors(batch_size)[row]).to(torch.float32)
         try:
             yield
         finally:
@@ -1031,7 +1035,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
         plain = self._plain_cost(batch_size, full)
         rows = [torch.full_like(full, plain)]
         s = self.full_num_steps
-        widths = self.truncation_policy.widths.tolist()
+        widths = self.truncation_policy.widths  # host tensor
         for shape in self.depth.shapes[1:] if self.depth is not None else ():
             d = shape.depth
             if d == s:
@@ -1043,7 +1047,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
             skipped = max(float(full[0]) - plain, 0.0) * self._skipped_share(batch_size, d)
             n_d = self.depth_states[d].num_draft_tokens
             row = (full - skipped).clamp(min=plain)
-            row[torch.tensor([w > n_d for w in widths])] = float("inf")
+            row[widths > n_d] = float("inf")
             rows.append(row)
         return torch.stack(rows)
 
@@ -1153,7 +1157,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
                 predicted = plain.predict(batch_size, 1) if plain is not None else float("nan")
             elif shape is not None and shape.depth in self.depth_states:
                 j = self._draft_worker._host_widths(self.truncation_policy).index(width)
-                predicted = float(self._depth_costs(batch_size)[self.depth.index[shape], j])
+                predicted = float(self._depth_prices[j])  # priced by _at_depth for this step
                 width = -shape.depth
             else:
                 predicted = live.predict(batch_size, width) if width in live.widths else float("nan")
