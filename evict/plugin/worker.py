@@ -1146,8 +1146,9 @@ class EvictWorkerV2(EAGLEWorkerV2):
 
         A plain step (EVICT_DEPTH=1) is timed as width 0 and its samples go to ``plain_costs``: it
         verifies one token like a tree cut to width 1, but drafts nothing. A step that drafted a
-        shallower tree is timed as width ``-depth`` with its uncorrected price, and its sample
-        corrects that depth's price (``DepthController.record_step``), never the full tree's table.
+        shallower tree is timed as width ``-depth`` with its uncorrected price, never entering the
+        full tree's table. With EVICT_DEPTH=1 every sample also goes to
+        ``DepthController.record_step`` under its shape.
         """
         live, timer, plain = self.live_costs, self.step_timer, getattr(self, "plain_costs", None)
         shape = getattr(self, "_step_shape", None)
@@ -1166,13 +1167,17 @@ class EvictWorkerV2(EAGLEWorkerV2):
                 if sample.width == 0:
                     if plain is not None:
                         plain.observe(dataclasses.replace(sample, width=1))
-                elif sample.width < 0:
-                    shape_d = DraftShape(self.topk, -sample.width)
-                    self.depth.record_step(
-                        shape_d, sample.batch_size, sample.predicted_ms, sample.measured_ms
-                    )
-                else:
+                elif sample.width > 0:
                     live.observe(sample)
+                if getattr(self, "depth", None) is not None:
+                    # every shape's steps, the measured plain and full ones too (their ratio stays
+                    # near 1): a shape's correction must not fall back on another shape's ratio
+                    self.depth.record_step(
+                        self._sampled_shape(sample.width),
+                        sample.batch_size,
+                        sample.predicted_ms,
+                        sample.measured_ms,
+                    )
         except Exception as exc:  # a local failure: this rank loses a sample, never the cadence below
             self.truncation_policy.counters.record_error(exc, "timing a decode step failed")
         # Every rank, every decode step: the publications are TP collectives every sync_every steps.
@@ -1180,6 +1185,12 @@ class EvictWorkerV2(EAGLEWorkerV2):
             plain.on_step()
         if live.on_step():
             self._refresh_live_costs()
+
+    def _sampled_shape(self, width: int) -> DraftShape:
+        """The shape a timing sample's width tags: 0 plain, -d a depth-d tree, else the full tree."""
+        if width == 0:
+            return self.depth.shapes[0]
+        return DraftShape(self.topk, -width) if width < 0 else self.depth.shapes[-1]
 
     def _refresh_live_costs(self) -> None:
         """Copy the published table into the rows the policy reads; log and cache newly measured cells."""

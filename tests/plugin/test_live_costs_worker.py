@@ -259,3 +259,33 @@ def test_a_shallower_depth_costs_the_full_step_less_the_drafting_it_skips():
     # what the controller compares is corrected by each depth's measured steps
     w.depth.record_step(w.depth.shapes[1], 1, float(cost[1, 2]), 2.0 * float(cost[1, 2]))
     assert torch.allclose(w.depth.priced(1)[1], 2.0 * cost[1])
+
+
+def test_each_served_shape_is_corrected_by_its_own_timed_steps(monkeypatch, tmp_path):
+    """EVICT_DEPTH=1: full-tree steps priced right and depth-1 steps priced at twice their time. The
+    depth's correction is its own (0.5), and the full tree's stays near 1: its timed steps count
+    too, so it never falls back on the depth's ratio."""
+    from evict.truncation.depth import DepthController, DraftShape
+
+    real = {8: 50.0}
+    table = _table([4, 8], [[30.0, 50.0], [60.0, 100.0]])
+    w = _live_worker(monkeypatch, tmp_path, table)
+    w.truncation_policy = w._start_live_costs(TruncationPolicy(table, widths=[4, 8]))
+    shapes = [DraftShape(4, 0), DraftShape(4, 1), DraftShape(4, 3)]
+    w.depth = DepthController(shapes, [4, 8], lambda bs: torch.ones(3, 2), probe_budget=0.0)
+    w.depth_states = {1: evict_worker.DraftDepthState(1, 4, None, None)}
+    w.plain_costs, w._plain_step = None, False
+    w._draft_worker._host_widths = lambda policy: tuple(int(v) for v in policy.widths.tolist())
+    clock = [0.0]
+    w.step_timer = StepTimer(host_marks(lambda: clock[0]))
+    for step in range(40):
+        shallow = step % 2 == 1
+        w._step_shape = shapes[1] if shallow else shapes[2]
+        w._depth_prices = torch.tensor([40.0, math.inf], dtype=torch.float64)
+        w.speculative_num_draft_tokens = 4 if shallow else 8
+        w.step_timer.begin()
+        clock[0] += (20.0 if shallow else real[8]) / 1000
+        w._after_timed_step(1)
+    factors = w.depth.cost_factors(1).tolist()
+    assert factors[1] == pytest.approx(0.5, rel=0.01)
+    assert factors[2] == pytest.approx(1.0, rel=0.01)
