@@ -412,6 +412,27 @@ def test_a_server_style_controller_weighs_plain_against_the_full_tree_only():
         ctl.observe(DraftShape(1, 2), torch.ones(1, 2))
 
 
+def test_each_shape_is_discounted_by_what_its_own_drafts_delivered():
+    """A depth-1 tree that promises more than it delivers, and a full tree that keeps its promises:
+    the shallow tree loses the decision. One factor for the family (their mix) would have kept it,
+    since a uniform discount hurts the deeper tree's larger promise more."""
+    shapes = [DraftShape(2, 0), DraftShape(2, 1), DraftShape(2, 4)]
+    cost = torch.tensor([[1.0] * 4, [1.0, 1.1, 1.1, 1.1], [1.2, 1.5, 1.9, 2.6]], dtype=torch.float64)
+    ctl = DepthController(shapes, [1, 2, 4, 8], lambda bs: cost, probe_every=4)
+    ctl.plan(1)
+    ctl.observe(DraftShape(2, 4), torch.tensor([[0.8, 0.7] + [0.4] * 4 + [0.2] * 4 + [0.1] * 4]))
+    assert ctl.decide(1) == DraftShape(2, 1)  # taken at its word, the shallow tree is the better buy
+    for _ in range(20):
+        ctl.record_outcome(DraftShape(2, 1), predicted=1.8, realized=1.2)
+        ctl.record_outcome(DraftShape(2, 4), predicted=3.4, realized=3.4)
+    stats = ctl.stats()["shape_reliability"]
+    assert stats["tree(1,2)"] == pytest.approx(0.25, abs=0.01) and stats["tree(4,2)"] == pytest.approx(
+        1.0, abs=0.01
+    )
+    assert 0.25 < ctl.reliability[2] < 1.0  # the family's factor is the mix
+    assert ctl.decide(1) == DraftShape(2, 4)
+
+
 def test_the_modeled_column_charges_each_step_the_drafting_it_did():
     from evict.bench.runner import Bench
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from evict.truncation.acceptance import ACCEPTANCE_CHOICES
+from evict.truncation.tree import num_candidates
 
 __all__ = [
     "ENV_VARS",
@@ -360,6 +361,40 @@ def resolve_widths(
                 else ""
             )
         ) from exc
+
+
+def served_widths(
+    config: EvictConfig, num_draft_tokens: int, table_widths: Sequence[int] | None = None
+) -> tuple[int, ...]:
+    """The verify widths the server captures: ``EVICT_WIDTHS`` resolved against N and the table,
+    plus width 1 under ``EVICT_DEPTH=1`` (a plain step verifies the last token alone). Shared by
+    the launch-time memory reserve and the worker, so the reserve covers every width captured."""
+    widths = resolve_widths(config.widths, num_draft_tokens, table_widths)
+    return (1, *widths) if config.depth and 1 not in widths else widths
+
+
+def depth_width(steps: int, topk: int, num_draft_tokens: int, widths: Sequence[int]) -> int:
+    """``n_d``: the widest captured width a ``steps``-deep tree fills (root included)."""
+    cap = min(int(num_draft_tokens), num_candidates(int(steps), int(topk)) + 1)
+    return max((int(w) for w in widths if int(w) <= cap), default=1)
+
+
+def served_depths(
+    config: EvictConfig, steps: int, topk: int, num_draft_tokens: int, widths: Sequence[int]
+) -> tuple[list[int], str]:
+    """The draft depths ``EVICT_DEPTH=1`` offers besides plain decoding (the full one last), and why
+    only the full one if so.
+
+    A shallower depth needs a captured width of 2 or more that its candidates fill, and is decided
+    by the plain width rule only (the per-request budget, the lagged held width and the calibrated
+    estimator assume the full tree's layout). One function for the launch-time memory reserve and
+    the worker's draft states, so the reserve plans exactly the states the worker builds.
+    """
+    if config.per_request or config.policy_decision != "immediate" or config.acceptance != "raw":
+        why = "shallower trees need EVICT_DECISION=immediate, EVICT_ACCEPTANCE=raw, EVICT_PER_REQUEST=0"
+        return [int(steps)], why
+    shallow = [d for d in range(1, int(steps)) if depth_width(d, topk, num_draft_tokens, widths) >= 2]
+    return [*shallow, int(steps)], ""
 
 
 def load_cost_table(

@@ -84,6 +84,9 @@ class StepSample:
     width: int
     measured_ms: float
     predicted_ms: float
+    # whether the prediction is the cost timed for this width in this batch-size bucket (not a
+    # prior's, a placeholder or another bucket's): only such a price can be judged by the step
+    price_measured: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class _Step:
     width: int
     predicted_ms: float
     start: Any
+    price_measured: bool = True
     end: Any = None
     next_start: Any = None  # the next decode step's start, when it followed at once
 
@@ -150,11 +154,12 @@ class StepTimer:
             self._flush_last()
         self._open = _Step(0, 0, float("nan"), start)
 
-    def end(self, batch_size: int, width: int, predicted_ms: float) -> None:
+    def end(self, batch_size: int, width: int, predicted_ms: float, *, price_measured: bool = True) -> None:
         step, self._open = self._open, None
         if step is None:
             return
         step.batch_size, step.width, step.predicted_ms = int(batch_size), int(width), float(predicted_ms)
+        step.price_measured = bool(price_measured)
         step.end = self.marks.mark()
         self._last = step
 
@@ -187,7 +192,9 @@ class StepTimer:
             ):
                 measured = m.elapsed(step.start, step.next_start)
             if math.isfinite(measured) and measured > 0:
-                out.append(StepSample(step.batch_size, step.width, measured, step.predicted_ms))
+                out.append(
+                    StepSample(step.batch_size, step.width, measured, step.predicted_ms, step.price_measured)
+                )
         return out
 
 
@@ -310,6 +317,12 @@ class LiveCosts:
     def predict(self, batch_size: int, width: int) -> float:
         """Host float: the published cost of one (batch size, width) of the policy's widths."""
         return self.row(batch_size)[self.widths.index(int(width))]
+
+    def measured(self, batch_size: int, width: int) -> bool:
+        """Whether ``width``'s published cost in this batch size's bucket was timed there, not
+        taken from the prior, a placeholder or another bucket: only such a price can be judged
+        against a step's measured time."""
+        return width in self.widths and self.observed[self.bucket(batch_size)][self.widths.index(width)]
 
     def cost_grid(self, max_bs: int) -> torch.Tensor:
         """float32 ``[max_bs, W]``: row ``b-1`` holds every width's cost at batch size ``b``.

@@ -27,7 +27,8 @@ from evict.plugin.config import (
     EvictConfigError,
     load_cost_table,
     parse_env,
-    resolve_widths,
+    served_depths,
+    served_widths,
     target_config_hash,
 )
 from evict.plugin.spec_algo import EVICT_ALGORITHM_NAME
@@ -67,8 +68,21 @@ def handle_speculative_decoding_evict(server_args: Any, previous: Callable[[Any]
         raise
     declare_resolution(server_args, _SOURCE, speculative_algorithm=EVICT_ALGORITHM_NAME)
     widths = validate_evict_server_args(server_args, config)
-    # The kill switch captures N only; otherwise every resolved width gets a graph state.
-    reserve_width_graph_memory(server_args, widths[-1:] if config.disable else widths)
+    # The kill switch captures N only; otherwise every resolved width gets a graph state, and
+    # EVICT_DEPTH=1 a draft-decode state per shallower depth.
+    if config.disable:
+        reserve_width_graph_memory(server_args, widths[-1:])
+        return
+    depths: list[int] = []
+    if config.depth:
+        view = resolved_view(server_args)
+        steps, topk, n = (
+            view.speculative_num_steps,
+            view.speculative_eagle_topk,
+            view.speculative_num_draft_tokens,
+        )
+        depths = served_depths(config, steps, topk, n, widths)[0][:-1]
+    reserve_width_graph_memory(server_args, widths, depths)
 
 
 def validate_evict_server_args(server_args: Any, config: EvictConfig | None = None) -> tuple[int, ...]:
@@ -103,7 +117,7 @@ def validate_evict_server_args(server_args: Any, config: EvictConfig | None = No
     table = None
     if not config.disable:
         table = load_cost_table(config, config_hash=_config_hash(server_args), tp_size=view.tp_size)
-    widths = resolve_widths(config.widths, n, table.widths if table is not None else None)
+    widths = served_widths(config, n, table.widths if table is not None else None)
     if config.disable:
         source = ", DISABLED (full tree every step)"
     elif table is None:
@@ -237,6 +251,57 @@ def width_graph_reserve(
     return WidthReserve(gpu, pinned, basis)
 
 
+def depth_graph_reserve(
+    backend: str,
+    depths: Sequence[int],
+    topk: int,
+    capture_bs: Sequence[int],
+    context_len: int,
+    *,
+    num_wrappers: int = 1,
+) -> WidthReserve:
+    """Device memory the draft-decode graphs of each shallower depth allocate (``EVICT_DEPTH=1``),
+    keyed by depth, from SGLang 0.5.23's multi-step draft backends.
+
+    A depth-d state builds SGLang's multi-step draft backend for d steps (``DraftBackendFactory``)
+    and captures its draft graphs for every captured batch size. With ``B = max(capture_bs)``,
+    ``S = len(capture_bs)``, ``C = context_len`` and ``k = topk``, ``init_cuda_graph_state`` allocates:
+
+    - ``flashinfer`` (``FlashInferMultiStepDraftBackend``): ``kv_indices`` int32 ``[d, B * k * C]``
+      (``draft_kv_indices_buffer_width``), cloned per extra wrapper, and per step backend but the
+      last and per captured size one decode wrapper with an 8 MiB int workspace and its pinned twin;
+    - ``triton`` (``TritonMultiStepDraftBackend``): ``kv_indices`` int64 ``[d, B * k * C]``;
+    - ``fa3`` (``FlashAttentionMultiStepBackend``): per step backend but the last, the decode and
+      the topk-normal page tables, int32 ``[B, C]`` each (page size 1: the upper bound).
+
+    The draft graphs' activations go to the shared graph pool. Raises ``ValueError`` for a backend
+    not modelled here (callers then use SGLang's ``max_bs x 2`` MB per graph set).
+    """
+    name = _BACKEND_ALIASES.get(str(backend).lower())
+    if name is None:
+        raise ValueError(
+            f"no graph-memory model for attention backend {backend!r} (modelled: flashinfer, triton, fa3)"
+        )
+    sizes = sorted({int(b) for b in capture_bs if int(b) > 0})
+    if not sizes or int(context_len) < 1:
+        raise ValueError("need captured batch sizes and a context length >= 1")
+    big_b, n_sizes, ctx, wrappers = sizes[-1], len(sizes), int(context_len), max(int(num_wrappers), 1)
+    gpu: dict[int, int] = {}
+    pinned: dict[int, int] = {}
+    for d in sorted({int(x) for x in depths if int(x) > 0}):
+        indices = d * big_b * int(topk) * ctx
+        if name == "flashinfer":
+            workspaces = (d - 1) * n_sizes * wrappers * FLASHINFER_INT_WORKSPACE
+            gpu[d], pinned[d] = 4 * indices * wrappers + workspaces, workspaces
+        elif name == "triton":
+            gpu[d], pinned[d] = 8 * indices, 0
+        else:  # fa3
+            gpu[d], pinned[d] = (d - 1) * 2 * 4 * big_b * ctx, 0
+    return WidthReserve(
+        gpu, pinned, f"{name} draft decode, max bs {big_b}, {n_sizes} captured sizes, context {ctx}"
+    )
+
+
 def _decode_graph_sizes(view: Any) -> list[int] | None:
     """The decode graphs' captured batch sizes, or None when none are captured (off, or not a GPU)."""
     max_bs = _decode_graph_max_bs(view)
@@ -282,8 +347,11 @@ def _decode_graph_max_bs(view: Any) -> int | None:
     return decode.max_bs
 
 
-def reserve_width_graph_memory(server_args: Any, widths: tuple[int, ...]) -> float | None:
-    """Lower an automatic ``--mem-fraction-static`` so the extra widths' graphs fit.
+def reserve_width_graph_memory(
+    server_args: Any, widths: tuple[int, ...], depths: Sequence[int] = ()
+) -> float | None:
+    """Lower an automatic ``--mem-fraction-static`` so the extra widths' graphs fit, and the
+    draft graphs of the shallower ``depths`` (``EVICT_DEPTH=1``, :func:`depth_graph_reserve`).
 
     Why here: SGLang sizes the KV pool from ``mem_fraction_static`` before any graph is captured,
     and its automatic value leaves room for one set of decode graphs only.  The reserve is
@@ -306,16 +374,23 @@ def reserve_width_graph_memory(server_args: Any, widths: tuple[int, ...]) -> flo
     gpu_mem = get_device_memory_capacity(view.device)
     n = view.speculative_num_draft_tokens
     extra = sum(1 for w in widths if w != n)
+    backend = _attention_backend(view) or ""
     try:
         context_len = _context_len(view)
         if context_len is None:
             raise ValueError("unknown context length (pass --context-length)")
-        estimate = width_graph_reserve(_attention_backend(view) or "", widths, n, sizes, context_len)
-        reserve, basis = estimate.total_gpu_mb, estimate.basis
-        if estimate.pinned_bytes and any(estimate.pinned_bytes.values()):
-            basis += f"; plus {sum(estimate.pinned_bytes.values()) / MIB:.0f} MB of pinned host memory"
+        estimates = [width_graph_reserve(backend, widths, n, sizes, context_len)]
+        if depths:
+            estimates.append(
+                depth_graph_reserve(backend, depths, view.speculative_eagle_topk, sizes, context_len)
+            )
+        reserve = sum(e.total_gpu_mb for e in estimates)
+        basis = "; ".join(e.basis for e in estimates)
+        pinned = sum(sum(e.pinned_bytes.values()) for e in estimates)
+        if pinned:
+            basis += f"; plus {pinned / MIB:.0f} MB of pinned host memory"
     except ValueError as exc:
-        reserve = width_graph_reserve_mb(widths, n, max_bs)
+        reserve = width_graph_reserve_mb(widths, n, max_bs) + len(depths) * max(int(max_bs), 1) * 2.0
         basis = f"SGLang's max_bs x 2 MB per graph set ({exc})"
     if not gpu_mem or reserve <= 0:
         return None
@@ -323,11 +398,12 @@ def reserve_width_graph_memory(server_args: Any, widths: tuple[int, ...]) -> flo
     declare_resolution(server_args, _SOURCE, mem_fraction_static=lowered)
     logger.info(
         "EVICT: --mem-fraction-static %.3f -> %.3f to keep %.0f MB free for the graphs of %d extra "
-        "verify widths (%s; pass --mem-fraction-static to choose it yourself)",
+        "verify widths%s (%s; pass --mem-fraction-static to choose it yourself)",
         fraction,
         lowered,
         reserve,
         extra,
+        f" and the draft graphs of depths {list(depths)}" if depths else "",
         basis,
     )
     return lowered

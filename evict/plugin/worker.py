@@ -78,15 +78,17 @@ from evict.plugin.calibration import (
 )
 from evict.plugin.config import (
     EvictConfigError,
+    depth_width,
     load_cost_table,
     parse_env,
     resolve_pad_cost,
-    resolve_widths,
+    served_depths,
+    served_widths,
     target_config_hash,
 )
 from evict.plugin.live_costs import LiveCosts, StepTimer, bucket_sizes, cuda_event_marks, host_marks
 from evict.plugin.metrics import EvictMetrics, RealNodeCounter
-from evict.plugin.server_args_hook import width_graph_reserve
+from evict.plugin.server_args_hook import depth_graph_reserve, width_graph_reserve
 from evict.plugin.tp_sync import WidthAgreement, policy_fingerprint
 from evict.plugin.tree_cut import (
     ACTIVE_SCORE_SINK,
@@ -640,9 +642,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
             tp_size=get_parallel().tp_size,
             dtype=self._dtype_name(),
         )
-        self.evict_widths = resolve_widths(cfg.widths, n, table.widths if table is not None else None)
-        if cfg.depth and 1 not in self.evict_widths:  # plain decoding verifies the last token alone
-            self.evict_widths = (1, *self.evict_widths)
+        self.evict_widths = served_widths(cfg, n, table.widths if table is not None else None)
         self.cost_prior = table
         if table is None:
             # No table given: init_cuda_graphs measures one from the captured graphs.
@@ -885,7 +885,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
         """
         s, k = self.speculative_num_steps, self.topk
         widths = tuple(int(w) for w in self.truncation_policy.widths.tolist())
-        depths, why = self._served_depths(widths)
+        depths, why = served_depths(self.evict_config, s, k, self.full_num_draft_tokens, widths)
         shapes = [DraftShape(k, 0)] + [DraftShape(k, d) for d in depths]
         tp = get_parallel().tp_size
         if self.live_costs is not None:
@@ -918,24 +918,9 @@ class EvictWorkerV2(EAGLEWorkerV2):
             f"{f', agreed across {tp} TP ranks' if self.depth_agreement else ''}",
         )
 
-    def _served_depths(self, widths: tuple[int, ...]) -> tuple[list[int], str]:
-        """The draft depths offered besides plain decoding, and why only the full one if so.
-
-        A depth needs a captured width of 2 or more that its candidates fill; the shallower trees
-        are decided by the plain width rule only (the per-request budget, the lagged held width and
-        the calibrated estimator assume the full tree's layout).
-        """
-        s, cfg = self.speculative_num_steps, self.evict_config
-        if cfg.per_request or cfg.policy_decision != "immediate" or cfg.acceptance != "raw":
-            return [
-                s
-            ], "shallower trees need EVICT_DECISION=immediate, EVICT_ACCEPTANCE=raw, EVICT_PER_REQUEST=0"
-        return [d for d in range(1, s) if self._depth_width(d, widths) >= 2] + [s], ""
-
     def _depth_width(self, depth: int, widths: tuple[int, ...]) -> int:
         """``n_d``: the widest captured width a depth-``depth`` tree fills (root included)."""
-        cap = min(self.full_num_draft_tokens, num_candidates(depth, self.topk) + 1)
-        return max((w for w in widths if w <= cap), default=1)
+        return depth_width(depth, self.topk, self.full_num_draft_tokens, widths)
 
     def _build_depth_state(self, depth: int, widths: tuple[int, ...]) -> DraftDepthState:
         """The draft-decode state for ``depth`` steps: its multi-step attention backend and, with
@@ -1154,22 +1139,28 @@ class EvictWorkerV2(EAGLEWorkerV2):
         shape = getattr(self, "_step_shape", None)
         width = 0 if getattr(self, "_plain_step", False) else self.speculative_num_draft_tokens
         try:
+            # A plain or full step priced from a cell not yet timed in its bucket (the 1 ms
+            # placeholder, a prior, another bucket's cost) must not set that shape's correction in
+            # DepthController.record_step (one such plain step put the plain price at 10x).
             if width == 0:
                 predicted = plain.predict(batch_size, 1) if plain is not None else float("nan")
+                price_measured = plain is not None and plain.measured(batch_size, 1)
             elif shape is not None and shape.depth in self.depth_states:
                 j = self._draft_worker._host_widths(self.truncation_policy).index(width)
                 predicted = float(self._depth_prices[j])  # priced by _at_depth for this step
+                price_measured = True  # a modelled price: what its correction is for
                 width = -shape.depth
             else:
                 predicted = live.predict(batch_size, width) if width in live.widths else float("nan")
-            timer.end(batch_size, width, predicted)
+                price_measured = live.measured(batch_size, width)
+            timer.end(batch_size, width, predicted, price_measured=price_measured)
             for sample in timer.poll():
                 if sample.width == 0:
                     if plain is not None:
                         plain.observe(dataclasses.replace(sample, width=1))
                 elif sample.width > 0:
                     live.observe(sample)
-                if getattr(self, "depth", None) is not None:
+                if getattr(self, "depth", None) is not None and sample.price_measured:
                     # every shape's steps, the measured plain and full ones too (their ratio stays
                     # near 1): a shape's correction must not fall back on another shape's ratio
                     self.depth.record_step(
@@ -1292,6 +1283,12 @@ class EvictWorkerV2(EAGLEWorkerV2):
                 continue
             predicted = ", ".join(f"{w}: {b / 2**30:.3f}" for w, b in reserve.gpu_bytes.items())
             line = f"EVICT: predicted graph memory per extra width (GB, {reserve.basis}): {predicted or '-'}"
+            if getattr(self, "depth_states", None):  # EVICT_DEPTH=1: measured in each depth's line
+                drafts = depth_graph_reserve(
+                    str(backend), list(self.depth_states), self.topk, sizes, int(context_len)
+                )
+                per_depth = ", ".join(f"d={d}: {b / 2**30:.3f}" for d, b in drafts.gpu_bytes.items())
+                line += f"; per shallower depth's draft graphs: {per_depth}"
             break
         try:
             usage = self.graph_memory_usage

@@ -259,8 +259,11 @@ class DepthController:
         self._rel_step: dict[int, int] = {}  # the step each family's reliability last moved
         self._interval = {k: self.base_probe for k in self.families}
         self._probing: tuple[int, DraftShape] | None = None  # (family, decision before the probe)
-        # per family: realized / predicted draft tokens accepted (1.0 until outcomes arrive)
+        # realized / predicted draft tokens accepted, per family (1.0 until outcomes arrive) and per
+        # shape drafted (a shape without outcomes of its own takes its family's)
         self.reliability = {k: 1.0 for k in self.families}
+        self.shape_reliability: dict[int, float] = {}
+        self._shape_rel_step: dict[int, int] = {}
         self.last_decision: DraftShape | None = None
         self.counts_by_shape: dict[DraftShape, int] = {}
         self.probes = 0
@@ -296,7 +299,13 @@ class DepthController:
     def decide(self, batch_size: int) -> DraftShape:
         """The best shape by the averaged scores so far (no probing, no warm-up)."""
         profile = self._read_profile()
-        scale = torch.tensor([self.reliability.get(s.topk, 1.0) for s in self.shapes], dtype=torch.float64)
+        scale = torch.tensor(
+            [
+                self.shape_reliability.get(i, self.reliability.get(s.topk, 1.0))
+                for i, s in enumerate(self.shapes)
+            ],
+            dtype=torch.float64,
+        )
         profile = profile * scale.view(-1, 1)
         cost = self.priced(batch_size)
         # A shape never observed (a deeper depth than any drafted yet) is not chosen blind.
@@ -403,19 +412,33 @@ class DepthController:
 
     def record_outcome(self, shape: DraftShape, predicted: float, realized: float) -> None:
         """One verified step of ``shape``: tokens per request the rule predicted at the chosen width
-        (bonus included) and what was accepted. Updates the family's reliability factor."""
+        (bonus included) and what was accepted. Updates the family's reliability factor and the
+        shape's own.
+
+        Why per shape too: the drafter's scores are calibrated differently at each depth and width
+        (a depth-1 tree verified at width 2 promised more than it delivered on moe128-padded, where
+        the full tree's promises held), and shapes within a few percent of each other per ms are
+        told apart only when each one's promises are discounted by its own record."""
         if shape.depth == 0 or shape.topk not in self.reliability:
             return
         promised = float(predicted) - 1.0
         if not (math.isfinite(promised) and math.isfinite(float(realized))) or promised < 0.05:
             return
         ratio = min(max((float(realized) - 1.0) / promised, 0.0), 2.0)
-        k = shape.topk
-        # after a long pause (plain decoding) the old factor describes other requests: weigh the
-        # probe's outcome as much as the old factor
-        weight = 0.5 if self._step - self._rel_step.get(k, self._step) >= self.base_probe else self.ema
-        self.reliability[k] += max(weight, self.ema) * (ratio - self.reliability[k])
+        k, i = shape.topk, self.index.get(shape)
+        family = self.reliability[k]
+        self.reliability[k] = family + self._outcome_weight(self._rel_step, k) * (ratio - family)
         self._rel_step[k] = self._step
+        if i is not None:
+            own = self.shape_reliability.get(i, family)
+            self.shape_reliability[i] = own + self._outcome_weight(self._shape_rel_step, i) * (ratio - own)
+            self._shape_rel_step[i] = self._step
+
+    def _outcome_weight(self, last: dict[int, int], key: int) -> float:
+        """After a long pause (plain decoding, another shape) the old factor describes other
+        requests: weigh the new outcome as much as the old factor."""
+        stale = self._step - last.get(key, self._step) >= self.base_probe
+        return max(0.5, self.ema) if stale else self.ema
 
     # -- host copy --------------------------------------------------------------------------------
     def _snapshot(self) -> None:
@@ -466,5 +489,8 @@ class DepthController:
                 if w
             },
             "reliability": {str(k): round(v, 3) for k, v in sorted(self.reliability.items())},
+            "shape_reliability": {
+                str(self.shapes[i]): round(v, 3) for i, v in sorted(self.shape_reliability.items())
+            },
             "last_decision": str(self.last_decision) if self.last_decision is not None else None,
         }

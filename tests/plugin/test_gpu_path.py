@@ -32,7 +32,7 @@ from test_plugin_worker import (  # noqa: E402
 
 from evict.plugin import worker as evict_worker  # noqa: E402
 from evict.plugin.config import parse_env, resolve_pad_cost  # noqa: E402
-from evict.plugin.server_args_hook import MIB, width_graph_reserve  # noqa: E402
+from evict.plugin.server_args_hook import MIB, depth_graph_reserve, width_graph_reserve  # noqa: E402
 from evict.plugin.tp_sync import WidthAgreement, policy_fingerprint  # noqa: E402
 from evict.plugin.tree_cut import ScoreSink  # noqa: E402
 from evict.truncation import AcceptanceEstimator, TruncationPolicy  # noqa: E402
@@ -219,6 +219,18 @@ def test_triton_and_fa3_reserves():
     assert width_graph_reserve("fa3", (4,), 8, [2, 4], 50).gpu_bytes == {4: 4 * 4 * 54}
     with pytest.raises(ValueError, match="no graph-memory model"):
         width_graph_reserve("trtllm_mha", (4,), 8, [4], 50)
+
+
+def test_shallower_depths_reserve_their_draft_decode_graphs():
+    """EVICT_DEPTH=1: each shallower depth's multi-step draft backend, per SGLang's allocations."""
+    r = depth_graph_reserve("flashinfer", (1, 2), 4, [1, 2, 4], 1000)
+    # depth d: int32 kv_indices [d, 4 * 4 * 1000]; d - 1 step backends x 3 captured sizes x 8 MiB
+    assert r.gpu_bytes == {1: 4 * 16_000, 2: 4 * 2 * 16_000 + 3 * 8 * MIB}
+    assert r.pinned_bytes == {1: 0, 2: 3 * 8 * MIB}
+    assert depth_graph_reserve("triton", (2,), 4, [8, 1], 100).gpu_bytes == {2: 8 * 2 * 8 * 4 * 100}
+    assert depth_graph_reserve("fa3", (1, 3), 4, [8], 100).gpu_bytes == {1: 0, 3: 2 * 2 * 4 * 8 * 100}
+    with pytest.raises(ValueError, match="no graph-memory model"):
+        depth_graph_reserve("trtllm_mha", (1,), 4, [4], 50)
 
 
 def test_the_start_up_log_shows_the_predicted_reserve_beside_sglangs_estimate(monkeypatch):

@@ -289,3 +289,35 @@ def test_each_served_shape_is_corrected_by_its_own_timed_steps(monkeypatch, tmp_
     factors = w.depth.cost_factors(1).tolist()
     assert factors[1] == pytest.approx(0.5, rel=0.01)
     assert factors[2] == pytest.approx(1.0, rel=0.01)
+
+
+def test_a_step_priced_before_its_cell_was_timed_sets_no_correction(monkeypatch, tmp_path):
+    """Without a table the plain step is first timed against a 1 ms placeholder, and the full tree
+    at batch size 4 against batch size 1's cost. Those steps carry no prediction, so neither moves
+    the shapes' corrections: the plain step's stays near 1 after a few measured steps (it was
+    pinned at 10x, so the server kept judging plain decoding 10x dearer than it is)."""
+    from evict.truncation.depth import DepthController, DraftShape
+
+    table = _table([4, 8], [[30.0, 50.0], [60.0, 100.0]])
+    w = _live_worker(monkeypatch, tmp_path, table)
+    w.truncation_policy = w._start_live_costs(TruncationPolicy(table, widths=[4, 8]))
+    w.live_costs = LiveCosts((4, 8), (1, 4), prior=None, min_obs=2, sync_every=1)
+    shapes = [DraftShape(4, 0), DraftShape(4, 3)]
+    w.depth = DepthController(shapes, [4, 8], lambda bs: torch.ones(2, 2), probe_budget=0.0)
+    w.depth_states = {}
+    w.plain_costs = LiveCosts((1,), (1, 4), None, min_obs=2, sync_every=1)
+    w.speculative_num_draft_tokens = 8
+    clock = [0.0]
+    w.step_timer = StepTimer(host_marks(lambda: clock[0]))
+    real = {(1, 0): 34.0, (1, 8): 75.0, (4, 0): 62.0, (4, 8): 150.0}
+    # per batch size: the plain step timed twice, the tree twice, then two more of each
+    for bs in (1, 4):
+        for plain in (True, True, False, False, True, False, True, False):
+            w._plain_step, w._step_shape = plain, shapes[0] if plain else shapes[1]
+            w.step_timer.begin()
+            clock[0] += real[(bs, 0 if plain else 8)] / 1000
+            w._after_timed_step(bs)
+        w.step_timer.interrupt()  # a prefill between the batch sizes
+    for bs in (1, 4):
+        factors = w.depth.cost_factors(bs).tolist()
+        assert factors == pytest.approx([1.0, 1.0], rel=0.02), (bs, factors)
