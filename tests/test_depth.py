@@ -574,3 +574,24 @@ def test_probes_wait_until_their_extra_cost_fits_the_budget():
     assert capped[:3] == [8, 16, 24]
     with pytest.raises(ValueError, match="probe_budget"):
         controller(dear, probe_budget=-1.0)
+
+
+def test_new_requests_relax_what_earlier_requests_taught():
+    """A request whose drafts are never accepted drives the decision to plain decoding; the request
+    after it is not judged by that: the reliability relaxes toward 1 by the share of new requests,
+    the probe back-off restarts, and the full tree is chosen again."""
+    ctl = controller({2: [0.1, 0.3, 0.5, 0.7, 0.9]}, probe_every=4, max_probe_every=64)
+    assert ctl.on_requests(["a"]) == 1.0
+    ctl.plan(1)
+    ctl.observe(DraftShape(2, 4), torch.full((1, num_candidates(4, 2)), 0.6))
+    assert ctl.decide(1) == DraftShape(2, 4)
+    for _ in range(20):  # request "a": the drafter's promises never hold
+        ctl.record_outcome(DraftShape(2, 4), predicted=4.0, realized=1.0)
+    ctl._interval[2] = 64  # backed off after probes that changed nothing
+    assert ctl.on_requests(["a"]) == 0.0 and ctl.decide(1) == DraftShape(2, 0)
+    assert ctl.on_requests(["a", "b"]) == 0.5  # half the batch is new: halfway back
+    assert ctl.reliability[2] == pytest.approx(0.5, abs=0.01) and ctl._interval[2] == 32
+    assert ctl.on_requests(["b"]) == 0.0  # "a" left; nothing new
+    assert ctl.on_requests(["c"]) == 1.0
+    assert ctl.reliability[2] == pytest.approx(1.0) and ctl._interval[2] == 4
+    assert ctl.decide(1) == DraftShape(2, 4)

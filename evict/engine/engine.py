@@ -238,6 +238,7 @@ class SpecEngine:
             raise ValueError("adaptive= emulates SGLang's adaptive chain: mode 'static' with topk 1 only")
         self.depth = depth
         self.adaptive = adaptive
+        self._generation = 0  # generate() calls so far
         # Called after every decode step with (draft tree, kept, acceptance, step stats), untimed:
         # analysis tools read what the step verified and accepted (evict.bench.oracle_gap).
         self.observer: Callable[[Any, torch.Tensor | None, AcceptResult, StepStats], None] | None = None
@@ -294,6 +295,7 @@ class SpecEngine:
         draft_slots = (self.steps - 1) * self.topk
         max_len = tp + max_new_tokens + self.num_draft_tokens + draft_slots + self.steps + 2
         res = GenerationResult(mode=self.mode, tokens=[[] for _ in prompts], finish_reasons=[""] * bs)
+        self._generation += 1  # a request's id for the depth controller: (call, row)
         _sync(device)
         t0 = time.perf_counter()
 
@@ -340,6 +342,8 @@ class SpecEngine:
         stats = StepStats(width=1, active=list(st.req), accepted=[], emitted=[])
         t1 = time.perf_counter()
         tree = kept = None
+        if self.depth is not None:
+            self.depth.on_requests([(self._generation, r) for r in st.req])
         shape = self._plan(len(st.req))
         if shape is not None:
             stats.depth, stats.topk = shape.depth, shape.topk

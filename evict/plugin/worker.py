@@ -1485,6 +1485,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
         depth = getattr(self, "depth", None)
         shape = None
         if depth is not None and not extend and not batch.forward_mode.is_idle():
+            depth.on_requests([req.rid for req in batch.reqs])
             shape = self._plan_depth(int(batch.seq_lens.shape[0]))
         self._step_shape = shape
         self._plain_step = shape is not None and shape.depth == 0

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -276,6 +276,7 @@ class DepthController:
         self.reliability = {k: 1.0 for k in self.families}
         self.shape_reliability: dict[int, float] = {}
         self._shape_rel_step: dict[int, int] = {}
+        self._request_ids: set[Hashable] = set()  # the previous step's requests (on_requests)
         self.last_decision: DraftShape | None = None
         self.counts_by_shape: dict[DraftShape, int] = {}
         self.probes = 0
@@ -307,6 +308,28 @@ class DepthController:
             self.probes += 1
             return self._count(DraftShape(k, deepest))
         return self._count(decision)
+
+    def on_requests(self, request_ids: Collection[Hashable]) -> float:
+        """This step's requests, before :meth:`plan`; returns the share of them that is new.
+
+        Why: the reliability factors and the probe back-off describe the requests they were learned
+        on. One request the drafter fails on (an out-of-domain prompt: its promised tokens never
+        accepted) rightly drives them down and the decision to plain decoding, but the requests
+        that follow inherited that verdict and, decoding plainly, produced no outcome to correct it
+        until a backed-off probe. So each factor relaxes toward 1 (the drafter taken at its word)
+        by the share of new requests, and the probe interval shrinks by the same share.
+        """
+        ids = set(request_ids)
+        new = len(ids - self._request_ids) / len(ids) if ids else 0.0
+        self._request_ids = ids
+        if new > 0.0:
+            for k, v in self.reliability.items():
+                self.reliability[k] = v + new * (1.0 - v)
+            for i, v in self.shape_reliability.items():
+                self.shape_reliability[i] = v + new * (1.0 - v)
+            for k, v in self._interval.items():
+                self._interval[k] = max(self.base_probe, int(v * (1.0 - new)))
+        return new
 
     def decide(self, batch_size: int) -> DraftShape:
         """The best shape by the averaged scores so far (no probing, no warm-up)."""

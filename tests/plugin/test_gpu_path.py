@@ -245,6 +245,12 @@ def test_the_start_up_log_shows_the_predicted_reserve_beside_sglangs_estimate(mo
     line = w._memory_estimates()
     want = 2 * (64_000 + 16_000 + 3 * 8 * MIB) / 2**30
     assert f"4: {want:.3f}" in line and "target_verify=0.750" in line and "draft_extend=0.250" in line
+    assert "depth" not in line
+    # EVICT_DEPTH=1: each shallower depth's draft graphs are predicted too (measured in its own line)
+    w.depth_states, w.topk = {1: None, 2: None}, 4
+    line = w._memory_estimates()
+    drafts = depth_graph_reserve("flashinfer", (1, 2), 4, [1, 2, 4], 1000)
+    assert f"d=2: {drafts.gpu_bytes[2] / 2**30:.3f}" in line and "d=1: " in line
 
 
 # ---------------------------------------------------------------------------------------------
