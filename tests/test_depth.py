@@ -595,3 +595,17 @@ def test_new_requests_relax_what_earlier_requests_taught():
     assert ctl.on_requests(["c"]) == 1.0
     assert ctl.reliability[2] == pytest.approx(1.0) and ctl._interval[2] == 4
     assert ctl.decide(1) == DraftShape(2, 4)
+
+
+def test_the_modeled_gpu_decision_is_not_corrected_by_cpu_step_times():
+    """The bench's '@gpu' whole-step mode decides from the modeled table: this machine's step times
+    must not rescale those prices (they would price every shape at its CPU / GPU ratio)."""
+    from evict.bench.cli import whole_step_controller
+
+    policy = TruncationPolicy(CostTable.from_dict(table_dict()), widths=WIDTHS)
+    measured, modeled = (whole_step_controller(policy, 4, 2, measured=m) for m in (True, False))
+    for ctl in (measured, modeled):
+        ctl.record_step(ctl.shapes[0], 1, priced_ms=1.0, measured_ms=40.0)
+    assert measured.cost_factors(1)[0] == 10.0 and torch.equal(
+        modeled.priced(1), policy.shape_costs(1, modeled.shapes).double()
+    )

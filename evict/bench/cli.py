@@ -491,7 +491,9 @@ def _engine_factory(target: Any, drafter: Any, device: str, acceptance_prior: Pa
                 est.load(acceptance_prior)
             kw["acceptance"] = est
         if mode.whole_step:
-            kw["depth"] = whole_step_controller(policy, mode.steps, mode.topk)
+            kw["depth"] = whole_step_controller(
+                policy, mode.steps, mode.topk, measured=mode.cost != "modeled"
+            )
         if mode.kind == "adaptive":
             kw["adaptive"] = sglang_adaptive_params()
         return SpecEngine(target, drafter, mode=kind, policy=policy, **kw)
@@ -499,16 +501,23 @@ def _engine_factory(target: Any, drafter: Any, device: str, acceptance_prior: Pa
     return factory
 
 
-def whole_step_controller(policy: Any, steps: int, topk: int) -> Any:
+def whole_step_controller(policy: Any, steps: int, topk: int, *, measured: bool = True) -> Any:
     """EVICT's whole-step decision for the bench: plain decoding, the tree's depths 1..steps and, when
-    the table prices it, a chain (topk 1) of up to ``steps``, priced by the policy's table."""
+    the table prices it, a chain (topk 1) of up to ``steps``, priced by the policy's table.
+
+    ``measured=False`` (the modeled-GPU modes): prices are not corrected by this machine's step
+    times, which time the CPU, not the modeled GPU (the correction would price every shape at its
+    CPU / GPU ratio)."""
     from evict.truncation.depth import DepthController, shape_grid  # noqa: PLC0415
 
     families = {topk: steps}
     if topk != 1 and policy.draft_shapes.get(1, 0) >= 1:
         families[1] = min(steps, policy.draft_shapes[1])
     shapes = shape_grid(families)
-    return DepthController(shapes, policy.widths.tolist(), lambda bs: policy.shape_costs(bs, shapes))
+    corrected = {} if measured else {"cost_window": 0}
+    return DepthController(
+        shapes, policy.widths.tolist(), lambda bs: policy.shape_costs(bs, shapes), **corrected
+    )
 
 
 def sglang_adaptive_params() -> Any:

@@ -11,9 +11,11 @@ depth D contains every shallower tree of its family as its first ``K(d)`` flat c
 appends a step's nodes and never changes earlier ones), so one observed tree prices every depth up
 to D: the expected tokens per request of verifying the best ``m - 1`` nodes of depth <= d is
 ``1 + sum of the m-1 largest scores among the first K(d)`` (the rule's ``B(m)``). The controller
-keeps an exponential average of those sorted scores per shape, scaled per family by how many of the
-tokens they promised were really accepted (``record_outcome``: a confident drafter that is often
-wrong must not keep buying deep drafts), decides from the previous steps
+keeps an exponential average of those sorted scores per shape, scaled per drafted shape (and per
+family, for shapes without outcomes yet) by how many of the tokens they promised were really
+accepted (``record_outcome``: a confident drafter that is often wrong must not keep buying deep
+drafts), relaxed toward the drafter's word as new requests replace those it was learned on
+(``on_requests``), decides from the previous steps
 (lagged: the host never waits for this step's drafter), and re-drafts a family's deepest shape now
 and then (a probe, with back-off) so that depths it stopped drafting are not judged on stale data.
 
