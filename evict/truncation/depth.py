@@ -195,11 +195,6 @@ class DepthController:
         cost_window: measured step times kept per (batch-size bucket, shape) by
             :meth:`record_step`, whose median ratio to the priced time corrects that shape's price
             (0: decide on the prices as given, e.g. where they are measured already).
-        switch_margin: a shape other than the configured tree (the widest family at its deepest)
-            is chosen only when its expected tokens per ms beat the tree's by more than this share
-            (0: the plain argmax). The others are judged on lagged averages, the tree is cut on
-            each step's own scores; near-ties the averages cannot resolve go to the tree, which is
-            what the width rule alone would draft.
 
     Use: ``shape = plan(bs)`` before drafting; after drafting a tree of ``shape``,
     ``observe(shape, scores)``. Both are cheap host work plus a few small device ops; ``plan`` reads
@@ -218,7 +213,6 @@ class DepthController:
         max_probe_every: int = 256,
         probe_budget: float = 0.05,
         cost_window: int = 9,
-        switch_margin: float = 0.05,
     ) -> None:
         self.shapes = list(shapes)
         if not self.shapes or len(set(self.shapes)) != len(self.shapes):
@@ -235,9 +229,6 @@ class DepthController:
             raise ValueError(f"probe_budget must be a finite number >= 0, got {probe_budget!r}")
         if cost_window < 0:
             raise ValueError(f"cost_window must be >= 0, got {cost_window!r}")
-        if not (math.isfinite(switch_margin) and switch_margin >= 0.0):
-            raise ValueError(f"switch_margin must be a finite number >= 0, got {switch_margin!r}")
-        self.switch_margin = float(switch_margin)
         self.widths = tuple(int(w) for w in widths)
         self.shape_costs = shape_costs
         self.probe_budget = float(probe_budget)
@@ -255,9 +246,6 @@ class DepthController:
             if s.depth > 0:
                 self.families[s.topk] = max(self.families.get(s.topk, 0), s.depth)
         self.index = {s: i for i, s in enumerate(self.shapes)}
-        # the configured tree: the widest family at its deepest (what the width rule alone drafts)
-        widest = max(self.families, default=None)
-        self.full = None if widest is None else self.index[DraftShape(widest, self.families[widest])]
         # per family: (depth, row) of the depths it lists, ascending (a server may offer only some)
         self._rows: dict[int, list[tuple[int, int]]] = {
             k: sorted((s.depth, i) for i, s in enumerate(self.shapes) if s.topk == k and s.depth > 0)
@@ -350,13 +338,6 @@ class DepthController:
             cost = torch.where(torch.tensor(self._seen_host).view(-1, 1), cost, math.inf)
         v = _valid_values(profile, self.counts, cost, self.widths)  # [D, W]
         i, _ = _argmax_step(v)  # choose_step, keeping the values for the probe budget
-        if self.full is not None and i != self.full and self.switch_margin > 0.0:
-            # Another shape must beat the configured tree by the margin: its value is a lagged
-            # average, while the tree is cut on this step's own scores (the width rule picks per
-            # step, worth more than the average says), so near-ties go to the tree.
-            base = float(v[self.full].max())
-            if math.isfinite(base) and float(v[i].max()) <= base * (1.0 + self.switch_margin):
-                i = self.full
         self._best_cost = cost.gather(1, v.argmax(dim=1, keepdim=True)).view(-1).tolist()
         self.last_decision = self.shapes[i]
         return self.shapes[i]
