@@ -150,7 +150,12 @@ def width_graph_reserve_mb(widths: tuple[int, ...], num_draft_tokens: int, max_b
     MB), once per width below N.
     """
     extra = sum(1 for w in widths if w != num_draft_tokens)
-    return float(extra * max(int(max_bs), 1) * 2)
+    return extra * graph_set_mb(max_bs)
+
+
+def graph_set_mb(max_bs: int) -> float:
+    """SGLang's own heuristic for one set of decode graphs (``reserve_for_graph_mb``): ``max_bs * 2`` MB."""
+    return float(max(int(max_bs), 1) * 2)
 
 
 MIB = 1 << 20
@@ -390,7 +395,7 @@ def reserve_width_graph_memory(
         if pinned:
             basis += f"; plus {pinned / MIB:.0f} MB of pinned host memory"
     except ValueError as exc:
-        reserve = width_graph_reserve_mb(widths, n, max_bs) + len(depths) * max(int(max_bs), 1) * 2.0
+        reserve = width_graph_reserve_mb(widths, n, max_bs) + len(depths) * graph_set_mb(max_bs)
         basis = f"SGLang's max_bs x 2 MB per graph set ({exc})"
     if not gpu_mem or reserve <= 0:
         return None
