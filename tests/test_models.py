@@ -155,6 +155,27 @@ def test_batched_different_lengths_and_padding_mask():
     torch.testing.assert_close(out, torch.cat([r0, r1]), atol=1e-4, rtol=1e-4)
 
 
+def test_logits_at_one_position_per_request_are_the_full_forwards_there():
+    """A prefill needs each request's last logits only (SGLang prunes an extend the same way); the
+    pruned forward must give exactly those rows, for the target and the drafter, with the
+    hidden states of every position unchanged (the drafter reads them)."""
+    t = make_target()
+    d = make_drafter(t)
+    ids = torch.randint(0, 97, (3, 6))
+    pos = torch.arange(6).expand(3, 6)
+    at = torch.tensor([5, 2, 0])
+    rows = torch.arange(3)
+    with torch.no_grad():
+        full, cut = t(ids, pos), t(ids, pos, logits_at=at)
+        dfull, dhid = d(ids, full.aux_hidden, pos)
+        dcut, dhid_cut = d(ids, full.aux_hidden, pos, logits_at=at)
+    assert cut.logits.shape == (3, 1, 97) and dcut.shape == (3, 1, 40)
+    torch.testing.assert_close(cut.logits[:, 0], full.logits[rows, at])
+    torch.testing.assert_close(cut.aux_hidden, full.aux_hidden)
+    torch.testing.assert_close(dcut[:, 0], dfull[rows, at])
+    torch.testing.assert_close(dhid_cut, dhid)
+
+
 def test_commit_semantics():
     c = KVCache(2, 2, 1, 2, 8)
     c.lengths[:] = torch.tensor([2, 3])

@@ -307,9 +307,9 @@ class SpecEngine:
         zeros = torch.zeros(bs, dtype=torch.long, device=device)
         mask = window_mask(zeros, causal_window(bs, tp, device), tp)
         st = _State(req=list(range(bs)), tcache=self.target.new_cache(bs, max_len))
-        out = self.target(ids, pos, st.tcache, attn_mask=mask)
+        out = self.target(ids, pos, st.tcache, attn_mask=mask, logits_at=plen - 1)
         st.tcache.commit(pos, plen)
-        st.root = self._pick(out.logits[rows, plen - 1], gen)  # [bs]
+        st.root = self._pick(out.logits[:, 0], gen)  # [bs]
         if self._calibrating:
             st.recent = self.acceptance.initial_recent(bs, device)
         if self.mode != "ar":
@@ -317,9 +317,9 @@ class SpecEngine:
             dids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
             dids[rows, plen - 1] = st.root
             hidden = self.drafter.project(out.aux_hidden)
-            dlogits, dhid = self.drafter(dids, hidden, pos, st.dcache, attn_mask=mask)
+            dlogits, dhid = self.drafter(dids, hidden, pos, st.dcache, attn_mask=mask, logits_at=plen - 1)
             st.dcache.commit(pos, plen)
-            st.root_logits, st.root_hidden = dlogits[rows, plen - 1], dhid[rows, plen - 1]
+            st.root_logits, st.root_hidden = dlogits[:, 0], dhid[rows, plen - 1]
         ones = torch.ones(bs, dtype=torch.long, device=device)
         self._emit(res, st.req, st.root.view(bs, 1), ones, max_new_tokens)
         st = st.compact(res)
@@ -492,10 +492,10 @@ class SpecEngine:
         hidden = self.drafter.project(aux)
         pos = base.view(bs, 1) + torch.arange(te, device=base.device).view(1, te)
         mask = window_mask(base, causal_window(bs, te, base.device), int(base.max()) + te)
-        dlogits, dhid = self.drafter(ids, hidden, pos, dcache, attn_mask=mask)
+        dlogits, dhid = self.drafter(ids, hidden, pos, dcache, attn_mask=mask, logits_at=n_e - 1)
         dcache.commit(pos, n_e)
         rows = torch.arange(bs, device=base.device)
-        return dlogits[rows, n_e - 1], dhid[rows, n_e - 1]
+        return dlogits[:, 0], dhid[rows, n_e - 1]
 
     def _emit(
         self, res: GenerationResult, req: list[int], emitted, produced, max_new_tokens: int

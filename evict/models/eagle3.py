@@ -22,7 +22,7 @@ from torch import nn
 
 from .cache import KVCache
 from .common import RMSNorm, apply_rope, load_safetensors_dir, masked_attention, rope_cos_sin, write_slots
-from .qwen3_moe import Qwen3MoeTarget, _prepare, rope_theta_of
+from .qwen3_moe import Qwen3MoeTarget, _at, _prepare, rope_theta_of
 
 __all__ = ["Eagle3Drafter", "SGLANG_EAGLE3_WEIGHT_NAMES", "eagle3_config", "sglang_param_name"]
 
@@ -280,12 +280,15 @@ class Eagle3Drafter(nn.Module):
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
         write_offset: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One drafter pass over T tokens -> (draft_logits [bs, T, Vd] fp32, hidden_out [bs, T, H]).
 
         hidden: [bs, T, H] (already projected, or the raw [bs, T, 3H] aux states, projected here as
         SGLang does). input_ids[t] is the token *following* the position whose hidden state is
-        hidden[t]. Cache semantics and attn_mask as in ``Qwen3MoeTarget.forward``.
+        hidden[t]. Cache semantics, attn_mask and logits_at (draft logits [bs, 1, Vd] at one position
+        per request: a prefill or a draft extend drafts on from its last entry only) as in
+        ``Qwen3MoeTarget.forward``.
         """
         if hidden.shape[-1] != self.config["hidden_size"]:
             hidden = self.project(hidden)
@@ -312,5 +315,5 @@ class Eagle3Drafter(nn.Module):
         hn = ml.post_attention_layernorm(residual)
         out = m.down_proj(F.silu(m.gate_proj(hn)) * m.up_proj(hn))
         hidden_out = residual + out
-        logits = self.lm_head(self.norm(hidden_out)).float()
+        logits = self.lm_head(self.norm(_at(hidden_out, logits_at))).float()
         return logits, hidden_out

@@ -344,6 +344,7 @@ class Qwen3MoeTarget(nn.Module):
         attn_mask: torch.Tensor | None = None,
         router_hook: RouterHook | None = None,
         write_offset: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> TargetOutput:
         """Forward T new tokens per request.
 
@@ -351,6 +352,8 @@ class Qwen3MoeTarget(nn.Module):
         nothing is committed. attn_mask: BoolTensor [bs, T, S] with S = max(lengths + write_offset) + T
         (True = attend); None = causal over the committed prefix and the new tokens. Without a cache the
         forward is a plain causal (or masked, S = T) forward over the T tokens.
+        logits_at: [bs] one position per request: logits only there ([bs, 1, V]), as SGLang's
+        logits processor prunes an extend to its last tokens (a prefill needs no others).
         """
         h = self.model.embed_tokens(input_ids)
         bs, t = input_ids.shape
@@ -368,11 +371,18 @@ class Qwen3MoeTarget(nn.Module):
             if i in self.aux_layer_ids:
                 aux.append(h)
         aux_hidden = torch.cat([aux[self._aux_pos(j)] for j in self.aux_layer_ids], dim=-1)
-        logits = self.lm_head(self.model.norm(h)).float()
+        logits = self.lm_head(self.model.norm(_at(h, logits_at))).float()
         return TargetOutput(logits=logits, aux_hidden=aux_hidden)
 
     def _aux_pos(self, layer_id: int) -> int:
         return sorted(set(self.aux_layer_ids)).index(layer_id)
+
+
+def _at(h: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """h [bs, T, H] -> h at one position per row [bs, 1, H] (all of h when index is None)."""
+    if index is None:
+        return h
+    return h.gather(1, index.view(-1, 1, 1).expand(h.shape[0], 1, h.shape[2]))
 
 
 def _prepare(cache, bs, t, attn_mask, write_offset, device):
