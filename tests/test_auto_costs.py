@@ -13,7 +13,7 @@ import torch
 from evict.models import TESTBED_DIR
 from evict.paths import TESTBED_COST_TABLE, cache_dir, shipped_config
 from evict.profiler import auto
-from evict.profiler.auto import AutoGrid, resolve_cost_table
+from evict.profiler.auto import AUTO_CONTEXT_LEN, AutoGrid, resolve_cost_table
 from evict.profiler.table import CostTable, CostTableError, checkpoint_config_hash
 from evict.profiler.torch_backend import device_name
 
@@ -183,6 +183,10 @@ def test_the_grid_covers_the_run_and_the_default_runs_share_one_table():
     assert quick == full and 1 in quick.batch_sizes and 16 in quick.batch_sizes
     wide = AutoGrid.covering([1, 32], max_width=80, draft_tree=(6, 4))
     assert 32 in wide.batch_sizes and max(wide.widths) == 80 and (wide.draft_steps, wide.draft_topk) == (6, 4)
+    # timed at the run's context (a multiple of 32): a 256-token table halved no price at bs 64
+    assert quick.context_len == AUTO_CONTEXT_LEN
+    assert AutoGrid.covering([1], context_len=76).context_len == 64
+    assert AutoGrid.covering([1], context_len=5).context_len == 32
 
 
 def test_bench_on_a_foreign_shipped_table_exits_0_with_this_machines_measured_table(

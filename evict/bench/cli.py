@@ -687,7 +687,10 @@ def _load(args: argparse.Namespace, device: str, log=print):
         dtype=args.dtype,
         allow_mismatch=args.allow_table_mismatch,
         grid=AutoGrid.covering(
-            args.batch_sizes, max_width=tree[2] if tree else None, draft_tree=tree[:2] if tree else None
+            args.batch_sizes,
+            max_width=tree[2] if tree else None,
+            draft_tree=tree[:2] if tree else None,
+            context_len=args.prompt_tokens + args.max_new_tokens // 2,  # the decode steps' mean context
         ),
         clock="cpu" if args.clock == "cpu" and torch.get_num_threads() == 1 else "wall",
         log=log,

@@ -88,11 +88,15 @@ class AutoGrid:
         batch_sizes: Sequence[int] = (),
         max_width: int | None = None,
         draft_tree: tuple[int, int] | None = None,
+        context_len: int | None = None,
     ) -> AutoGrid:
-        """The default grid, widened to the batch sizes and the tree size N a run will use.
+        """The default grid, widened to the batch sizes and the tree size N a run will use, timed
+        at the run's context length (``context_len``, rounded to a multiple of 32; default
+        ``AUTO_CONTEXT_LEN``).
 
-        Widening only adds points, so the default runs (``evict-bench --quick`` and the full run)
-        share one cached table.
+        Why the context: under load attention over the context is a large, width-independent part
+        of a step, so a table timed at 256 tokens priced the bench's plain step (context 64-88) at
+        twice its cost at bs 64 and flattened the price of every extra verified token.
         """
         bss = tuple(sorted(set(AUTO_BATCH_SIZES) | {int(b) for b in batch_sizes}))
         ws = set(AUTO_WIDTHS)
@@ -106,6 +110,7 @@ class AutoGrid:
             warmup=AUTO_WARMUP,
             draft_steps=int(steps),
             draft_topk=int(topk),
+            context_len=AUTO_CONTEXT_LEN if context_len is None else max(32, 32 * round(context_len / 32)),
         )
 
 
