@@ -21,6 +21,7 @@ from evict.bench.report import render_markdown, save_plots, summarize
 from evict.bench.runner import Bench, BenchData, record_from_result
 from evict.bench.stats import (
     LosslessError,
+    ModeSeed,
     RunRecord,
     Spread,
     aggregate,
@@ -371,6 +372,51 @@ def test_record_from_result_reads_engine_stats():
     assert r.prefill_s == 0.5 and r.decision_s == pytest.approx(0.01)
 
 
+def test_full_batch_steps_are_the_ones_every_request_was_still_in():
+    """The steady-state throughput counts only steps with the whole batch live: a step after a
+    request finished (the static batch's tail) is left out, tokens and time alike."""
+    step = dict(width=4, draft_s=0.1, verify_s=0.2, decision_s=0.01, extend_s=0.05)
+    res = SimpleNamespace(
+        outputs=[[1, 2, 3, 4], [5, 6]],
+        steps=[
+            SimpleNamespace(active=[0, 1], accepted=[3, 2], emitted=[2, 2], **step),  # full; row 0 capped
+            SimpleNamespace(active=[0], accepted=[2], emitted=[2], **step),  # the tail
+        ],
+        prefill_s=0.5,
+    )
+    r = record_from_result(res, ModeSpec("static(3,1,4)", "static", 3, 1, 4), 2, 0, 1.0, [0, 1])
+    assert r.full_tokens == 4 and r.full_s == pytest.approx(0.36)
+    seed = ModeSeed(mode=r.mode, batch_size=2, seed=0)
+    seed.add(r)
+    assert seed.full_batch_tokens_per_s == pytest.approx(4 / 0.36)
+    assert r.emitted == 7  # the end-to-end counts keep the tail
+
+
+def test_whole_step_report_gives_the_full_batch_verdict_next_to_the_end_to_end_one():
+    from evict.bench.report import _whole_step_lines
+
+    def row(name, total, full):
+        return {"mode": name, "step_over_this": total, "step_over_this_full_batch": full}
+
+    def spread(mean, lo, hi):
+        return {"mean": mean, "min": lo, "max": hi, "n": 2}
+
+    s = {
+        "evict_step": "evict-step",
+        "sglang_default": "static(3,1,4)",
+        "sglang_adaptive": None,
+        "rows": [
+            {"mode": "evict-step", "draft_shapes": {"chain(2,1)": 3}},
+            row("ar", spread(0.92, 0.91, 0.93), spread(1.20, 1.18, 1.22)),
+            row("static(3,1,4)", spread(0.95, 0.94, 0.96), spread(1.04, 0.99, 1.09)),
+        ],
+    }
+    text = "\n".join(_whole_step_lines(s, "64"))
+    assert "adaptive (AR): 0.92 [0.91-0.93]x, SLOWER" in text
+    assert "best of the three (SGLang default): 1.04 [0.99-1.09]x, not slower" in text
+    assert "Full-batch" not in "\n".join(_whole_step_lines(s, "1"))  # every bs-1 step is full
+
+
 def test_prompts_are_held_out_and_alternate_domains():
     from evict.bench.prompts import build_prompts, heldout_files
 
@@ -457,6 +503,10 @@ def test_tiny_end_to_end_on_the_reference_engine(tmp_path):
         wrong = sum(a != b for k in ref for a, b in zip(ref[k], got[k] + [-1] * len(ref[k])))
         assert rows["moe-spec(B=2)"]["mismatch_rate"] == pytest.approx(wrong / sum(map(len, ref.values())))
     assert "Lossless check: passed" in render_markdown(summary)
+    for r in data.records:  # at bs 1 every decode step is a full-batch step; at bs 2 some may not be
+        assert r.full_tokens <= r.emitted and r.full_s <= r.wall_s - r.prefill_s
+        if r.batch_size == 1:
+            assert r.full_tokens == r.emitted and r.full_s > 0
     # per-request accounting adds up to the batch totals, and both domains are reported
     for r in data.records:
         assert sum(r.request_emitted) == r.emitted and sum(r.request_steps_each) == r.request_steps

@@ -80,6 +80,11 @@ def summarize(data: BenchData) -> dict[str, Any]:
                 "step_over_this": paired_ratio(stats, evict_step, m.name, bs).to_dict()
                 if evict_step
                 else None,
+                "step_over_this_full_batch": paired_ratio(
+                    stats, evict_step, m.name, bs, "full_batch_tokens_per_s"
+                ).to_dict()
+                if evict_step
+                else None,
                 "accepted_length": _spread_over(stats, m.name, bs, "accepted_length").to_dict(),
                 "modeled_tokens_per_s": _spread_over(stats, m.name, bs, "modeled_tokens_per_s").to_dict(),
                 "mean_width": _spread_over(stats, m.name, bs, "mean_width").to_dict(),
@@ -156,6 +161,13 @@ def _shape_mix(row: dict | None) -> str:
     return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in shapes.items()) if total else "-"
 
 
+def _verdict(peers: list[tuple[str, dict]]) -> str:
+    """'(label): ratio, verdict' for the peer EVICT does worst against (the best of the peers)."""
+    label, worst = min(peers, key=lambda p: p[1]["mean"])
+    verdict = "not slower" if worst["mean"] >= 1.0 else ("within spread" if worst["max"] >= 1.0 else "SLOWER")
+    return f"({label}): {_fmt(worst)}x, {verdict}"
+
+
 def _whole_step_lines(s: dict, bs: str) -> list[str]:
     """EVICT deciding the whole step against AR, SGLang's default and adaptive chains, the best
     static tree and width-only EVICT (issue 20's target: never slower than the best of the first three)."""
@@ -178,12 +190,22 @@ def _whole_step_lines(s: dict, bs: str) -> list[str]:
                 peers.append((label, ratio))
     L = [f"EVICT whole step (bs {bs}), per-seed paired tokens/s ratio: " + ", ".join(parts) + "."]
     if peers:
-        label, worst = min(peers, key=lambda p: p[1]["mean"])
-        verdict = (
-            "not slower" if worst["mean"] >= 1.0 else ("within spread" if worst["max"] >= 1.0 else "SLOWER")
+        L.append(f"Against the best of AR, SGLang's default and adaptive {_verdict(peers)}.")
+    full = [
+        (label, r)
+        for label, name in (
+            ("AR", "ar"),
+            ("SGLang default", s.get("sglang_default")),
+            ("SGLang adaptive", s.get("sglang_adaptive")),
         )
+        if (r := (_row(s, name) or {}).get("step_over_this_full_batch")) and r.get("n")
+    ]
+    if full and int(bs) > 1:  # at bs 1 every step is a full-batch step
         L.append(
-            f"Against the best of AR, SGLang's default and adaptive ({label}): {_fmt(worst)}x, {verdict}."
+            "Full-batch decode steps only (the steady state of a server that refills its batch: no "
+            "static-batch tail, no prefill): "
+            + ", ".join(f"{_fmt(r)}x {label}" for label, r in full)
+            + f"; against the best of the three {_verdict(full)}."
         )
     L.append(f"Draft shapes chosen: {_shape_mix(me)}.")
     adaptive = _row(s, s.get("sglang_adaptive"))

@@ -179,6 +179,12 @@ def record_from_result(
             real = width if counts is None else 1.0 + sum(counts) / len(active)
             rec.modeled_s += modeled_step_s(len(active), width, real, mode.kind != "ar", shape)
         acc = [a for a in _as_list(_get(st, ("accepted", "accepted_lengths", "accept_lengths"), [])) if a > 0]
+        if len(accepted) == batch_size:  # a full batch: the steady state of a refilled server batch
+            emitted = _as_list(_get(st, ("emitted",), None)) or acc  # capped at max_new_tokens
+            rec.full_tokens += int(sum(emitted))
+            rec.full_s += time_scale * sum(
+                float(_get(st, (k,), 0.0) or 0.0) for k in ("draft_s", "decision_s", "verify_s", "extend_s")
+            )
         rec.request_steps += len(acc)
         rec.emitted += int(sum(acc))
         rec.draft_s += time_scale * float(_get(st, ("draft_s", "draft_time"), 0.0) or 0.0)

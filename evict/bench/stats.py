@@ -57,6 +57,10 @@ class _Totals:
     predicted_step_s_sum: float = 0.0
     predicted_step_count: int = 0
     modeled_s: float = 0.0  # decode steps charged from a modeled (GPU-shaped) cost table, not timed
+    # decode steps while every request of the batch was still generating (a full batch, as a
+    # continuously batched server keeps it): their emitted tokens and their step times
+    full_tokens: int = 0
+    full_s: float = 0.0
 
 
 _SUM_FIELDS = tuple(f.name for f in fields(_Totals))
@@ -121,6 +125,13 @@ class ModeSeed(_Totals):
     def modeled_tokens_per_s(self) -> float:
         """New tokens over the *modeled* decode time (each step charged from the modeled table)."""
         return _div(self.new_tokens, self.modeled_s)
+
+    @property
+    def full_batch_tokens_per_s(self) -> float:
+        """Tokens over the step time of the full-batch decode steps: the steady state of a server
+        that refills its batch, without the static batch's tail (requests that finish at different
+        steps leave ever smaller batches behind) and without prefill."""
+        return _div(self.full_tokens, self.full_s)
 
     @property
     def accepted_length(self) -> float:
@@ -214,11 +225,15 @@ def _seeds(stats: Mapping[tuple[str, int, int], ModeSeed], mode: str, bs: int) -
 
 
 def paired_ratio(
-    stats: Mapping[tuple[str, int, int], ModeSeed], num: str, den: str, batch_size: int
+    stats: Mapping[tuple[str, int, int], ModeSeed],
+    num: str,
+    den: str,
+    batch_size: int,
+    attr: str = "tokens_per_s",
 ) -> Spread:
-    """Per-seed ratio tokens/s(num) / tokens/s(den), over the seeds both modes ran in."""
+    """Per-seed ratio attr(num) / attr(den) (tokens/s by default), over the seeds both modes ran in."""
     a, b = _seeds(stats, num, batch_size), _seeds(stats, den, batch_size)
-    return Spread.of(_div(a[s].tokens_per_s, b[s].tokens_per_s) for s in sorted(set(a) & set(b)))
+    return Spread.of(_div(getattr(a[s], attr), getattr(b[s], attr)) for s in sorted(set(a) & set(b)))
 
 
 def target_efficiency(
