@@ -61,7 +61,9 @@ class OracleDrafter(Eagle3Drafter):
 
     sharpness: float = 1.0
 
-    def forward(self, input_ids, hidden, positions, cache=None, attn_mask=None, write_offset=None):
+    def forward(
+        self, input_ids, hidden, positions, cache=None, attn_mask=None, write_offset=None, logits_at=None
+    ):
         _, hidden_out = super().forward(input_ids, hidden, positions, cache, attn_mask, write_offset)
         target = self._target[0]
         bs, t = input_ids.shape
@@ -69,6 +71,8 @@ class OracleDrafter(Eagle3Drafter):
         logits = single.logits.view(bs, t, -1)  # target vocabulary
         ids = torch.arange(self.d2t.numel(), device=input_ids.device)
         logits = logits[..., self.draft_to_target(ids)] * self.sharpness  # draft vocabulary
+        if logits_at is not None:  # one position per request, as the real drafter's logits_at
+            logits = logits[torch.arange(bs, device=logits.device), logits_at].unsqueeze(1)
         return logits, hidden_out
 
 

@@ -20,6 +20,7 @@ from evict.engine import SpecEngine
 from evict.profiler.table import CostTable, CostTableError
 from evict.truncation import AcceptanceEstimator, TruncationPolicy
 from evict.truncation.depth import (
+    POPULATION_RATE,
     DepthController,
     DraftShape,
     choose_step,
@@ -571,8 +572,9 @@ def test_probes_wait_until_their_extra_cost_fits_the_budget():
 
 def test_new_requests_relax_what_earlier_requests_taught():
     """A request whose drafts are never accepted drives the decision to plain decoding; the request
-    after it is not judged by that: the reliability relaxes toward 1 by the share of new requests,
-    the probe back-off restarts, and the full tree is chosen again."""
+    after it is not judged by that: the reliability relaxes, by the share of new requests, toward
+    what the requests that left taught, the probe back-off restarts, and the full tree is chosen
+    again."""
     ctl = controller({2: [0.1, 0.3, 0.5, 0.7, 0.9]}, probe_every=4, max_probe_every=64)
     assert ctl.on_requests(["a"]) == 1.0
     ctl.plan(1)
@@ -582,12 +584,38 @@ def test_new_requests_relax_what_earlier_requests_taught():
         ctl.record_outcome(DraftShape(2, 4), predicted=4.0, realized=1.0)
     ctl._interval[2] = 64  # backed off after probes that changed nothing
     assert ctl.on_requests(["a"]) == 0.0 and ctl.decide(1) == DraftShape(2, 0)
-    assert ctl.on_requests(["a", "b"]) == 0.5  # half the batch is new: halfway back
+    assert ctl.on_requests(["a", "b"]) == 0.5  # half the batch is new: halfway back (none left yet)
     assert ctl.reliability[2] == pytest.approx(0.5, abs=0.01) and ctl._interval[2] == 32
-    assert ctl.on_requests(["b"]) == 0.0  # "a" left; nothing new
-    assert ctl.on_requests(["c"]) == 1.0
-    assert ctl.reliability[2] == pytest.approx(1.0) and ctl._interval[2] == 4
+    assert ctl.on_requests(["b"]) == 0.0  # "a" left: half the batch's verdict joins the population
+    pop = 1.0 + POPULATION_RATE * 0.5 * (ctl.reliability[2] - 1.0)
+    assert ctl.population_reliability[2] == pytest.approx(pop)
+    taught_by_b = ctl.reliability[2]
+    assert ctl.on_requests(["c"]) == 1.0  # "b" left, "c" is all new: it starts from the population
+    pop += POPULATION_RATE * (taught_by_b - pop)
+    assert ctl.reliability[2] == pytest.approx(pop) and ctl._interval[2] == 4
     assert ctl.decide(1) == DraftShape(2, 4)
+
+
+def test_a_new_batch_keeps_the_drafters_overconfidence_every_request_showed():
+    """Every request of a batch found the drafter's promises held half-way: that is the drafter's,
+    not a request's, so a whole new batch starts from it (relaxing toward 1 made each fresh batch
+    of the reference engine trust the deep trees again), and a batch that keeps drafting keeps its
+    probe back-off."""
+    ctl = controller({2: [0.1, 0.3, 0.5, 0.7, 0.9]}, probe_every=4, max_probe_every=64)
+    first = [f"a{i}" for i in range(8)]
+    ctl.on_requests(first)
+    ctl.plan(8)
+    ctl.observe(DraftShape(2, 4), torch.full((8, num_candidates(4, 2)), 0.6))
+    for _ in range(40):
+        ctl.record_outcome(DraftShape(2, 4), predicted=3.0, realized=2.0)
+    assert ctl.decide(8).depth > 0
+    ctl._interval[2] = 64
+    for n in range(7, 0, -1):  # the static batch's tail: its requests leave one by one
+        ctl.on_requests(first[:n])
+    ctl.on_requests([f"b{i}" for i in range(8)])
+    assert ctl.reliability[2] == pytest.approx(ctl.population_reliability[2])
+    assert 0.5 < ctl.reliability[2] < 0.75  # most of the way to the 0.5 every request showed
+    assert ctl._interval[2] == 64
 
 
 def test_the_modeled_gpu_decision_is_not_corrected_by_cpu_step_times():

@@ -171,6 +171,11 @@ def _argmax_step(v: torch.Tensor) -> tuple[int, int]:
     return flat // v.shape[1], flat % v.shape[1]
 
 
+# Weight of the departed requests' reliability in the population factor, per unit share of the
+# batch that left: a batch that turns over entirely moves it a quarter of the way.
+POPULATION_RATE = 0.25
+
+
 def _bucket(batch_size: int) -> int:
     """The power of two at or below ``batch_size``: the rows measured step times are kept in."""
     return 1 << (max(int(batch_size), 1).bit_length() - 1)
@@ -267,6 +272,10 @@ class DepthController:
         self.shape_reliability: dict[int, float] = {}
         self._shape_rel_step: dict[int, int] = {}
         self._request_ids: set[Hashable] = set()  # the previous step's requests (on_requests)
+        # what the requests that left taught, per family and per shape: the prior a new request's
+        # factors relax toward (1.0, the drafter taken at its word, until requests have left)
+        self.population_reliability = {k: 1.0 for k in self.families}
+        self.population_shape_reliability: dict[int, float] = {}
         self.last_decision: DraftShape | None = None
         self.counts_by_shape: dict[DraftShape, int] = {}
         self.probes = 0
@@ -302,24 +311,45 @@ class DepthController:
     def on_requests(self, request_ids: Collection[Hashable]) -> float:
         """This step's requests, before :meth:`plan`; returns the share of them that is new.
 
-        Why: the reliability factors and the probe back-off describe the requests they were learned
-        on. One request the drafter fails on (an out-of-domain prompt: its promised tokens never
-        accepted) rightly drives them down and the decision to plain decoding, but the requests
-        that follow inherited that verdict and, decoding plainly, produced no outcome to correct it
-        until a backed-off probe. So each factor relaxes toward 1 (the drafter taken at its word)
-        by the share of new requests, and the probe interval shrinks by the same share.
+        Why: the reliability factors describe the requests they were learned on. One request the
+        drafter fails on (an out-of-domain prompt: its promised tokens never accepted) rightly
+        drives them down and the decision to plain decoding, but the requests that follow
+        inherited that verdict and, decoding plainly, produced no outcome to correct it until a
+        backed-off probe. So each factor relaxes, by the share of new requests, toward the
+        *population* factor: what the requests that left taught, folded in by the share that left
+        (``POPULATION_RATE`` of it per step). Relaxing toward 1 instead forgot the drafter's own
+        overconfidence, which every request shares: each fresh batch of the reference engine
+        started from promises taken at their word and drafted the deep trees on its full-batch
+        steps. While the decision is plain decoding (no outcome arrives), the probe interval
+        shrinks by the share of new requests too.
         """
         ids = set(request_ids)
-        new = len(ids - self._request_ids) / len(ids) if ids else 0.0
+        old = self._request_ids
+        left = len(old - ids) / len(old) if old else 0.0
+        new = len(ids - old) / len(ids) if ids else 0.0
         self._request_ids = ids
+        if left > 0.0:
+            w = POPULATION_RATE * left
+            for k, v in self.reliability.items():
+                pop = self.population_reliability.get(k, 1.0)
+                self.population_reliability[k] = pop + w * (v - pop)
+            for i, v in self.shape_reliability.items():
+                pop = self.population_shape_reliability.get(i, self._population(i))
+                self.population_shape_reliability[i] = pop + w * (v - pop)
         if new > 0.0:
             for k, v in self.reliability.items():
-                self.reliability[k] = v + new * (1.0 - v)
+                self.reliability[k] = v + new * (self.population_reliability.get(k, 1.0) - v)
             for i, v in self.shape_reliability.items():
-                self.shape_reliability[i] = v + new * (1.0 - v)
-            for k, v in self._interval.items():
-                self._interval[k] = max(self.base_probe, int(v * (1.0 - new)))
+                self.shape_reliability[i] = v + new * (self._population(i) - v)
+            if self.last_decision is not None and self.last_decision.depth == 0:
+                for k, v in self._interval.items():
+                    self._interval[k] = max(self.base_probe, int(v * (1.0 - new)))
         return new
+
+    def _population(self, i: int) -> float:
+        """Shape ``i``'s population factor (its family's until requests with it have left)."""
+        fam = self.population_reliability.get(self.shapes[i].topk, 1.0)
+        return self.population_shape_reliability.get(i, fam)
 
     def decide(self, batch_size: int) -> DraftShape:
         """The best shape by the averaged scores so far (no probing, no warm-up)."""
@@ -516,6 +546,9 @@ class DepthController:
             "reliability": {str(k): round(v, 3) for k, v in sorted(self.reliability.items())},
             "shape_reliability": {
                 str(self.shapes[i]): round(v, 3) for i, v in sorted(self.shape_reliability.items())
+            },
+            "population_reliability": {
+                str(k): round(v, 3) for k, v in sorted(self.population_reliability.items())
             },
             "last_decision": str(self.last_decision) if self.last_decision is not None else None,
         }
