@@ -599,8 +599,7 @@ def test_new_requests_relax_what_earlier_requests_taught():
 def test_a_new_batch_keeps_the_drafters_overconfidence_every_request_showed():
     """Every request of a batch found the drafter's promises held half-way: that is the drafter's,
     not a request's, so a whole new batch starts from it (relaxing toward 1 made each fresh batch
-    of the reference engine trust the deep trees again), and a batch that keeps drafting keeps its
-    probe back-off."""
+    of the reference engine trust the deep trees again); its probe back-off restarts."""
     ctl = controller({2: [0.1, 0.3, 0.5, 0.7, 0.9]}, probe_every=4, max_probe_every=64)
     first = [f"a{i}" for i in range(8)]
     ctl.on_requests(first)
@@ -615,7 +614,7 @@ def test_a_new_batch_keeps_the_drafters_overconfidence_every_request_showed():
     ctl.on_requests([f"b{i}" for i in range(8)])
     assert ctl.reliability[2] == pytest.approx(ctl.population_reliability[2])
     assert 0.5 < ctl.reliability[2] < 0.75  # most of the way to the 0.5 every request showed
-    assert ctl._interval[2] == 64
+    assert ctl._interval[2] == 4
 
 
 def test_the_modeled_gpu_decision_is_not_corrected_by_cpu_step_times():

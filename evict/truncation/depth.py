@@ -320,8 +320,9 @@ class DepthController:
         (``POPULATION_RATE`` of it per step). Relaxing toward 1 instead forgot the drafter's own
         overconfidence, which every request shares: each fresh batch of the reference engine
         started from promises taken at their word and drafted the deep trees on its full-batch
-        steps. While the decision is plain decoding (no outcome arrives), the probe interval
-        shrinks by the share of new requests too.
+        steps. The probe interval shrinks by the share of new requests too: new requests need the
+        deepest tree's scores of their own (served on moe128-padded, keeping the back-off made
+        the decision lean on a stale deep profile and draft the depth-1 tree on 41% of steps).
         """
         ids = set(request_ids)
         old = self._request_ids
@@ -341,9 +342,8 @@ class DepthController:
                 self.reliability[k] = v + new * (self.population_reliability.get(k, 1.0) - v)
             for i, v in self.shape_reliability.items():
                 self.shape_reliability[i] = v + new * (self._population(i) - v)
-            if self.last_decision is not None and self.last_decision.depth == 0:
-                for k, v in self._interval.items():
-                    self._interval[k] = max(self.base_probe, int(v * (1.0 - new)))
+            for k, v in self._interval.items():
+                self._interval[k] = max(self.base_probe, int(v * (1.0 - new)))
         return new
 
     def _population(self, i: int) -> float:
