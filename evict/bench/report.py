@@ -174,7 +174,7 @@ def _whole_step_lines(s: dict, bs: str) -> list[str]:
     me = _row(s, s.get("evict_step"))
     if not me:
         return []
-    parts, peers = [], []
+    parts, peers, full = [], [], []
     for label, name in (
         ("AR", "ar"),
         ("SGLang default", s.get("sglang_default")),
@@ -188,18 +188,12 @@ def _whole_step_lines(s: dict, bs: str) -> list[str]:
             parts.append(f"{_fmt(ratio)}x {label}")
             if label in ("AR", "SGLang default", "SGLang adaptive"):
                 peers.append((label, ratio))
+                steady = other.get("step_over_this_full_batch")
+                if steady and steady.get("n"):
+                    full.append((label, steady))
     L = [f"EVICT whole step (bs {bs}), per-seed paired tokens/s ratio: " + ", ".join(parts) + "."]
     if peers:
         L.append(f"Against the best of AR, SGLang's default and adaptive {_verdict(peers)}.")
-    full = [
-        (label, r)
-        for label, name in (
-            ("AR", "ar"),
-            ("SGLang default", s.get("sglang_default")),
-            ("SGLang adaptive", s.get("sglang_adaptive")),
-        )
-        if (r := (_row(s, name) or {}).get("step_over_this_full_batch")) and r.get("n")
-    ]
     if full and int(bs) > 1:  # at bs 1 every step is a full-batch step
         L.append(
             "Full-batch decode steps only (the steady state of a server that refills its batch: no "

@@ -178,18 +178,25 @@ def record_from_result(
             counts = _get(st, ("kept_counts",), None)
             real = width if counts is None else 1.0 + sum(counts) / len(active)
             rec.modeled_s += modeled_step_s(len(active), width, real, mode.kind != "ar", shape)
-        acc = [a for a in _as_list(_get(st, ("accepted", "accepted_lengths", "accept_lengths"), [])) if a > 0]
+        acc = [a for a in accepted if a > 0]
+        draft, verify, decision, extend = (
+            time_scale * float(_get(st, names, 0.0) or 0.0)
+            for names in (
+                ("draft_s", "draft_time"),
+                ("verify_s", "verify_time"),
+                ("decision_s", "decision_time"),
+                ("extend_s",),
+            )
+        )
         if len(accepted) == batch_size:  # a full batch: the steady state of a refilled server batch
             emitted = _as_list(_get(st, ("emitted",), None)) or acc  # capped at max_new_tokens
             rec.full_tokens += int(sum(emitted))
-            rec.full_s += time_scale * sum(
-                float(_get(st, (k,), 0.0) or 0.0) for k in ("draft_s", "decision_s", "verify_s", "extend_s")
-            )
+            rec.full_s += draft + decision + verify + extend
         rec.request_steps += len(acc)
         rec.emitted += int(sum(acc))
-        rec.draft_s += time_scale * float(_get(st, ("draft_s", "draft_time"), 0.0) or 0.0)
-        rec.verify_s += time_scale * float(_get(st, ("verify_s", "verify_time"), 0.0) or 0.0)
-        rec.decision_s += time_scale * float(_get(st, ("decision_s", "decision_time"), 0.0) or 0.0)
+        rec.draft_s += draft
+        rec.verify_s += verify
+        rec.decision_s += decision
         pred = _as_list(_get(st, ("predicted_accepted", "expected_accepted"), None))
         pred = [p for p in pred if p is not None and math.isfinite(float(p))]
         if mode.kind == "evict" and pred:

@@ -14,8 +14,9 @@ to D: the expected tokens per request of verifying the best ``m - 1`` nodes of d
 keeps an exponential average of those sorted scores per shape, scaled per drafted shape (and per
 family, for shapes without outcomes yet) by how many of the tokens they promised were really
 accepted (``record_outcome``: a confident drafter that is often wrong must not keep buying deep
-drafts), relaxed toward the drafter's word as new requests replace those it was learned on
-(``on_requests``), decides from the previous steps
+drafts), relaxed toward what departed requests taught (a population factor, the drafter's word
+until requests have left) as new requests replace those it was learned on (``on_requests``),
+decides from the previous steps
 (lagged: the host never waits for this step's drafter), and re-drafts a family's deepest shape now
 and then (a probe, with back-off) so that depths it stopped drafting are not judged on stale data.
 
