@@ -87,6 +87,12 @@ ENV_VARS: dict[str, tuple[str, str]] = {
         "with the draft extend keeping the drafter warm), whichever the costs and the recent draft "
         "scores say yields more tokens per second (with TP > 1 the ranks agree on the deepest plan)",
     ),
+    "EVICT_DEPTH_CHAIN": (
+        "1",
+        "with EVICT_DEPTH=1: 1 = a chain (topk 1, drafted with the drafter's probabilities) of each depth "
+        "2..S whose length fills a captured width exactly is a candidate too, so under load EVICT can "
+        "draft SGLang's cheap default chain instead of the tree; 0 = tree depths only",
+    ),
     "EVICT_LOG_INTERVAL": ("100", "log EVICT metrics every N decode steps (0 = never)"),
     "EVICT_LIVE_COSTS": (
         "1 (0 under --enable-deterministic-inference)",
@@ -142,6 +148,7 @@ class EvictConfig:
     # deterministic inference, where widths that follow timings would change seeded samples)
     live_costs: bool | None = None
     depth: bool = False  # EVICT_DEPTH: plain decoding is a candidate each step
+    depth_chain: bool = True  # EVICT_DEPTH_CHAIN: with EVICT_DEPTH, chains are candidates too
 
     @property
     def policy_decision(self) -> str:
@@ -284,6 +291,7 @@ def parse_env(environ: Mapping[str, str] | None = None) -> EvictConfig:
         per_request=per_request,
         pad_cost=pad_cost,
         depth=_bool("EVICT_DEPTH", _get(env, "EVICT_DEPTH", "0")),
+        depth_chain=_bool("EVICT_DEPTH_CHAIN", _get(env, "EVICT_DEPTH_CHAIN", "1")),
         live_costs=(
             _bool("EVICT_LIVE_COSTS", env["EVICT_LIVE_COSTS"])
             if env.get("EVICT_LIVE_COSTS", "").strip()
@@ -395,6 +403,24 @@ def served_depths(
         return [int(steps)], why
     shallow = [d for d in range(1, int(steps)) if depth_width(d, topk, num_draft_tokens, widths) >= 2]
     return [*shallow, int(steps)], ""
+
+
+def served_chains(
+    config: EvictConfig, steps: int, topk: int, num_draft_tokens: int, widths: Sequence[int]
+) -> list[int]:
+    """The chain lengths ``EVICT_DEPTH=1`` offers beside the tree's depths (``EVICT_DEPTH_CHAIN``).
+
+    A chain of ``d`` drafts ``d`` tokens with one row per request (the tree drafts ``topk``), so
+    under load it is the cheap shape (SGLang's MoE default is the ``(3, 1, 4)`` chain). Offered:
+    ``d`` in 2..S whose ``d + 1`` tokens fill a captured width exactly (a chain cut shorter is a
+    shorter chain that costs more to draft; a one-step chain is the depth-1 tree cut to width 2, at
+    the same price), under the same conditions as the shallower trees (:func:`served_depths`).
+    """
+    if not config.depth or not config.depth_chain or int(topk) < 2:
+        return []
+    if served_depths(config, steps, topk, num_draft_tokens, widths)[1]:
+        return []
+    return [d for d in range(2, int(steps) + 1) if depth_width(d, 1, num_draft_tokens, widths) == d + 1]
 
 
 def load_cost_table(

@@ -27,6 +27,7 @@ from evict.plugin.config import (
     EvictConfigError,
     load_cost_table,
     parse_env,
+    served_chains,
     served_depths,
     served_widths,
     target_config_hash,
@@ -74,6 +75,7 @@ def handle_speculative_decoding_evict(server_args: Any, previous: Callable[[Any]
         reserve_width_graph_memory(server_args, widths[-1:])
         return
     depths: list[int] = []
+    chains: list[int] = []
     if config.depth:
         view = resolved_view(server_args)
         steps, topk, n = (
@@ -82,7 +84,8 @@ def handle_speculative_decoding_evict(server_args: Any, previous: Callable[[Any]
             view.speculative_num_draft_tokens,
         )
         depths = served_depths(config, steps, topk, n, widths)[0][:-1]
-    reserve_width_graph_memory(server_args, widths, depths)
+        chains = served_chains(config, steps, topk, n, widths)
+    reserve_width_graph_memory(server_args, widths, depths, chains)
 
 
 def validate_evict_server_args(server_args: Any, config: EvictConfig | None = None) -> tuple[int, ...]:
@@ -353,10 +356,11 @@ def _decode_graph_max_bs(view: Any) -> int | None:
 
 
 def reserve_width_graph_memory(
-    server_args: Any, widths: tuple[int, ...], depths: Sequence[int] = ()
+    server_args: Any, widths: tuple[int, ...], depths: Sequence[int] = (), chains: Sequence[int] = ()
 ) -> float | None:
     """Lower an automatic ``--mem-fraction-static`` so the extra widths' graphs fit, and the
-    draft graphs of the shallower ``depths`` (``EVICT_DEPTH=1``, :func:`depth_graph_reserve`).
+    draft graphs of the shallower ``depths`` and of the ``chains`` (``EVICT_DEPTH=1``,
+    :func:`depth_graph_reserve`, at the server's topk and at topk 1).
 
     Why here: SGLang sizes the KV pool from ``mem_fraction_static`` before any graph is captured,
     and its automatic value leaves room for one set of decode graphs only.  The reserve is
@@ -389,13 +393,17 @@ def reserve_width_graph_memory(
             estimates.append(
                 depth_graph_reserve(backend, depths, view.speculative_eagle_topk, sizes, context_len)
             )
+        if chains:
+            estimates.append(depth_graph_reserve(backend, chains, 1, sizes, context_len))
         reserve = sum(e.total_gpu_mb for e in estimates)
         basis = "; ".join(e.basis for e in estimates)
         pinned = sum(sum(e.pinned_bytes.values()) for e in estimates)
         if pinned:
             basis += f"; plus {pinned / MIB:.0f} MB of pinned host memory"
     except ValueError as exc:
-        reserve = width_graph_reserve_mb(widths, n, max_bs) + len(depths) * graph_set_mb(max_bs)
+        reserve = width_graph_reserve_mb(widths, n, max_bs) + (len(depths) + len(chains)) * graph_set_mb(
+            max_bs
+        )
         basis = f"SGLang's max_bs x 2 MB per graph set ({exc})"
     if not gpu_mem or reserve <= 0:
         return None
@@ -408,7 +416,8 @@ def reserve_width_graph_memory(
         lowered,
         reserve,
         extra,
-        f" and the draft graphs of depths {list(depths)}" if depths else "",
+        (f" and the draft graphs of depths {list(depths)}" if depths else "")
+        + (f" and of chains {list(chains)}" if chains else ""),
         basis,
     )
     return lowered

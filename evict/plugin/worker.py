@@ -82,6 +82,7 @@ from evict.plugin.config import (
     load_cost_table,
     parse_env,
     resolve_pad_cost,
+    served_chains,
     served_depths,
     served_widths,
     target_config_hash,
@@ -316,6 +317,9 @@ class EvictDraftWorker(EagleDraftWorker):
         # for that step): its own [W] step prices (inf past its widest width) and the full depth.
         self.step_cost: torch.Tensor | None = None
         self.full_num_steps = self.speculative_num_steps
+        # The server's tree topk. EVICT_DEPTH=1 sets ``topk`` to 1 while a chain is drafted and
+        # verified; the draft extend always runs at the tree's (the next step may be a tree).
+        self.tree_topk = self.topk
 
     def draft_forward(self, forward_batch: Any):
         # Also entered by draft CUDA-graph capture, which then records the score copy.  The kill
@@ -323,7 +327,64 @@ class EvictDraftWorker(EagleDraftWorker):
         if self.kill_switch:
             return super().draft_forward(forward_batch)
         with self.score_sink.active():
+            if self.topk == 1 and not forward_batch.forward_mode.is_idle():
+                return self._chain_draft_forward(forward_batch)
             return super().draft_forward(forward_batch)
+
+    def _chain_draft_forward(self, forward_batch: Any):
+        """SGLang's ``draft_forward`` for a chain (EVICT_DEPTH=1), keeping the drafter's probabilities.
+
+        Why its own loop: SGLang's topk-1 draft takes the argmax and scores every token 1, and
+        EVICT ranks and prices a chain by its cumulative probabilities like any tree. This is
+        SGLang's tree loop at topk 1 (``select_top_k_tokens``, one draft forward per step on the
+        chain's multi-step backend, softmax + ``fast_topk``), minus what EVICT refuses or never
+        drafts a chain with (DP attention's idle ranks, DSA index sharing, rejection sampling).
+        The draft input comes from a draft extend at the tree's topk: the chain starts from its
+        best token (``topk_p`` / ``topk_index`` are sorted, column 0 is the top-1).
+        """
+        spec_info = forward_batch.spec_info
+        topk_p, topk_index = spec_info.topk_p[:, :1], spec_info.topk_index[:, :1]  # [bs, 1]
+        hidden_states = spec_info.hidden_states
+        if self.hot_token_id is not None:
+            topk_index = self.hot_token_id[topk_index]
+        out_cache_loc = _eagle_worker_v2.per_step_draft_out_cache_loc(
+            forward_batch.out_cache_loc, forward_batch.batch_size, 1, self.speculative_num_steps
+        )
+        score_list: list[torch.Tensor] = []
+        token_list: list[torch.Tensor] = []
+        parents_list: list[torch.Tensor] = []
+        scores = None
+        for i in range(self.speculative_num_steps):
+            input_ids, hidden_states, scores, tree_info = _eagle_worker_v2.select_top_k_tokens(
+                i, topk_p, topk_index, hidden_states, scores, 1
+            )
+            score_list.append(tree_info[0])
+            token_list.append(tree_info[1])
+            parents_list.append(tree_info[2])
+            if i == self.speculative_num_steps - 1:
+                break
+            forward_batch.input_ids = input_ids
+            forward_batch.out_cache_loc = out_cache_loc[i]
+            spec_info.hidden_states = hidden_states
+            with _eagle_worker_v2.forward_context(
+                _eagle_worker_v2.ForwardContext(attn_backend=self.draft_attn_backend.attn_backends[i]),
+                forward_batch=forward_batch,
+            ):
+                logits_output = self.draft_runner.forward(forward_batch).logits_output
+            probs = _eagle_worker_v2.renorm_draft_probs(
+                logits_output.next_token_logits, forward_batch.sampling_info, False
+            )
+            topk_p, topk_index = _eagle_worker_v2.fast_topk(probs, 1, dim=-1)
+            forward_batch.positions.add_(1)
+            if self.draft_runner.model_config.model_is_mrope:
+                forward_batch.mrope_positions.add_(1)
+            if self.hot_token_id is not None:
+                topk_index = self.hot_token_id[topk_index]
+            hidden_states = logits_output.hidden_states
+        parent_list, top_scores_index, draft_tokens = _eagle_worker_v2.organize_draft_results(
+            score_list, token_list, parents_list, self.speculative_num_draft_tokens
+        )
+        return parent_list, top_scores_index, draft_tokens, None
 
     def draft(self, batch: Any, *, with_topology: bool = False):
         """SGLang's draft at the full width N; the cut happens in :meth:`build_verify_input`."""
@@ -351,7 +412,11 @@ class EvictDraftWorker(EagleDraftWorker):
         full_steps = getattr(
             self, "full_num_steps", self.speculative_num_steps
         )  # absent on test-built workers
-        if self.acceptance is None or self.speculative_num_steps != full_steps:
+        if (
+            self.acceptance is None
+            or self.speculative_num_steps != full_steps
+            or self.topk != getattr(self, "tree_topk", self.topk)
+        ):
             return scores  # the estimator learns the full tree's layout only
         bs, k = top_scores_index.shape[0], self.acceptance_candidates
         flat = torch.zeros((bs, k), dtype=torch.float32, device=scores.device)
@@ -557,11 +622,16 @@ class EvictDraftWorker(EagleDraftWorker):
 
     def _draft_extend_for_decode(self, batch: Any, batch_result: Any, *, kv_loc_plan: Any = None):
         # Draft extend runs at the verified width; keep the config bag in step (as SGLang's
-        # adaptive runtime-state switch does) for any reader of the static width.
-        if self.speculative_num_draft_tokens == self.full_num_draft_tokens:
-            return super()._draft_extend_for_decode(batch, batch_result, kv_loc_plan=kv_loc_plan)
-        with get_spec().override(speculative_num_draft_tokens=self.speculative_num_draft_tokens):
-            return super()._draft_extend_for_decode(batch, batch_result, kv_loc_plan=kv_loc_plan)
+        # adaptive runtime-state switch does) for any reader of the static width. After a chain
+        # it runs at the tree's topk: the next step's draft input holds the tree's top-k.
+        topk, self.topk = self.topk, getattr(self, "tree_topk", self.topk)
+        try:
+            if self.speculative_num_draft_tokens == self.full_num_draft_tokens:
+                return super()._draft_extend_for_decode(batch, batch_result, kv_loc_plan=kv_loc_plan)
+            with get_spec().override(speculative_num_draft_tokens=self.speculative_num_draft_tokens):
+                return super()._draft_extend_for_decode(batch, batch_result, kv_loc_plan=kv_loc_plan)
+        finally:
+            self.topk = topk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -573,6 +643,7 @@ class DraftDepthState:
     num_draft_tokens: int  # n_d: the widest captured width this depth fills, root included
     draft_attn_backend: Any
     cuda_graph_runner: Any
+    topk: int | None = None  # 1 for a chain; None: the server's tree topk
 
 
 class EvictWorkerV2(EAGLEWorkerV2):
@@ -593,7 +664,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
         self._draft_worker.kill_switch = self.evict_config.disable
         self.depth: DepthController | None = None  # EVICT_DEPTH=1: set up in init_cuda_graphs
         self.depth_agreement: WidthAgreement | None = None  # EVICT_DEPTH=1 with TP > 1
-        self.depth_states: dict[int, DraftDepthState] = {}  # EVICT_DEPTH=1: the shallower depths
+        self.depth_states: dict[DraftShape, DraftDepthState] = {}  # EVICT_DEPTH=1: shallower trees, chains
         self._depth_prices: torch.Tensor | None = None  # [W] uncorrected ms of this step's depth
         self.full_num_steps = self.speculative_num_steps
         self.plain_costs: LiveCosts | None = None
@@ -877,6 +948,13 @@ class EvictWorkerV2(EAGLEWorkerV2):
         ``(S - d) / S`` of the full tree's measured drafting: its width-1 step less a plain step),
         corrected by each depth's own measured steps (``DepthController.record_step``).
 
+        Chains (``EVICT_DEPTH_CHAIN=1``, :func:`served_chains`): a chain of d tokens is a draft
+        state at topk 1 (one row per request: SGLang's MoE default is the (3, 1, 4) chain), drafted
+        by :meth:`EvictDraftWorker._chain_draft_forward` with the drafter's probabilities, its
+        verify tree built at topk 1 and verified on the width states like a tree. It is priced as
+        the tree of its depth until its own steps are measured (or from the table's topk-1
+        drafting), and the controller weighs it as a second family with its own reliability.
+
         With TP > 1 every rank plans, then the ranks agree on the deepest plan (one host
         ``all_reduce(MAX)`` of the shape index over the TP group's CPU group, as for widths): ranks
         that drafted differently would run collectives of different sizes. The plain step's timings
@@ -886,13 +964,15 @@ class EvictWorkerV2(EAGLEWorkerV2):
         s, k = self.speculative_num_steps, self.topk
         widths = tuple(int(w) for w in self.truncation_policy.widths.tolist())
         depths, why = served_depths(self.evict_config, s, k, self.full_num_draft_tokens, widths)
-        shapes = [DraftShape(k, 0)] + [DraftShape(k, d) for d in depths]
+        chains = served_chains(self.evict_config, s, k, self.full_num_draft_tokens, widths)
+        # the full tree last (the shape forced while its widths are timed, and the fallback)
+        shapes = [DraftShape(k, 0), *(DraftShape(1, d) for d in chains), *(DraftShape(k, d) for d in depths)]
         tp = get_parallel().tp_size
         if self.live_costs is not None:
             reduce = tp_max_reduce(get_tp_group().cpu_group) if tp > 1 else None
             self.plain_costs = LiveCosts((1,), self.live_costs.batch_sizes, None, reduce=reduce)
-        for d in depths[:-1]:
-            self.depth_states[d] = self._build_depth_state(d, widths)
+        for shape in shapes[1:-1]:
+            self.depth_states[shape] = self._build_depth_state(shape, widths)
         # probe_budget=0: the full tree's served cost is measured on its own steps, so a probe is
         # also how a tree priced too dear by a stale table gets re-measured
         self.depth = DepthController(shapes, widths, self._depth_costs, probe_budget=0.0)
@@ -906,34 +986,40 @@ class EvictWorkerV2(EAGLEWorkerV2):
                 "request repeats only when the depth decisions do; greedy output is unaffected"
             )
         drafted = ", ".join(
-            f"d={d}: {st.num_draft_tokens - 1} of {num_candidates(d, k)}"
-            for d, st in self.depth_states.items()
+            f"{shape}: {st.num_draft_tokens - 1} of {shape.candidates}"
+            for shape, st in self.depth_states.items()
         )
+        chain_line = f" or a chain of {', '.join(map(str, chains))}" if chains else ""
         log_info_on_rank0(
             logger,
             f"EVICT: depth decision on: plain decoding or the ({s}, {k}) tree drafted to depth "
-            f"{', '.join(map(str, depths))} each step{f' (candidates kept: {drafted})' if drafted else ''}"
+            f"{', '.join(map(str, depths))}{chain_line} each step{f' (candidates kept: {drafted})' if drafted else ''}"
             f"{f'; only the full depth: {why}' if why else ''}; a plain step's cost is "
             f"{'timed on the served steps' if self.plain_costs else 'from the cost table'}"
             f"{f', agreed across {tp} TP ranks' if self.depth_agreement else ''}",
         )
 
-    def _depth_width(self, depth: int, widths: tuple[int, ...]) -> int:
-        """``n_d``: the widest captured width a depth-``depth`` tree fills (root included)."""
-        return depth_width(depth, self.topk, self.full_num_draft_tokens, widths)
+    def _depth_width(self, depth: int, widths: tuple[int, ...], topk: int | None = None) -> int:
+        """``n_d``: the widest captured width a depth-``depth`` tree (of the server's topk, or
+        ``topk``: 1 for a chain) fills (root included)."""
+        return depth_width(depth, topk or self.topk, self.full_num_draft_tokens, widths)
 
-    def _build_depth_state(self, depth: int, widths: tuple[int, ...]) -> DraftDepthState:
-        """The draft-decode state for ``depth`` steps: its multi-step attention backend and, with
-        CUDA graphs, its draft graph (captured into the shared pool, the draft extend graph left
-        out: extends run on the width states). Restores the worker's own state afterwards."""
+    def _build_depth_state(self, shape: DraftShape, widths: tuple[int, ...]) -> DraftDepthState:
+        """The draft-decode state for ``shape``: its multi-step attention backend for ``shape.depth``
+        steps of ``shape.topk`` rows per request and, with CUDA graphs, its draft graph (captured
+        into the shared pool, the draft extend graph left out: extends run on the width states).
+        Restores the worker's own state afterwards."""
         dw = self._draft_worker
-        n_d = self._depth_width(depth, widths)
+        depth, topk = shape.depth, shape.topk
+        n_d = self._depth_width(depth, widths, topk)
         tic, before = time.perf_counter(), self._free_gpu_gb()
         graphs = dw.cuda_graph_runner is not None  # the server captures draft-decode graphs
+        tree_topk = dw.topk
         with self._override_worker_state(depth, n_d), self._capture_context():
+            dw.topk = topk  # a chain's backend and graph hold one row per request
             dw.draft_attn_backend = dw.draft_runner.draft_attn_backend = DraftBackendFactory(
                 dw.draft_runner,
-                dw.topk,
+                topk,
                 depth,
                 seed_dsa_topk_from_draft_extend=dw.seed_dsa_topk_from_draft_extend,
                 qsa_profile=parse_qsa_profile(dw.draft_runner.model_config.hf_config),
@@ -946,10 +1032,13 @@ class EvictWorkerV2(EAGLEWorkerV2):
                         dw._capture_cuda_graphs()
             finally:
                 dw.full_num_draft_tokens = full_n
-            state = DraftDepthState(depth, n_d, dw.draft_attn_backend, dw.cuda_graph_runner)
+                dw.topk = tree_topk
+            state = DraftDepthState(
+                depth, n_d, dw.draft_attn_backend, dw.cuda_graph_runner, topk if topk != tree_topk else None
+            )
         log_info_on_rank0(
             logger,
-            f"EVICT: depth {depth} draft state (keeps {n_d - 1} of {num_candidates(depth, self.topk)} "
+            f"EVICT: {shape} draft state (keeps {n_d - 1} of {shape.candidates} "
             f"candidates) in {time.perf_counter() - tic:.1f} s, {before - self._free_gpu_gb():.3f} GB",
         )
         return state
@@ -959,8 +1048,10 @@ class EvictWorkerV2(EAGLEWorkerV2):
 
     @contextlib.contextmanager
     def _at_depth(self, state: DraftDepthState, batch_size: int) -> Iterator[None]:
-        """Draft this step ``state.steps`` deep (SGLang's own draft, on the depth's state); verify and
-        draft extend stay on the width states. Everything is restored afterwards."""
+        """Draft this step ``state.steps`` deep (SGLang's own draft, on the depth's state; a chain:
+        :meth:`EvictDraftWorker._chain_draft_forward`, its verify tree built at topk 1); verify and
+        draft extend stay on the width states, the draft extend at the tree's topk. Everything is
+        restored afterwards."""
         dw = self._draft_worker
         fields = [
             (self, "speculative_num_steps"),
@@ -970,10 +1061,12 @@ class EvictWorkerV2(EAGLEWorkerV2):
             (dw.draft_runner, "draft_attn_backend"),
             (dw, "cuda_graph_runner"),
             (dw, "step_cost"),
+            (dw, "topk"),
         ]
         saved = [getattr(obj, name) for obj, name in fields]
-        row = self.depth.index[DraftShape(self.topk, state.steps)]
+        row = self.depth.index[DraftShape(state.topk or self.topk, state.steps)]
         self.speculative_num_steps = dw.speculative_num_steps = state.steps
+        dw.topk = state.topk or dw.topk  # draft and verify input at the chain's topk 1
         dw.full_num_draft_tokens = state.num_draft_tokens
         dw.draft_attn_backend = dw.draft_runner.draft_attn_backend = state.draft_attn_backend
         dw.cuda_graph_runner = state.cuda_graph_runner
@@ -996,21 +1089,29 @@ class EvictWorkerV2(EAGLEWorkerV2):
             return float(table.shape_cost(batch_size, [1], self.topk, 0)[0])
         return float(full[0])  # an upper bound: the tree drafted, then cut to the root
 
-    def _skipped_share(self, batch_size: int, depth: int) -> float:
-        """The share of the full tree's drafting that a ``depth``-step draft does not run."""
+    def _skipped_share(self, batch_size: int, shape: DraftShape) -> float:
+        """The share of the full tree's drafting that drafting ``shape`` does not run.
+
+        From the table's per-shape drafting where it prices the shape's topk that deep, else
+        ``(S - d) / S``: a chain then starts priced like the tree of its depth (on a GPU at small
+        batches, one row per request costs about what ``topk`` do), and its own measured steps
+        correct it (``DepthController.record_step``)."""
         s, k, table = self.full_num_steps, self.topk, self.cost_prior
-        if self._table_prices_depths():
+        if self._table_prices_depths() and self._table_prices_depths(shape.topk, shape.depth):
             full = table.draft_cost(batch_size, k, s) - table.draft_cost(batch_size, k, 0)
             if full > 0:
-                skip = table.draft_cost(batch_size, k, s) - table.draft_cost(batch_size, k, depth)
+                skip = table.draft_cost(batch_size, k, s) - table.draft_cost(
+                    batch_size, shape.topk, shape.depth
+                )
                 return min(max(skip / full, 0.0), 1.0)
-        return (s - depth) / s
+        return (s - shape.depth) / s
 
-    def _table_prices_depths(self) -> bool:
+    def _table_prices_depths(self, topk: int | None = None, depth: int | None = None) -> bool:
+        """Whether the start-up table prices drafting ``topk`` (default: the tree's) ``depth`` deep
+        (default: the full depth)."""
         table = self.cost_prior
-        return (
-            table is not None and getattr(table, "draft_shapes", {}).get(self.topk, 0) >= self.full_num_steps
-        )
+        need = self.full_num_steps if depth is None else depth
+        return table is not None and getattr(table, "draft_shapes", {}).get(topk or self.topk, 0) >= need
 
     def _depth_costs(self, batch_size: int) -> torch.Tensor:
         """``[D, W]`` ms of each offered shape at each width (uncorrected; the controller applies its
@@ -1019,18 +1120,16 @@ class EvictWorkerV2(EAGLEWorkerV2):
         full = self.truncation_policy.step_cost(batch_size).detach().to("cpu", torch.float64)
         plain = self._plain_cost(batch_size, full)
         rows = [torch.full_like(full, plain)]
-        s = self.full_num_steps
         widths = self.truncation_policy.widths  # host tensor
         for shape in self.depth.shapes[1:] if self.depth is not None else ():
-            d = shape.depth
-            if d == s:
+            if shape not in self.depth_states:  # the full tree
                 rows.append(full)
                 continue
             # the full tree's drafting as this server prices it (its width-1 step less a plain
-            # step: both measured once live costs run), times the share a depth-d draft skips
-            # (from the table's per-depth drafting when it has one, else (S - d) / S)
-            skipped = max(float(full[0]) - plain, 0.0) * self._skipped_share(batch_size, d)
-            n_d = self.depth_states[d].num_draft_tokens
+            # step: both measured once live costs run), times the share this shape's draft skips
+            # (from the table's per-shape drafting when it has one, else (S - d) / S)
+            skipped = max(float(full[0]) - plain, 0.0) * self._skipped_share(batch_size, shape)
+            n_d = self.depth_states[shape].num_draft_tokens
             row = (full - skipped).clamp(min=plain)
             row[widths > n_d] = float("inf")
             rows.append(row)
@@ -1056,12 +1155,11 @@ class EvictWorkerV2(EAGLEWorkerV2):
         """A drafted tree's kept scores ``[bs, n-1]`` at their flat candidate indices: the
         controller's input. The kept nodes are the drafter's best ``n-1`` of the tree, so for every
         depth cap the kept ones of that depth are its best too (exact up to their count)."""
-        d = self._draft_worker.speculative_num_steps
-        flat = torch.zeros(
-            (scores.shape[0], num_candidates(d, self.topk)), dtype=torch.float32, device=scores.device
-        )
+        dw = self._draft_worker
+        shape = DraftShape(dw.topk, dw.speculative_num_steps)  # the chain's topk 1 while one is drafted
+        flat = torch.zeros((scores.shape[0], shape.candidates), dtype=torch.float32, device=scores.device)
         flat.scatter_(1, top_scores_index.long(), scores.float())
-        self.depth.observe(DraftShape(self.topk, d), flat)
+        self.depth.observe(shape, flat)
 
     # -- live step costs ------------------------------------------------------------------------
     def _start_live_costs(self, policy: TruncationPolicy) -> TruncationPolicy:
@@ -1131,8 +1229,8 @@ class EvictWorkerV2(EAGLEWorkerV2):
 
         A plain step (EVICT_DEPTH=1) is timed as width 0 and its samples go to ``plain_costs``: it
         verifies one token like a tree cut to width 1, but drafts nothing. A step that drafted a
-        shallower tree is timed as width ``-depth`` with its uncorrected price, never entering the
-        full tree's table. With EVICT_DEPTH=1 every sample also goes to
+        shallower tree or a chain is timed as width ``-i`` (``i``: the shape's index in
+        ``DepthController.shapes``) with its uncorrected price, never entering the full tree's table. With EVICT_DEPTH=1 every sample also goes to
         ``DepthController.record_step`` under its shape.
         """
         live, timer, plain = self.live_costs, self.step_timer, getattr(self, "plain_costs", None)
@@ -1145,11 +1243,11 @@ class EvictWorkerV2(EAGLEWorkerV2):
             if width == 0:
                 predicted = plain.predict(batch_size, 1) if plain is not None else float("nan")
                 price_measured = plain is not None and plain.measured(batch_size, 1)
-            elif shape is not None and shape.depth in self.depth_states:
+            elif shape is not None and shape in self.depth_states:
                 j = self._draft_worker._host_widths(self.truncation_policy).index(width)
                 predicted = float(self._depth_prices[j])  # priced by _at_depth for this step
                 price_measured = True  # a modelled price: what its correction is for
-                width = -shape.depth
+                width = -self.depth.index[shape]
             else:
                 predicted = live.predict(batch_size, width) if width in live.widths else float("nan")
                 price_measured = live.measured(batch_size, width)
@@ -1178,10 +1276,11 @@ class EvictWorkerV2(EAGLEWorkerV2):
             self._refresh_live_costs()
 
     def _sampled_shape(self, width: int) -> DraftShape:
-        """The shape a timing sample's width tags: 0 plain, -d a depth-d tree, else the full tree."""
+        """The shape a timing sample's width tags: 0 plain, -i the controller's shape i (a shallower
+        tree or a chain), else the full tree."""
         if width == 0:
             return self.depth.shapes[0]
-        return DraftShape(self.topk, -width) if width < 0 else self.depth.shapes[-1]
+        return self.depth.shapes[-width] if width < 0 else self.depth.shapes[-1]
 
     def _refresh_live_costs(self) -> None:
         """Copy the published table into the rows the policy reads; log and cache newly measured cells."""
@@ -1284,11 +1383,13 @@ class EvictWorkerV2(EAGLEWorkerV2):
             predicted = ", ".join(f"{w}: {b / 2**30:.3f}" for w, b in reserve.gpu_bytes.items())
             line = f"EVICT: predicted graph memory per extra width (GB, {reserve.basis}): {predicted or '-'}"
             if getattr(self, "depth_states", None):  # EVICT_DEPTH=1: measured in each depth's line
-                drafts = depth_graph_reserve(
-                    str(backend), list(self.depth_states), self.topk, sizes, int(context_len)
-                )
-                per_depth = ", ".join(f"d={d}: {b / 2**30:.3f}" for d, b in drafts.gpu_bytes.items())
-                line += f"; per shallower depth's draft graphs: {per_depth}"
+                per_depth = []
+                for topk in sorted({sh.topk for sh in self.depth_states}, reverse=True):
+                    depths = [sh.depth for sh in self.depth_states if sh.topk == topk]
+                    drafts = depth_graph_reserve(str(backend), depths, topk, sizes, int(context_len))
+                    name = "chain" if topk == 1 else "d"
+                    per_depth += [f"{name}={d}: {b / 2**30:.3f}" for d, b in drafts.gpu_bytes.items()]
+                line += f"; per shallower depth's and chain's draft graphs: {', '.join(per_depth)}"
             break
         try:
             usage = self.graph_memory_usage
@@ -1500,8 +1601,8 @@ class EvictWorkerV2(EAGLEWorkerV2):
                 result = super().forward_batch_generation(batch, **kwargs)
             finally:
                 self.speculative_num_steps = steps
-        elif shape is not None and shape.depth in self.depth_states:  # a shallower tree
-            with self._at_depth(self.depth_states[shape.depth], int(batch.seq_lens.shape[0])):
+        elif shape is not None and shape in self.depth_states:  # a shallower tree, or a chain
+            with self._at_depth(self.depth_states[shape], int(batch.seq_lens.shape[0])):
                 result = super().forward_batch_generation(batch, **kwargs)
         else:
             result = super().forward_batch_generation(batch, **kwargs)

@@ -36,6 +36,7 @@ from evict.plugin.server_args_hook import MIB, depth_graph_reserve, width_graph_
 from evict.plugin.tp_sync import WidthAgreement, policy_fingerprint  # noqa: E402
 from evict.plugin.tree_cut import ScoreSink  # noqa: E402
 from evict.truncation import AcceptanceEstimator, TruncationPolicy  # noqa: E402
+from evict.truncation.depth import DraftShape  # noqa: E402
 from evict.truncation.tree import num_candidates  # noqa: E402
 
 pytestmark = pytest.mark.sglang
@@ -247,10 +248,14 @@ def test_the_start_up_log_shows_the_predicted_reserve_beside_sglangs_estimate(mo
     assert f"4: {want:.3f}" in line and "target_verify=0.750" in line and "draft_extend=0.250" in line
     assert "depth" not in line
     # EVICT_DEPTH=1: each shallower depth's draft graphs are predicted too (measured in its own line)
-    w.depth_states, w.topk = {1: None, 2: None}, 4
+    # and each chain's (EVICT_DEPTH_CHAIN=1: one row per request)
+    w.depth_states, w.topk = {DraftShape(4, 1): None, DraftShape(4, 2): None, DraftShape(1, 3): None}, 4
     line = w._memory_estimates()
     drafts = depth_graph_reserve("flashinfer", (1, 2), 4, [1, 2, 4], 1000)
     assert f"d=2: {drafts.gpu_bytes[2] / 2**30:.3f}" in line and "d=1: " in line
+    chains = depth_graph_reserve("flashinfer", (3,), 1, [1, 2, 4], 1000)
+    assert f"chain=3: {chains.gpu_bytes[3] / 2**30:.3f}" in line
+    assert chains.gpu_bytes[3] < depth_graph_reserve("flashinfer", (3,), 4, [1, 2, 4], 1000).gpu_bytes[3]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -206,17 +206,25 @@ def test_live_costs_default_off_only_under_deterministic_inference(env, determin
 
 
 def _depth_pricing_worker(table: CostTable | None, widths=(1, 2, 4, 8)):
-    """An EVICT worker (S=3, topk 4, N=8) offering plain decoding and depths 1..3, priced by ``table``."""
+    """An EVICT worker (S=3, topk 4, N=8) offering plain decoding, the chain of 3 and tree depths
+    1..3 (the order ``_start_depth`` lists them in), priced by ``table``."""
     from evict.truncation.depth import DepthController, DraftShape
 
     w = object.__new__(evict_worker.EvictWorkerV2)
     w.full_num_draft_tokens, w.full_num_steps, w.speculative_num_steps, w.topk = 8, 3, 3, 4
     w.cost_prior, w.plain_costs = table, None
     w.truncation_policy = TruncationPolicy(lambda bs, ws: 10.0 + ws.float(), widths=list(widths))
+    shapes = [DraftShape(4, 0), DraftShape(1, 3), *(DraftShape(4, d) for d in (1, 2, 3))]
     w.depth_states = {
-        d: evict_worker.DraftDepthState(d, w._depth_width(d, tuple(widths)), None, None) for d in (1, 2)
+        sh: evict_worker.DraftDepthState(
+            sh.depth,
+            w._depth_width(sh.depth, tuple(widths), sh.topk),
+            None,
+            None,
+            sh.topk if sh.topk == 1 else None,
+        )
+        for sh in shapes[1:-1]
     }
-    shapes = [DraftShape(4, d) for d in range(4)]
     w.depth = DepthController(shapes, list(widths), w._depth_costs, probe_budget=0.0)
     return w
 
@@ -224,12 +232,20 @@ def _depth_pricing_worker(table: CostTable | None, widths=(1, 2, 4, 8)):
 def test_a_shallower_depth_costs_the_full_step_less_the_drafting_it_skips():
     # no table pricing drafting: the full tree's width-1 step (11 ms) is plain decoding's (11 ms,
     # an upper bound without a table) plus drafting 0 ms, so nothing is skipped
+    from evict.truncation.depth import DraftShape
+
     w = _depth_pricing_worker(None)
-    assert {d: st.num_draft_tokens for d, st in w.depth_states.items()} == {1: 4, 2: 8}
+    assert {str(sh): st.num_draft_tokens for sh, st in w.depth_states.items()} == {
+        "chain(3,1)": 4,
+        "tree(1,4)": 4,
+        "tree(2,4)": 8,
+    }
+    row = {str(sh): i for i, sh in enumerate(w.depth.shapes)}
     cost = w._depth_costs(1)
     full = torch.tensor([11.0, 12.0, 14.0, 18.0], dtype=torch.float64)
-    assert torch.equal(cost[3], full) and torch.equal(cost[0], torch.full_like(full, 11.0))
-    assert torch.equal(cost[1][:3], full[:3]) and math.isinf(cost[1][3])  # depth 1 fills width 4 at most
+    assert torch.equal(cost[-1], full) and torch.equal(cost[0], torch.full_like(full, 11.0))
+    for name in ("tree(1,4)", "chain(3,1)"):  # both fill width 4 at most
+        assert torch.equal(cost[row[name]][:3], full[:3]) and math.isinf(cost[row[name]][3]), name
     # a table pricing drafting per depth: plain = the step less all drafting; depth d skips the
     # table's share of it (drafting 1 step costs 1 ms, 2 steps 3 ms, 3 steps 6 ms; extend 0.5 ms)
     table = CostTable.from_dict(
@@ -241,7 +257,8 @@ def test_a_shallower_depth_costs_the_full_step_less_the_drafting_it_skips():
             "widths": [1, 2, 4, 8],
             "latency_ms": {k: [[10.0, 11.0, 13.0, 17.0]] * 2 for k in ("median", "p10", "p90")},
             "fixed_ms": [6.0, 6.0],
-            "draft_ms": {"4": [[0.5, 1.0, 3.0, 6.0]] * 2},
+            # the chain of 3 drafts one row per request: 2 ms against the tree's 6
+            "draft_ms": {"4": [[0.5, 1.0, 3.0, 6.0]] * 2, "1": [[0.5, 0.8, 1.3, 2.0]] * 2},
         }
     )  # fmt: skip
     w = _depth_pricing_worker(table)
@@ -249,16 +266,22 @@ def test_a_shallower_depth_costs_the_full_step_less_the_drafting_it_skips():
     cost = w._depth_costs(1)
     full = torch.tensor([16.0, 17.0, 19.0, 23.0], dtype=torch.float64)
     plain = 16.0 - 6.0 + 0.5
-    assert torch.allclose(cost[3], full) and torch.allclose(cost[0], torch.full_like(full, plain))
+    assert torch.allclose(cost[-1], full) and torch.allclose(cost[0], torch.full_like(full, plain))
     drafting = 16.0 - plain  # 5.5 ms: the full tree's width-1 step less a plain step
-    for d, share in ((1, (6.0 - 1.0) / 5.5), (2, (6.0 - 3.0) / 5.5)):
+    for shape, share in (
+        (DraftShape(4, 1), (6.0 - 1.0) / 5.5),
+        (DraftShape(4, 2), (6.0 - 3.0) / 5.5),
+        (DraftShape(1, 3), (6.0 - 2.0) / 5.5),
+    ):
+        i = w.depth.index[shape]
         row = (full - drafting * share).clamp(min=plain)
-        n_d = w.depth_states[d].num_draft_tokens
+        n_d = w.depth_states[shape].num_draft_tokens
         want = torch.where(torch.tensor([1, 2, 4, 8]) > n_d, torch.tensor(math.inf, dtype=torch.float64), row)
-        assert torch.allclose(cost[d], want), (d, cost[d], want)
-    # what the controller compares is corrected by each depth's measured steps
-    w.depth.record_step(w.depth.shapes[1], 1, float(cost[1, 2]), 2.0 * float(cost[1, 2]))
-    assert torch.allclose(w.depth.priced(1)[1], 2.0 * cost[1])
+        assert torch.allclose(cost[i], want), (shape, cost[i], want)
+    # what the controller compares is corrected by each shape's measured steps
+    i = w.depth.index[DraftShape(4, 1)]
+    w.depth.record_step(w.depth.shapes[i], 1, float(cost[i, 2]), 2.0 * float(cost[i, 2]))
+    assert torch.allclose(w.depth.priced(1)[i], 2.0 * cost[i])
 
 
 def test_each_served_shape_is_corrected_by_its_own_timed_steps(monkeypatch, tmp_path):
@@ -273,7 +296,7 @@ def test_each_served_shape_is_corrected_by_its_own_timed_steps(monkeypatch, tmp_
     w.truncation_policy = w._start_live_costs(TruncationPolicy(table, widths=[4, 8]))
     shapes = [DraftShape(4, 0), DraftShape(4, 1), DraftShape(4, 3)]
     w.depth = DepthController(shapes, [4, 8], lambda bs: torch.ones(3, 2), probe_budget=0.0)
-    w.depth_states = {1: evict_worker.DraftDepthState(1, 4, None, None)}
+    w.depth_states = {shapes[1]: evict_worker.DraftDepthState(1, 4, None, None)}
     w.plain_costs, w._plain_step = None, False
     w._draft_worker._host_widths = lambda policy: tuple(int(v) for v in policy.widths.tolist())
     clock = [0.0]

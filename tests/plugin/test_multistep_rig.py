@@ -430,6 +430,7 @@ class Rig:
     ) -> None:
         self.depth = depth
         self.draft_depth: int | None = None  # a scripted shallower depth for the next tree step
+        self.draft_topk = TOPK  # 1: the next step drafts a chain (EVICT_DEPTH_CHAIN)
         self.g = torch.Generator().manual_seed(seed)
         # SGLang draws the verify coins from the global generator (no per-request seed here): seed it
         # too, so that a run is reproducible (unseeded, the coverage checks failed about 1 run in 15)
@@ -593,7 +594,7 @@ class Rig:
         dw = object.__new__(evict_worker.EvictDraftWorker)
         dw.full_num_draft_tokens = dw.speculative_num_draft_tokens = N
         dw.kill_switch = False
-        dw.topk, dw.speculative_num_steps = TOPK, STEPS
+        dw.topk, dw.tree_topk, dw.speculative_num_steps = TOPK, TOPK, STEPS
         dw.score_sink = ScoreSink(rows=BS, cols=N - 1, device="cpu")
         dw.req_to_token_pool = self.req_to_token_pool
         dw.draft_runner, dw.target_worker = draft_model, target
@@ -657,18 +658,28 @@ class Rig:
             rig = self
 
             class ScriptedDepth(DepthController):
-                def plan(self, batch_size):  # the scripted depth (default: the full tree)
+                def plan(self, batch_size):  # the scripted shape (default: the full tree)
                     d = 0 if rig.policy.want == 0 else (rig.draft_depth or STEPS)
-                    return self._count(DraftShape(TOPK, d))
+                    return self._count(DraftShape(TOPK if d == 0 else rig.draft_topk, d))
 
-            shapes = [DraftShape(TOPK, d) for d in range(STEPS + 1)]
+            # as _start_depth lists them: plain, the chains that fill a width, the tree's depths
+            chains = [d for d in range(2, STEPS + 1) if d + 1 in WIDTHS]
+            shapes = [
+                DraftShape(TOPK, 0),
+                *(DraftShape(1, d) for d in chains),
+                *(DraftShape(TOPK, d) for d in range(1, STEPS + 1)),
+            ]
             # every shape priced as the scripted policy prices the widths: only the scripted width pays
             scripted = lambda bs: w.truncation_policy.step_cost(bs).expand(len(shapes), -1)  # noqa: E731
             w.depth = ScriptedDepth(shapes, list(WIDTHS), scripted)
             for d in range(1, STEPS):
                 n_d = w._depth_width(d, WIDTHS)
-                w.depth_states[d] = evict_worker.DraftDepthState(
+                w.depth_states[DraftShape(TOPK, d)] = evict_worker.DraftDepthState(
                     d, n_d, WidthBackend("draft decode", n_d), None
+                )
+            for d in chains:
+                w.depth_states[DraftShape(1, d)] = evict_worker.DraftDepthState(
+                    d, d + 1, WidthBackend("draft decode", d + 1), None, 1
                 )
             dw.depth_observer = w._observe_tree
         return w
@@ -761,15 +772,16 @@ class Rig:
                 assert got[b, :n_acc].tolist() == self.rec.accept_index[b, :n_acc].tolist()
             hidden[:, 0] = torch.arange(rows, dtype=hidden.dtype)  # row marker: shows select_index
         else:
+            dw = self.worker._draft_worker
             if self.rec.draft_calls == 0:  # the draft writes topk*steps slots past each prefix, all owned
-                b, span = self.batch, TOPK * self.worker._draft_worker.speculative_num_steps
+                b, span = self.batch, dw.topk * dw.speculative_num_steps
                 for i, r in enumerate(self.reqs):
                     seq = int(b.seq_lens[i])
                     assert seq + span <= r.kv.kv_allocated_len
                     want = self.req_to_token_pool.req_to_token[r.kv.req_pool_idx, seq : seq + span].long()
                     assert torch.equal(b.out_cache_loc.view(BS, span)[i], want)
             self.rec.draft_calls += 1
-            assert rows == BS * TOPK and fb.out_cache_loc.numel() == BS * TOPK
+            assert rows == BS * self.draft_topk == BS * dw.topk and fb.out_cache_loc.numel() == rows
         return SimpleNamespace(
             logits_output=LogitsProcessorOutput(next_token_logits=logits, hidden_states=hidden)
         )
@@ -855,9 +867,10 @@ class Rig:
         )
 
     # -- one decode step --------------------------------------------------------------------------
-    def run_step(self, want: int, depth: int = STEPS) -> None:
-        """One tree step drafted ``depth`` deep (EVICT_DEPTH=1 below the full depth), verified at ``want``."""
-        self.draft_depth = depth
+    def run_step(self, want: int, depth: int = STEPS, topk: int = TOPK) -> None:
+        """One tree step drafted ``depth`` deep (EVICT_DEPTH=1 below the full depth; ``topk`` 1: a
+        chain of ``depth``), verified at ``want``."""
+        self.draft_depth, self.draft_topk = depth, topk
         rec, b = self.rec, self.batch
         rec.__dict__.clear()
         rec.draft_calls = 0
@@ -879,17 +892,22 @@ class Rig:
         # -- the width: chosen, verified, and drafted-extended at the same m ---------------------
         assert self.worker._draft_worker.last_decision is not None
         assert self.worker._draft_worker.last_decision.width == m, ctx
-        n_d = N if depth == STEPS else self.worker.depth_states[depth].num_draft_tokens
-        ctx += f", depth {depth}" if depth != STEPS else ""
+        shape = DraftShape(topk, depth)
+        n_d = N if shape not in self.worker.depth_states else self.worker.depth_states[shape].num_draft_tokens
+        ctx += f", {shape}" if shape in self.worker.depth_states else ""
         assert rec.organized_width == n_d, f"{ctx}: drafting must organize the whole tree it drafted"
         assert rec.draft_calls == depth - 1, ctx
         assert rec.build["num_steps"] == depth, (
             f"{ctx}: the verify tree was built with depth {rec.build['num_steps']}"
         )
+        assert rec.build["topk"] == topk, f"{ctx}: the verify tree was built at topk {rec.build['topk']}"
         assert (
             self.worker.speculative_num_steps == STEPS
             and self.worker._draft_worker.full_num_draft_tokens == N
+            and self.worker._draft_worker.topk == TOPK
         )
+        # the draft extend ran at the tree's topk: the next step may draft the tree
+        assert result.next_draft_input.topk_p.shape == (BS, TOPK), ctx
         assert rec.verify_width == m and result.speculative_num_draft_tokens == m, ctx
         assert rec.extend_width == m, f"{ctx}: verify ran at width {m}, draft extend at {rec.extend_width}"
         assert rec.extend_tokens_per_req == m, ctx
@@ -913,7 +931,7 @@ class Rig:
         tree = DraftTree(
             tree_scores,
             torch.cat(token_list, 1),
-            sglang_parents(parents_list, TOPK, tree_scores.shape[1]),
+            sglang_parents(parents_list, topk, tree_scores.shape[1]),
         )
         kept = rec.build["top_scores_index"]
         assert kept.shape == (BS, m - 1), ctx
@@ -1304,7 +1322,8 @@ def test_shallower_draft_depths_stay_lossless(monkeypatch, sampling):
     KV accounting and the acceptance."""
     rig = Rig(monkeypatch, sampling=sampling, mask_mode=TreeMaskMode.FULL_MASK, seed=11, depth=True)
     w = rig.worker
-    assert {d: st.num_draft_tokens for d, st in w.depth_states.items()} == {1: 5, 2: 16, 3: 16, 4: 16}
+    trees = {sh.depth: st.num_draft_tokens for sh, st in w.depth_states.items() if sh.topk == TOPK}
+    assert trees == {1: 5, 2: 16, 3: 16, 4: 16}
     for want, depth in SHALLOW_SCRIPT:
         rig.policy.want = want
         if want == 0:
@@ -1314,5 +1333,48 @@ def test_shallower_draft_depths_stay_lossless(monkeypatch, sampling):
     assert rig.finished >= 1, "requests finish and free their KV during the run"
     counts = {s.depth: n for s, n in w.depth.counts_by_shape.items()}
     assert counts == dict(collections.Counter(d for _, d in SHALLOW_SCRIPT)), counts
-    assert all(w.depth._seen_host), "every depth's scores reached the controller"
+    seen = [s for s, ok in zip(w.depth.shapes, w.depth._seen_host, strict=True) if not ok]
+    assert all(s.topk == 1 for s in seen), f"every depth's scores reached the controller, not {seen}"
     assert any(a > 1 for (m, a) in rig.accepted_at if m > 1), "shallower trees still accept drafts"
+
+
+# (width, depth, topk): chains of 2..4 (each filling width 3, 4, 5) between trees of every depth
+# and plain steps, chain to tree and back, chains cut below their length too
+CHAIN_SCRIPT = [
+    (4, 3, 1), (16, 5, 4), (3, 2, 1), (0, 0, 4), (5, 4, 1), (5, 4, 1), (2, 1, 4), (2, 3, 1),
+    (8, 2, 4), (4, 4, 1), (0, 0, 4), (3, 3, 1), (16, 4, 4), (1, 2, 1), (4, 3, 1), (5, 5, 4),
+] * 2  # fmt: skip
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampling"])
+def test_chains_between_trees_stay_lossless(monkeypatch, sampling):
+    """EVICT_DEPTH=1 drafting a chain (EVICT_DEPTH_CHAIN, issue 20): EVICT's topk-1 draft loop on
+    the chain's own draft state (one row per request, the drafter's probabilities as scores), its
+    verify tree built at topk 1 on the width states, and the draft extend back at the tree's topk,
+    so the next step can draft the tree. The rig checks each step as for trees: draft calls and
+    rows, the verified nodes against the reference cut, KV, acceptance (greedy: the target's
+    tokens; sampling: the reference acceptance on the same uniforms)."""
+    rig = Rig(monkeypatch, sampling=sampling, mask_mode=TreeMaskMode.FULL_MASK, seed=5, depth=True)
+    w = rig.worker
+    chains = {sh.depth: st.num_draft_tokens for sh, st in w.depth_states.items() if sh.topk == 1}
+    assert chains == {2: 3, 3: 4, 4: 5}, chains
+    for want, depth, topk in CHAIN_SCRIPT:
+        rig.policy.want = want
+        if want == 0:
+            rig.run_plain_step()
+        else:
+            rig.run_step(want, depth, topk)
+    assert rig.finished >= 1, "requests finish and free their KV during the run"
+    want_counts = collections.Counter(str(DraftShape(k, d)) for _, d, k in CHAIN_SCRIPT)
+    assert {str(s): n for s, n in w.depth.counts_by_shape.items()} == dict(want_counts)
+    chain_rows = [i for i, s in enumerate(w.depth.shapes) if s.topk == 1]
+    assert all(w.depth._seen_host[i] for i in chain_rows), "every chain's scores reached the controller"
+    # a chain's scores are the drafter's cumulative probabilities, not SGLang's topk-1 ones
+    profile = w.depth._read_profile()
+    for i in chain_rows:
+        d = w.depth.shapes[i].depth
+        row = profile[i, :d]
+        assert bool((row > 0).all() and (row < 1).all()), (w.depth.shapes[i], row)
+        assert bool((row[1:] <= row[:-1] + 1e-6).all()), "a chain's cumulative scores never grow"
+    assert any(a > 1 for (m, a) in rig.accepted_at if m > 1), "chains still accept drafts"

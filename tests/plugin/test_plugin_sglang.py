@@ -270,18 +270,22 @@ def test_the_reserve_follows_the_attention_backends_allocations(models, clean_en
     assert resolution_result(auto, "mem_fraction_static") == pytest.approx(
         round(resolution_result(eagle, "mem_fraction_static") - want.total_gpu_mb / (80 * 1024), 3)
     )
-    # EVICT_DEPTH=1 also captures width 1 (plain steps) and a draft state per shallower depth that
-    # fills a width >= 2 (TREE's depths 1 and 2 of 3, what the worker builds)
+    # EVICT_DEPTH=1 also captures width 1 (plain steps), a draft state per shallower depth that
+    # fills a width >= 2 (TREE's depths 1 and 2 of 3, what the worker builds) and one per chain
+    # whose tokens fill a width (the chain of 3, at topk 1; EVICT_DEPTH_CHAIN=0 leaves it out)
     clean_env.delenv("EVICT_DISABLE")
     clean_env.setenv("EVICT_DEPTH", "1")
-    deep = resolve(models, "EVICT", *TREE)
     sizes = [1, 2, 4, 8, 16, 32, 64]
     widths = server_args_hook.width_graph_reserve("flashinfer", (1, 2, 4, 8), 8, sizes, 4096)
     drafts = server_args_hook.depth_graph_reserve("flashinfer", (1, 2), 4, sizes, 4096)
-    assert resolution_result(deep, "mem_fraction_static") == pytest.approx(
-        round(
-            resolution_result(eagle, "mem_fraction_static")
-            - (widths.total_gpu_mb + drafts.total_gpu_mb) / (80 * 1024),
-            3,
-        )
-    )
+    chain = server_args_hook.depth_graph_reserve("flashinfer", (3,), 1, sizes, 4096)
+    for chains, extra in (("1", chain.total_gpu_mb), ("0", 0.0)):
+        clean_env.setenv("EVICT_DEPTH_CHAIN", chains)
+        deep = resolve(models, "EVICT", *TREE)
+        assert resolution_result(deep, "mem_fraction_static") == pytest.approx(
+            round(
+                resolution_result(eagle, "mem_fraction_static")
+                - (widths.total_gpu_mb + drafts.total_gpu_mb + extra) / (80 * 1024),
+                3,
+            )
+        ), chains

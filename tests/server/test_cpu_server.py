@@ -108,9 +108,9 @@ def _server_specs(log_dir: Path) -> dict[str, CpuServer]:
 
 def _dear_drafting_table(shipped: Path, out: Path) -> Path:
     """The shipped table with drafting priced far above verification (draft_ms), except one draft
-    step at batch size 1: one request at a time the server drafts one step deep (a shallower tree
-    than its own), under load it decodes plainly, and the full tree is drafted only on the warm-up
-    and probe steps."""
+    step at batch size 1 and the chain of 3 under load: one request at a time the server drafts
+    one step deep (a shallower tree than its own), under load it drafts the chain (topk 1) or
+    decodes plainly, and the full tree is drafted only on the warm-up and probe steps."""
     d = json.loads(shipped.read_text())
     steps = int(d["metadata"]["draft_steps"])
     topk = str(d["metadata"]["draft_topk"])
@@ -119,7 +119,10 @@ def _dear_drafting_table(shipped: Path, out: Path) -> Path:
         [0.0, 0.0] + [400.0 * (s - 1) for s in range(2, steps + 1)] if b == 1 else dear
         for b in d["batch_sizes"]
     ]
-    d["draft_ms"] = {topk: rows}
+    chain = [
+        [400.0 * s for s in range(steps + 1)] if b == 1 else [0.0] * (steps + 1) for b in d["batch_sizes"]
+    ]
+    d["draft_ms"] = {topk: rows, "1": chain}
     d["fixed_ms"] = [row[steps] + 1.0 for row in rows]
     out.write_text(json.dumps(d))
     return out
@@ -418,9 +421,9 @@ _SHAPES = re.compile(r"shapes=((?:[a-z]+(?:\(\d+,\d+\))?:\d+,?)+)")
 
 
 def test_depth_decision_goes_plain_and_back_with_identical_output(servers, prompts, reference):
-    """EVICT_DEPTH=1 (issue 20): plain steps (SGLang's steps=0 path), one-step-deep trees and
-    full-tree steps interleave in one server's decoding, and the output is the target's, one request
-    at a time and under load."""
+    """EVICT_DEPTH=1 (issue 20): plain steps (SGLang's steps=0 path), one-step-deep trees, chains
+    (topk 1, EVICT_DEPTH_CHAIN's default) and full-tree steps interleave in one server's decoding,
+    and the output is the target's, one request at a time and under load."""
     server = get(servers, "evict_depth")
     for concurrency in (1, len(prompts)):
         got = greedy_texts(server, prompts, concurrency=concurrency)
@@ -441,12 +444,13 @@ def test_depth_decision_goes_plain_and_back_with_identical_output(servers, promp
     assert found, f"no shapes in EVICT's metrics lines:\n{server.log_tail()}"
     shapes = {k: int(n) for k, n in re.findall(r"([a-z]+(?:\(\d+,\d+\))?):(\d+)", found[-1])}
     tree = sum(n for k, n in shapes.items() if k.startswith("tree"))
-    # one at a time: one step deep; under load: plain (and the plain step's first timings); the
-    # warm-up and probes draft the full (3, 4) tree
-    assert shapes.get("plain", 0) >= 3 and shapes.get("tree(1,4)", 0) >= 3, shapes
+    # one at a time: one step deep; under load: the chain of 3 or plain (and the plain step's
+    # first timings); the warm-up and probes draft the full (3, 4) tree
+    assert shapes.get("plain", 0) >= 1 and shapes.get("tree(1,4)", 0) >= 3, shapes
+    assert shapes.get("chain(3,1)", 0) >= 3, shapes
     assert shapes.get("tree(3,4)", 0) >= 1 and tree == sum(
         shapes.get(f"tree({d},4)", 0) for d in (1, 2, 3)
     ), shapes
-    assert "drafted to depth 1, 2, 3" in log, server.log_tail()
+    assert "drafted to depth 1, 2, 3 or a chain of 3" in log, server.log_tail()
     last = log.rsplit("EVICT: steps=", 1)[-1].splitlines()[0]
     assert "errors=0" in last and "fallbacks=0" in last, last
