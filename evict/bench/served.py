@@ -99,9 +99,12 @@ SERVER_NAMES: dict[str, str] = {
     "evict": "EVICT (raw acceptance)",
     "evict_cal": "EVICT (EVICT_ACCEPTANCE=calibrated)",
     "evict_depth": "EVICT deciding the draft depth (plain, 1..S, full) and the width (EVICT_DEPTH=1)",
+    "evict_depth_tree": "EVICT_DEPTH=1 without chains (EVICT_DEPTH_CHAIN=0)",
 }
 SGLANG_CONFIGS = ("plain", "eagle3_default", "eagle3_adaptive", "eagle3_tree")  # SGLang's own
-EVICT_SERVERS = ("evict", "evict_cal", "evict_depth")
+EVICT_SERVERS = ("evict", "evict_cal", "evict_depth", "evict_depth_tree")
+# ``--servers`` left out: all but the chain A/B (evict_depth_tree), which asks for itself
+DEFAULT_SERVERS = tuple(n for n in SERVER_NAMES if n != "evict_depth_tree")
 # The CPU rig's tests' EVICT tree (evict.testing.cpu_server.EAGLE3_FLAGS, docs/cpu_server.md)
 DEFAULT_TREE = (3, 4, 8)
 DEFAULT_CONCURRENCY = (1, 4, 16)
@@ -174,6 +177,10 @@ def server_specs(
         ),
         "evict_depth": (
             _spec_flags("EVICT", drafter, tree), {**evict, "EVICT_DEPTH": "1"}, tree, f" ({s},{k},{n})",
+        ),
+        "evict_depth_tree": (
+            _spec_flags("EVICT", drafter, tree), {**evict, "EVICT_DEPTH": "1", "EVICT_DEPTH_CHAIN": "0"}, tree,
+            f" ({s},{k},{n})",
         ),
     }  # fmt: skip
     out = []
@@ -742,6 +749,9 @@ def summarize(
                 if other and other in lvl and other != ev:
                     sp = spread(paired_ratios(rounds, ev, other, c))
                     checks[f"{ev}/{other}"] = {**sp, "verdict": _verdict(sp)}
+        if "evict_depth" in lvl and "evict_depth_tree" in lvl:  # what the chains gain or cost
+            sp = spread(paired_ratios(rounds, "evict_depth", "evict_depth_tree", c))
+            checks["evict_depth/evict_depth_tree"] = {**sp, "verdict": _verdict(sp)}
         lvl["_checks"] = checks
         out["levels"][str(c)] = lvl
     out["identity"] = {
@@ -751,6 +761,7 @@ def summarize(
             ("evict_cal", "eagle3_tree"),
             ("evict_depth", "eagle3_tree"),
             ("evict_depth", "plain"),
+            ("evict_depth_tree", "eagle3_tree"),
             ("eagle3_tree", "plain"),
             ("evict", "plain"),
             ("eagle3_default", "plain"),
@@ -983,7 +994,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="smoke run: 3 servers, 1 and 4 concurrent, 3 rounds, 32 tokens"
     )
     p.add_argument(
-        "--servers", nargs="+", choices=list(SERVER_NAMES), help=f"default: all ({' '.join(SERVER_NAMES)})"
+        "--servers",
+        nargs="+",
+        choices=list(SERVER_NAMES),
+        help=f"default: {' '.join(DEFAULT_SERVERS)} (evict_depth_tree only when named)",
     )
     p.add_argument("--reference", choices=list(SERVER_NAMES), help="ratio denominator (default eagle3_default, "
                    "else the first server)")  # fmt: skip
@@ -1084,7 +1098,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         args.rounds = args.rounds or [3]
         args.max_new_tokens = args.max_new_tokens or 32
         args.num_prompts = args.num_prompts or 2
-    servers = args.servers or list(SERVER_NAMES)
+    servers = args.servers or list(DEFAULT_SERVERS)
     levels = args.concurrency or list(DEFAULT_CONCURRENCY)
     args.max_new_tokens = args.max_new_tokens or 48
     args.num_prompts = args.num_prompts or 8

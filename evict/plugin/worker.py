@@ -119,14 +119,16 @@ __all__ = ["EvictDraftWorker", "EvictWorkerV2", "install_hooks"]
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
-# Hooks.  ``EagleDraftWorker.draft`` calls the module-level ``build_eagle_verify_input`` and
-# ``draft_forward`` calls the module-level ``organize_draft_results`` (which drops the cumulative
-# scores).  Both names are wrapped once, at import: the wrappers call SGLang's originals and act
-# only while an EVICT draft worker is drafting (context variables), so EAGLE/EAGLE3 workers in the
-# same process see SGLang's behaviour unchanged.
+# Hooks.  ``EagleDraftWorker.draft`` calls the module-level ``prepare_for_draft`` and
+# ``build_eagle_verify_input``, and ``draft_forward`` calls the module-level
+# ``organize_draft_results`` (which drops the cumulative scores).  The three names are wrapped
+# once, at import: the wrappers call SGLang's originals and act only while an EVICT draft worker is
+# drafting (context variables), so EAGLE/EAGLE3 workers in the same process see SGLang's behaviour
+# unchanged.
 # ---------------------------------------------------------------------------------------------
 _original_organize_draft_results = _eagle_worker_v2.organize_draft_results
 _original_build_eagle_verify_input = _eagle_worker_v2.build_eagle_verify_input
+_original_prepare_for_draft = _eagle_worker_v2.prepare_for_draft
 
 ACTIVE_DRAFT_WORKER: contextvars.ContextVar[EvictDraftWorker | None] = contextvars.ContextVar(
     "evict_active_draft_worker", default=None
@@ -156,10 +158,25 @@ def _build_eagle_verify_input_with_cut(
     )
 
 
+def _prepare_for_draft_tree_window(*args, **kwargs):
+    """SGLang's ``prepare_for_draft``, except that an EVICT chain plans no write window.
+
+    Why: on a GPU, SGLang's topk-1 draft reserves the verify's KV window for all of the chain's
+    tokens up front (``target_translator``: the plan verify and draft extend then write through),
+    but EVICT may cut the chain to fewer. Without a translator the chain takes the tree's path:
+    the draft writes its own slots, verify and draft extend allocate for the width verified.
+    """
+    worker = ACTIVE_DRAFT_WORKER.get()
+    if worker is not None and worker.topk == 1:
+        kwargs["target_translator"] = None
+    return _original_prepare_for_draft(*args, **kwargs)
+
+
 def install_hooks() -> None:
-    """Route the two ``eagle_worker_v2`` names through EVICT's pass-through wrappers (idempotent)."""
+    """Route three ``eagle_worker_v2`` names through EVICT's pass-through wrappers (idempotent)."""
     _eagle_worker_v2.organize_draft_results = _organize_draft_results_with_score_tap
     _eagle_worker_v2.build_eagle_verify_input = _build_eagle_verify_input_with_cut
+    _eagle_worker_v2.prepare_for_draft = _prepare_for_draft_tree_window
 
 
 install_hooks()

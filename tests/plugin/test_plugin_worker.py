@@ -400,6 +400,23 @@ def test_eagle3_draft_workers_are_untouched_by_the_hooks(monkeypatch):
     assert seen == [((1, 2, 3, 4, 5, 6), {"num_draft_tokens": 8, "num_steps": 3})]
 
 
+def test_a_chain_draft_plans_no_write_window_a_tree_or_eagle3_draft_keeps_sglangs(monkeypatch):
+    """On a GPU SGLang's topk-1 draft reserves the verify window for every chain token
+    (``target_translator``); EVICT may cut the chain, so its chains draft without that plan, like
+    trees. Trees and EAGLE3's drafts get SGLang's arguments unchanged."""
+    seen = []
+    monkeypatch.setattr(evict_worker, "_original_prepare_for_draft", lambda *a, **k: seen.append(k))
+    assert eagle_worker_v2.prepare_for_draft is evict_worker._prepare_for_draft_tree_window
+    eagle_worker_v2.prepare_for_draft(1, 2, target_translator="t", num_draft_tokens=4)  # EAGLE3
+    for topk in (4, 1):
+        token = evict_worker.ACTIVE_DRAFT_WORKER.set(SimpleNamespace(topk=topk))
+        try:
+            eagle_worker_v2.prepare_for_draft(1, 2, target_translator="t", num_draft_tokens=4)
+        finally:
+            evict_worker.ACTIVE_DRAFT_WORKER.reset(token)
+    assert [k["target_translator"] for k in seen] == ["t", "t", None]
+
+
 def _fake_evict_worker(n=8):
     from evict.plugin.width_states import WidthStateSet
 
