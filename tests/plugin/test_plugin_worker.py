@@ -505,6 +505,12 @@ _PINNED_SOURCES = {
     "eagle_worker_v2.EAGLEWorkerV2.forward_batch_generation": "e41ad8d8053cf2c0",
     "eagle_worker_v2.EAGLEWorkerV2.verify": "b411b3e604893569",
     "eagle_worker_common.build_eagle_verify_input": "710372aeb30979fe",
+    # EVICT_DEPTH_CHAIN: a chain drafts without the translator's window plan, runs SGLang's tree
+    # loop at topk 1 (EvictDraftWorker._chain_draft_forward) and verifies at the worker's topk (the
+    # tree path's accepted-path compaction is the identity on a chain)
+    "eagle_worker_common.prepare_for_draft": "cce2ddd443d964f8",
+    "eagle_worker_common.run_eagle_verify": "81c06a4353ac0444",
+    "spec_utils.select_top_k_tokens": "042cc9d58cf2b4be",
     # EVICT_PER_REQUEST splices padded nodes out of the first-child / next-sibling lists it builds
     "eagle_utils.build_tree_kernel_efficient": "4663a0ad18708537",
 }
@@ -528,11 +534,12 @@ def test_the_sglang_code_evict_hooks_into_is_the_code_it_was_written_against(qua
 
 
 def test_the_hooked_names_are_called_by_name_where_evict_expects_them():
-    """The two hooks work only while SGLang looks these names up in eagle_worker_v2 at call time."""
+    """The three hooks work only while SGLang looks these names up in eagle_worker_v2 at call time."""
     draft_src = inspect.getsource(eagle_worker_v2.EagleDraftWorker.draft)
     forward_src = inspect.getsource(eagle_worker_v2.EagleDraftWorker.draft_forward)
     capture_src = inspect.getsource(eagle_worker_v2.EagleDraftWorker._capture_cuda_graphs)
     assert "verify_input = build_eagle_verify_input(" in draft_src
+    assert "= prepare_for_draft(" in draft_src and "target_translator=" in draft_src
     assert "organize_draft_results(" in forward_src
     assert '"cuda": EAGLEDraftCudaGraphRunner,' in capture_src  # _without_draft_decode_graph swaps it
     assert "self.speculative_num_draft_tokens" in inspect.getsource(
