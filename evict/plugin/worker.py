@@ -972,8 +972,9 @@ class EvictWorkerV2(EAGLEWorkerV2):
         the tree of its depth until its own steps are measured (or from the table's topk-1
         drafting), and the controller weighs it as a second family with its own reliability.
 
-        With TP > 1 every rank plans, then the ranks agree on the deepest plan (one host
-        ``all_reduce(MAX)`` of the shape index over the TP group's CPU group, as for widths): ranks
+        With TP > 1 every rank plans, then the ranks agree on the last-listed plan (one host
+        ``all_reduce(MAX)`` of the shape index over the TP group's CPU group, as for widths; plain
+        first, then the chains, then the tree by depth, the full tree last): ranks
         that drafted differently would run collectives of different sizes. The plain step's timings
         are max-reduced like the widths', so the ranks normally plan alike and the agreement only
         proves it.
@@ -1154,7 +1155,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
 
     def _plan_depth(self, batch_size: int) -> DraftShape:
         """The controller's plan, except while this batch size's plain step or widths are still
-        being timed; with TP > 1, the deepest plan of any rank (a collective: every rank, every
+        being timed; with TP > 1, the last-listed plan of any rank (a collective: every rank, every
         decode step)."""
         plain, live = self.plain_costs, getattr(self, "live_costs", None)
         if plain is not None and plain.explore_index(batch_size) is not None:

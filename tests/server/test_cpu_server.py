@@ -16,12 +16,13 @@ What must hold, on every server unless noted:
 - EVICT with per-request widths (``EVICT_PER_REQUEST=1``, ``EVICT_PAD_COST=0``: a fourth server,
   started with the others, tested only here): greedy output at 6 concurrent requests identical to
   no speculation while its metrics line shows padded steps.
-- EVICT deciding the depth (``EVICT_DEPTH=1``, a fifth server, from a table whose drafting is
-  dear but for one draft step at batch size 1): one request at a time it drafts one step deep (a
-  depth state of its own), under concurrency it decodes plainly (SGLang's steps=0 path), and it
-  drafts the full tree on its warm-up and probe steps, so the depth goes up and down, and greedy
-  output is still identical to no speculation, one at a time and under concurrency; seeded
-  sampled requests complete.
+- EVICT deciding the depth (``EVICT_DEPTH=1``, a fifth server, from a table whose tree drafting is
+  dear but for one draft step at batch size 1, and whose chain drafting is free under load): one
+  request at a time it drafts one step deep (a depth state of its own), under concurrency it
+  drafts the chain of 3 (topk 1, EVICT's own draft loop) or decodes plainly (SGLang's steps=0
+  path), and it drafts the full tree on its warm-up and probe steps, so the shape goes up and
+  down, and greedy output is still identical to no speculation, one at a time and under
+  concurrency; seeded sampled requests complete.
 
 Marker ``server`` (excluded from the default run; ``.ci/run`` runs it in the SGLang environment).
 Needs sglang==0.5.23 and about 4-6 minutes on 2 cores.
