@@ -660,7 +660,6 @@ class DraftDepthState:
     num_draft_tokens: int  # n_d: the widest captured width this depth fills, root included
     draft_attn_backend: Any
     cuda_graph_runner: Any
-    topk: int | None = None  # 1 for a chain; None: the server's tree topk
 
 
 class EvictWorkerV2(EAGLEWorkerV2):
@@ -1051,9 +1050,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
             finally:
                 dw.full_num_draft_tokens = full_n
                 dw.topk = tree_topk
-            state = DraftDepthState(
-                depth, n_d, dw.draft_attn_backend, dw.cuda_graph_runner, topk if topk != tree_topk else None
-            )
+            state = DraftDepthState(depth, n_d, dw.draft_attn_backend, dw.cuda_graph_runner)
         log_info_on_rank0(
             logger,
             f"EVICT: {shape} draft state (keeps {n_d - 1} of {shape.candidates} "
@@ -1065,12 +1062,12 @@ class EvictWorkerV2(EAGLEWorkerV2):
         return float(get_available_gpu_memory(self.device, self.gpu_id)) if torch.cuda.is_available() else 0.0
 
     @contextlib.contextmanager
-    def _at_depth(self, state: DraftDepthState, batch_size: int) -> Iterator[None]:
-        """Draft this step ``state.steps`` deep (SGLang's own draft, on the depth's state; a chain:
+    def _at_depth(self, shape: DraftShape, batch_size: int) -> Iterator[None]:
+        """Draft this step as ``shape`` (SGLang's own draft, on the shape's depth state; a chain:
         :meth:`EvictDraftWorker._chain_draft_forward`, its verify tree built at topk 1); verify and
         draft extend stay on the width states, the draft extend at the tree's topk. Everything is
         restored afterwards."""
-        dw = self._draft_worker
+        dw, state = self._draft_worker, self.depth_states[shape]
         fields = [
             (self, "speculative_num_steps"),
             (dw, "speculative_num_steps"),
@@ -1082,9 +1079,9 @@ class EvictWorkerV2(EAGLEWorkerV2):
             (dw, "topk"),
         ]
         saved = [getattr(obj, name) for obj, name in fields]
-        row = self.depth.index[DraftShape(state.topk or self.topk, state.steps)]
+        row = self.depth.index[shape]
         self.speculative_num_steps = dw.speculative_num_steps = state.steps
-        dw.topk = state.topk or dw.topk  # draft and verify input at the chain's topk 1
+        dw.topk = shape.topk  # a chain's draft and verify input at topk 1
         dw.full_num_draft_tokens = state.num_draft_tokens
         dw.draft_attn_backend = dw.draft_runner.draft_attn_backend = state.draft_attn_backend
         dw.cuda_graph_runner = state.cuda_graph_runner
@@ -1248,8 +1245,9 @@ class EvictWorkerV2(EAGLEWorkerV2):
         A plain step (EVICT_DEPTH=1) is timed as width 0 and its samples go to ``plain_costs``: it
         verifies one token like a tree cut to width 1, but drafts nothing. A step that drafted a
         shallower tree or a chain is timed as width ``-i`` (``i``: the shape's index in
-        ``DepthController.shapes``) with its uncorrected price, never entering the full tree's table. With EVICT_DEPTH=1 every sample also goes to
-        ``DepthController.record_step`` under its shape.
+        ``DepthController.shapes``) with its uncorrected price, never entering the full tree's
+        table. With EVICT_DEPTH=1 every sample also goes to ``DepthController.record_step`` under
+        its shape.
         """
         live, timer, plain = self.live_costs, self.step_timer, getattr(self, "plain_costs", None)
         shape = getattr(self, "_step_shape", None)
@@ -1620,7 +1618,7 @@ class EvictWorkerV2(EAGLEWorkerV2):
             finally:
                 self.speculative_num_steps = steps
         elif shape is not None and shape in self.depth_states:  # a shallower tree, or a chain
-            with self._at_depth(self.depth_states[shape], int(batch.seq_lens.shape[0])):
+            with self._at_depth(shape, int(batch.seq_lens.shape[0])):
                 result = super().forward_batch_generation(batch, **kwargs)
         else:
             result = super().forward_batch_generation(batch, **kwargs)

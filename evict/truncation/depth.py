@@ -333,14 +333,14 @@ class DepthController:
         if left > 0.0:
             w = POPULATION_RATE * left
             for k, v in self.reliability.items():
-                pop = self.population_reliability.get(k, 1.0)
+                pop = self.population_reliability[k]
                 self.population_reliability[k] = pop + w * (v - pop)
             for i, v in self.shape_reliability.items():
-                pop = self.population_shape_reliability.get(i, self._population(i))
+                pop = self._population(i)
                 self.population_shape_reliability[i] = pop + w * (v - pop)
         if new > 0.0:
             for k, v in self.reliability.items():
-                self.reliability[k] = v + new * (self.population_reliability.get(k, 1.0) - v)
+                self.reliability[k] = v + new * (self.population_reliability[k] - v)
             for i, v in self.shape_reliability.items():
                 self.shape_reliability[i] = v + new * (self._population(i) - v)
             for k, v in self._interval.items():

@@ -221,7 +221,6 @@ def _depth_pricing_worker(table: CostTable | None, widths=(1, 2, 4, 8)):
             w._depth_width(sh.depth, tuple(widths), sh.topk),
             None,
             None,
-            sh.topk if sh.topk == 1 else None,
         )
         for sh in shapes[1:-1]
     }

@@ -679,7 +679,7 @@ class Rig:
                 )
             for d in chains:
                 w.depth_states[DraftShape(1, d)] = evict_worker.DraftDepthState(
-                    d, d + 1, WidthBackend("draft decode", d + 1), None, 1
+                    d, d + 1, WidthBackend("draft decode", d + 1), None
                 )
             dw.depth_observer = w._observe_tree
         return w
